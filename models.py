@@ -1,0 +1,511 @@
+"""Models of "On global convergence of ResNets: From finite to infinite width using
+linear parameterization" (Barboni, Peyré, Vialard, NeurIPS 2022).
+
+Importing this module has no side effects: no device is chosen, nothing is printed.
+
+The paper's objects, and where they live here
+---------------------------------------------
+A residual network seen as a neural ODE (paper, Section 2):
+
+    dx/dt = f(t, x),   x(0) = A(image),   prediction = B(x(1)),   t in [0, 1],
+
+integrated with a fixed-step scheme of N steps of size exactly 1/N (`layers` = N).
+The residual depends on time through N+1 parameter nodes theta_0..theta_N at
+t_k = k/N, linearly interpolated (`linear_coefficients`):
+
+    theta(t) = (1 - s) theta_k + s theta_{k+1},   k = min(floor(tN), N-1),  s = tN - k.
+
+Two residuals are compared (`RKHSField`, `SHLField`):
+
+    RKHS  f(t, x) = W(t) * ReLU(Omega * x)           Omega fixed and random, W(t) trained.
+          Linear in the trained W, so interpolating W and running one convolution is the
+          same maths as blending the outputs of two convolutions.
+    SHL   f(t, x) = (1-s) V_k * ReLU(H_k * x) + s V_{k+1} * ReLU(H_{k+1} * x)
+          Both layers trained; the ReLU makes interpolating outputs differ from
+          interpolating weights, so the outputs are interpolated, as in the paper.
+
+(`*` is a 3x3 convolution with padding 1 and no bias.) The output layers W and V start
+at zero, so the block is exactly the identity at initialisation.
+
+Time-weight schedules
+---------------------
+`linear`  : the interpolation above on an exact N-step grid.
+`release` : what the paper's public release computed, which made its figures: torchdiffeq's
+            `step_size=1/N` grid on t=[0, 1], and for RKHS the index k = int(tN - 1) in
+            float32 (`release_coefficients`), which extrapolates at half steps.
+
+Both schedules depend only on N and the method, so every evaluation's node pair and
+weights are computed once, on the host, when the block is built (`TimeSchedule`). The
+fast integrator (`integrate_fixed_grid`) then runs with no host-device synchronisation.
+`integrator='torchdiffeq'` keeps the plain `torchdiffeq.odeint` path for comparison.
+
+CIFAR-10 (Figure 3) uses discrete residual blocks in a ResNet18 layout (`CifarResNet`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+METHODS = ('euler', 'midpoint', 'rk4')
+MODELS = ('RKHS', 'SHL')
+TIME_WEIGHTS = ('release', 'linear')
+INTEGRATORS = ('fixed', 'torchdiffeq')
+
+# Stage times c_i of one step, as fractions of the step, in the order torchdiffeq's fixed-grid
+# solvers call f. torchdiffeq's `rk4` is the 3/8 rule (rk_common.rk4_alt_step_func).
+STAGE_FRACTIONS = {
+    'euler': (0.0,),
+    'midpoint': (0.0, 0.5),
+    'rk4': (0.0, 1.0 / 3.0, 2.0 / 3.0, 1.0),
+}
+
+# A stage time is never closer than a third of a step to a node (see STAGE_FRACTIONS), while
+# float32 rounding of t moves tN by at most a few N * 2^-23 (< 5e-4 for N <= 1000). Snapping
+# within this distance of a node therefore fixes rounding and can never move a real stage.
+NODE_SNAP_TOLERANCE = 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# Time-weight rules: for an evaluation time t, which nodes (i0, i1) and weights (w0, w1).
+# ----------------------------------------------------------------------------------------------
+
+def linear_coefficients(t: float, num_steps: int) -> tuple[int, int, float, float]:
+    """Linear interpolation between nodes: theta(t) = w0 theta_i0 + w1 theta_i1.
+
+    k = min(floor(tN), N-1) and s = tN - k, with tN snapped to the nearest integer when it is
+    within NODE_SNAP_TOLERANCE of one, so that float noise in t never picks the wrong interval.
+    """
+    u = float(t) * num_steps
+    nearest = round(u)
+    if abs(u - nearest) <= NODE_SNAP_TOLERANCE:
+        u = float(nearest)
+    k = min(max(int(math.floor(u)), 0), num_steps - 1)
+    s = u - k
+    return k, k + 1, 1.0 - s, s
+
+
+def release_coefficients(t, num_steps: int, model: str) -> tuple[int, int, float, float]:
+    """The paper's release: the node pair and weights it used at evaluation time t.
+
+    t is a float32 time as torchdiffeq passes it. All arithmetic is float32, in the release's
+    order, so the result is bit-identical to the release's:
+      u = t * N;  RKHS: k = int(u - 1),  SHL: k = int(u)   (int() truncates toward zero);
+      while k < N: weights (1 - u + k) on node k and (u - k) on node k+1; else node N alone.
+    For RKHS at t = 0, k = -1: Python's indexing made node -1 the last node, N, with weight 0.
+    """
+    t32 = torch.as_tensor(t, dtype=torch.float32).detach().cpu().reshape(())
+    u = t32 * num_steps
+    k = int(u - 1) if model == 'RKHS' else int(u)
+    if k >= num_steps:
+        return num_steps, num_steps, 1.0, 0.0
+    w0 = float((1 - u) + k)
+    w1 = float(u - k)
+    i0 = k % (num_steps + 1)  # -1 -> N, Python list semantics in the release
+    return i0, k + 1, w0, w1
+
+
+# ----------------------------------------------------------------------------------------------
+# Time schedules: every evaluation of one forward pass, computed once on the host.
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TimeSchedule:
+    """Every f-evaluation of one ODE solve, in call order.
+
+    step_sizes: dt of each step (Python floats; float32 values for `release`).
+    times: evaluation time of each f call (len = steps * stages).
+    node_pairs: (i0, i1) per evaluation.  node_weights: (w0, w1) per evaluation.
+    """
+    method: str
+    step_sizes: tuple
+    times: tuple
+    node_pairs: tuple
+    node_weights: tuple
+
+    @property
+    def num_evaluations(self) -> int:
+        return len(self.times)
+
+
+def linear_schedule(num_steps: int, method: str) -> TimeSchedule:
+    """Exact N-step grid t_n = n/N; stage c of step n uses (1-c) theta_n + c theta_{n+1}."""
+    times, pairs, weights = [], [], []
+    for n in range(num_steps):
+        for c in STAGE_FRACTIONS[method]:
+            times.append((n + c) / num_steps)
+            pairs.append((n, n + 1))
+            weights.append((1.0 - c, c))
+    return TimeSchedule(method, (1.0 / num_steps,) * num_steps, tuple(times), tuple(pairs),
+                        tuple(weights))
+
+
+class _RecordCalls(nn.Module):
+    """Stands in for f to record when torchdiffeq calls it, and with which step size."""
+
+    def __init__(self):
+        super().__init__()
+        self.times, self.step_sizes = [], []
+
+    def callback_step(self, t0, y0, dt):
+        self.step_sizes.append(float(dt))
+
+    def forward(self, t, y):
+        self.times.append(float(t))
+        return torch.zeros_like(y)
+
+
+def torchdiffeq_step_size_calls(num_steps: int, method: str) -> tuple[list, list]:
+    """(evaluation times, step sizes) of torchdiffeq's `step_size=1/N` grid on t=[0, 1].
+
+    This is the release's grid, rounding included (for some N, ceil() adds a tiny extra step);
+    it is read off torchdiffeq itself so that it follows the installed version exactly.
+    """
+    import torchdiffeq
+
+    recorder = _RecordCalls()
+    torchdiffeq.odeint(recorder, torch.zeros(()), torch.tensor([0.0, 1.0]), method=method,
+                       options={'step_size': 1 / num_steps})
+    return recorder.times, recorder.step_sizes
+
+
+def release_schedule(num_steps: int, method: str, model: str) -> TimeSchedule:
+    times, step_sizes = torchdiffeq_step_size_calls(num_steps, method)
+    coefficients = [release_coefficients(t, num_steps, model) for t in times]
+    return TimeSchedule(method, tuple(step_sizes), tuple(times),
+                        tuple((c[0], c[1]) for c in coefficients),
+                        tuple((c[2], c[3]) for c in coefficients))
+
+
+def build_schedule(num_steps: int, method: str, time_weights: str, model: str) -> TimeSchedule:
+    if method not in METHODS:
+        raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+    if time_weights == 'linear':
+        return linear_schedule(num_steps, method)
+    if time_weights == 'release':
+        return release_schedule(num_steps, method, model)
+    raise ValueError(f'time_weights must be one of {TIME_WEIGHTS}, got {time_weights!r}')
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed-step integration. The arithmetic mirrors torchdiffeq's fixed-grid solvers term by term,
+# so that on the same grid and field the two agree to the last bit or nearly.
+# ----------------------------------------------------------------------------------------------
+
+def integrate_fixed_grid(field, y0: torch.Tensor, step_sizes, method: str) -> torch.Tensor:
+    """Integrate dy/dt = field(e, y) over the given steps and return y(1).
+
+    `field(e, y)` evaluates f at the e-th evaluation of the solve (its time and parameters are
+    known from e alone), so no time tensor, and no host-device synchronisation, is involved.
+    """
+    y, e = y0, 0
+    for dt in step_sizes:
+        if method == 'euler':
+            y = y + dt * field(e, y)
+            e += 1
+        elif method == 'midpoint':
+            f0 = field(e, y)
+            y_mid = y + f0 * (0.5 * dt)
+            y = y + dt * field(e + 1, y_mid)
+            e += 2
+        elif method == 'rk4':  # 3/8 rule, as torchdiffeq's rk4
+            k1 = field(e, y)
+            k2 = field(e + 1, y + dt * k1 * (1 / 3))
+            k3 = field(e + 2, y + dt * (k2 - k1 * (1 / 3)))
+            k4 = field(e + 3, y + dt * (k1 - k2 + k3))
+            y = y + (k1 + 3 * (k2 + k3) + k4) * dt * 0.125
+            e += 4
+        else:
+            raise ValueError(f'method must be one of {METHODS}, got {method!r}')
+    return y
+
+
+# ----------------------------------------------------------------------------------------------
+# Residual fields f(t, x)
+# ----------------------------------------------------------------------------------------------
+
+class FixedConv2d(nn.Module):
+    """A convolution whose weight is a buffer: saved and moved with the model, never trained."""
+
+    def __init__(self, weight: torch.Tensor, stride: int = 1, padding: int = 1):
+        super().__init__()
+        self.register_buffer('weight', weight)
+        self.stride, self.padding = stride, padding
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, stride=self.stride, padding=self.padding)
+
+
+def random_feature_weight(out_channels: int, in_channels: int, variance: float) -> torch.Tensor:
+    """3x3 convolution weight with i.i.d. N(0, variance) entries (uses torch's global RNG)."""
+    return torch.randn(out_channels, in_channels, 3, 3) * math.sqrt(variance)
+
+
+class _TimeInterpolatedField(nn.Module):
+    """Shared machinery of the two residuals: time rule, evaluation counting, odeint interface."""
+
+    model_name = ''
+
+    def __init__(self, dim: int, dim_int: int, num_steps: int, time_weights: str):
+        super().__init__()
+        if time_weights not in TIME_WEIGHTS:
+            raise ValueError(f'time_weights must be one of {TIME_WEIGHTS}, got {time_weights!r}')
+        self.dim, self.dim_int, self.num_steps = dim, dim_int, num_steps
+        self.time_weights = time_weights
+        self.nfe = 0  # function evaluations, as torchdiffeq's odenet_mnist example counts them
+
+    def coefficients(self, t) -> tuple[int, int, float, float]:
+        if self.time_weights == 'release':
+            return release_coefficients(t, self.num_steps, self.model_name)
+        return linear_coefficients(float(t), self.num_steps)
+
+    def forward(self, t, x):
+        """f(t, x) for torchdiffeq.odeint. Reads t on the host: the reference path, not the fast one."""
+        i0, i1, w0, w1 = self.coefficients(t)
+        device = self.output_weight.device
+        index = torch.tensor([[i0, i1]], device=device)
+        weight = torch.tensor([[w0, w1]], dtype=self.output_weight.dtype, device=device)
+        prepared = self.prepare(index, weight, (active_slots(w0, w1),))
+        return self.evaluate(x, prepared, 0)
+
+
+def active_slots(w0: float, w1: float) -> tuple:
+    """Which of the two nodes contribute: a node with weight exactly 0 is skipped."""
+    if w1 == 0.0:
+        return (0,)
+    if w0 == 0.0:
+        return (1,)
+    return (0, 1)
+
+
+class RKHSField(_TimeInterpolatedField):
+    """f(t, x) = W(t) * ReLU(Omega * x): fixed random hidden layer, trained output layer.
+
+    Omega: dim -> dim_int, N(0, 1/(3 dim_int)) entries, a buffer (never trained).
+    W: N+1 nodes dim_int -> dim, zeros; tensor of shape (N+1, dim, dim_int, 3, 3).
+    """
+
+    model_name = 'RKHS'
+
+    def __init__(self, dim: int, dim_int: int, num_steps: int, time_weights: str = 'release'):
+        super().__init__(dim, dim_int, num_steps, time_weights)
+        self.omega = FixedConv2d(random_feature_weight(dim_int, dim, 1.0 / (3 * dim_int)))
+        self.output_weight = nn.Parameter(torch.zeros(num_steps + 1, dim, dim_int, 3, 3))
+
+    def prepare(self, index: torch.Tensor, weight: torch.Tensor, slots):
+        """W(t_e) = w0 W_i0 + w1 W_i1 for every evaluation e at once. index, weight: (E, 2)."""
+        nodes = self.output_weight[index]  # (E, 2, dim, dim_int, 3, 3)
+        return (nodes * weight[:, :, None, None, None, None]).sum(1)
+
+    def evaluate(self, x, prepared, e):
+        self.nfe += 1
+        return F.conv2d(F.relu(self.omega(x)), prepared[e], padding=1)
+
+
+class SHLField(_TimeInterpolatedField):
+    """f(t, x) = w0 V_i0 * ReLU(H_i0 * x) + w1 V_i1 * ReLU(H_i1 * x): both layers trained.
+
+    H: N+1 nodes dim -> dim_int, PyTorch's default Conv2d initialisation.
+    V: N+1 nodes dim_int -> dim, zeros.
+    Two nodes run as one convolution with stacked hidden weights and one with the weighted
+    output weights concatenated along input channels: the same sum, in 2 kernels instead of 4.
+    """
+
+    model_name = 'SHL'
+
+    def __init__(self, dim: int, dim_int: int, num_steps: int, time_weights: str = 'release'):
+        super().__init__(dim, dim_int, num_steps, time_weights)
+        hidden = [nn.Conv2d(dim, dim_int, 3, padding=1, bias=False).weight.data
+                  for _ in range(num_steps + 1)]
+        self.hidden_weight = nn.Parameter(torch.stack(hidden))  # (N+1, dim_int, dim, 3, 3)
+        self.output_weight = nn.Parameter(torch.zeros(num_steps + 1, dim, dim_int, 3, 3))
+
+    def prepare(self, index: torch.Tensor, weight: torch.Tensor, slots):
+        num_eval = index.shape[0]
+        hidden = self.hidden_weight[index]  # (E, 2, dim_int, dim, 3, 3)
+        output = self.output_weight[index] * weight[:, :, None, None, None, None]
+        stacked_hidden = stacked_output = None
+        if any(len(s) == 2 for s in slots):
+            stacked_hidden = hidden.reshape(num_eval, 2 * self.dim_int, self.dim, 3, 3)
+            stacked_output = output.transpose(1, 2).reshape(num_eval, self.dim, 2 * self.dim_int, 3, 3)
+        return [(hidden[e, s[0]], output[e, s[0]]) if len(s) == 1
+                else (stacked_hidden[e], stacked_output[e]) for e, s in enumerate(slots)]
+
+    def evaluate(self, x, prepared, e):
+        self.nfe += 1
+        hidden_w, output_w = prepared[e]
+        return F.conv2d(F.relu(F.conv2d(x, hidden_w, padding=1)), output_w, padding=1)
+
+
+FIELDS = {'RKHS': RKHSField, 'SHL': SHLField}
+
+
+class ResidualODEBlock(nn.Module):
+    """x(1) from x(0) by integrating dx/dt = f(t, x) over t in [0, 1] with N fixed steps.
+
+    Input and output: (batch, dim, 5, 5) for MNIST, any spatial size in general.
+    integrator='fixed' uses the precomputed schedule (fast, no synchronisation);
+    integrator='torchdiffeq' calls torchdiffeq.odeint, as the release did.
+    """
+
+    def __init__(self, model: str = 'RKHS', dim: int = 32, dim_int: int = 32, num_steps: int = 20,
+                 method: str = 'midpoint', time_weights: str = 'release', integrator: str = 'fixed'):
+        super().__init__()
+        if model not in MODELS:
+            raise ValueError(f'model must be one of {MODELS}, got {model!r}')
+        if integrator not in INTEGRATORS:
+            raise ValueError(f'integrator must be one of {INTEGRATORS}, got {integrator!r}')
+        if num_steps < 1:
+            raise ValueError(f'num_steps must be >= 1, got {num_steps}')
+        self.model, self.method, self.integrator = model, method, integrator
+        self.num_steps, self.time_weights = num_steps, time_weights
+        self.func = FIELDS[model](dim, dim_int, num_steps, time_weights)
+        self.schedule = build_schedule(num_steps, method, time_weights, model)
+        # Device copies of the schedule: buffers move with .to(device), so no host-to-device
+        # copy (which would synchronise) happens during a forward pass.
+        self.register_buffer('node_index', torch.tensor(self.schedule.node_pairs, dtype=torch.long),
+                             persistent=False)
+        self.register_buffer('node_weight', torch.tensor(self.schedule.node_weights,
+                                                         dtype=torch.float32), persistent=False)
+        self.slots = tuple(active_slots(w0, w1) for w0, w1 in self.schedule.node_weights)
+
+    @property
+    def nfe(self) -> int:
+        return self.func.nfe
+
+    @nfe.setter
+    def nfe(self, value: int):
+        self.func.nfe = value
+
+    def odeint_times(self, device) -> tuple[torch.Tensor, dict]:
+        """The t argument and options that reproduce this block's grid with torchdiffeq."""
+        if self.time_weights == 'release':
+            return torch.tensor([0.0, 1.0], device=device), {'step_size': 1 / self.num_steps}
+        return torch.linspace(0.0, 1.0, self.num_steps + 1, device=device), {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.integrator == 'torchdiffeq':
+            import torchdiffeq
+
+            t, options = self.odeint_times(x.device)
+            return torchdiffeq.odeint(self.func, x, t, method=self.method, options=options)[-1]
+        prepared = self.func.prepare(self.node_index, self.node_weight.to(x.dtype), self.slots)
+        return integrate_fixed_grid(lambda e, y: self.func.evaluate(y, prepared, e), x,
+                                    self.schedule.step_sizes, self.method)
+
+
+# ----------------------------------------------------------------------------------------------
+# MNIST input network A and output network B (frozen around the ODE block)
+# ----------------------------------------------------------------------------------------------
+
+MNIST_STATE_SIZE = 5  # 28 -> 13 -> 5 through two 4x4 convolutions of stride 2
+MNIST_CLASSES = 10
+
+
+def mnist_input_network(channels: int) -> nn.Sequential:
+    """A: (B, 1, 28, 28) -> (B, C, 5, 5)."""
+    return nn.Sequential(
+        nn.Conv2d(1, channels, 4, stride=2, padding=0),
+        nn.BatchNorm2d(channels),
+        nn.ReLU(),
+        nn.Conv2d(channels, channels, 4, stride=2, padding=0),
+        nn.BatchNorm2d(channels),
+    )
+
+
+def mnist_output_network(channels: int) -> nn.Sequential:
+    """B: (B, C, 5, 5) -> (B, 10) logits."""
+    return nn.Sequential(
+        nn.BatchNorm2d(channels),
+        nn.Flatten(),
+        nn.Linear(MNIST_STATE_SIZE * MNIST_STATE_SIZE * channels, MNIST_CLASSES),
+    )
+
+
+class MNISTODENet(nn.Module):
+    """B(ODE block(A(image))): the model of Figures 1 and 2. Only the ODE block is trained."""
+
+    def __init__(self, model='RKHS', in_channels=32, dim_int=32, layers=20, method='midpoint',
+                 time_weights='release', integrator='fixed'):
+        super().__init__()
+        self.input_net = mnist_input_network(in_channels)
+        self.ode_block = ResidualODEBlock(model, in_channels, dim_int, layers, method,
+                                          time_weights, integrator)
+        self.output_net = mnist_output_network(in_channels)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.output_net(self.ode_block(self.input_net(images)))
+
+
+# ----------------------------------------------------------------------------------------------
+# CIFAR-10 ResNet (Figure 3): ResNet18 layout with RKHS or SHL residual blocks
+# ----------------------------------------------------------------------------------------------
+
+class ResidualBlock(nn.Module):
+    """out = conv2(ReLU(conv1(x))) + shortcut(x); no BN inside, no ReLU after the sum.
+
+    RKHS: conv1 fixed, N(0, 1/(9 in_planes)) entries. SHL: conv1 trained, default init.
+    conv2 starts at zero in every block, so each block starts as its shortcut.
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int, model: str):
+        super().__init__()
+        if model == 'RKHS':
+            self.conv1 = FixedConv2d(random_feature_weight(planes, in_planes, 1.0 / (9 * in_planes)),
+                                     stride=stride, padding=1)
+        elif model == 'SHL':
+            self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        else:
+            raise ValueError(f'model must be one of {MODELS}, got {model!r}')
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        nn.init.zeros_(self.conv2.weight)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False),
+                nn.BatchNorm2d(planes))
+
+    def forward(self, x):
+        return self.conv2(F.relu(self.conv1(x))) + self.shortcut(x)
+
+
+CIFAR_STAGE_PLANES = (64, 128, 256, 512)
+CIFAR_STAGE_STRIDES = (1, 2, 2, 2)
+CIFAR_CLASSES = 10
+
+
+class CifarResNet(nn.Module):
+    """ResNet18 layout (pytorch-cifar style), stage sizes [2, 2, L, 2]. (B, 3, 32, 32) -> (B, 10)."""
+
+    def __init__(self, model: str = 'RKHS', layers: int = 10):
+        super().__init__()
+        if layers < 1:
+            raise ValueError(f'layers must be >= 1, got {layers}')
+        self.model, self.layers = model, layers
+        self.stem = nn.Sequential(nn.Conv2d(3, 64, 3, padding=1, bias=False),
+                                  nn.BatchNorm2d(64), nn.ReLU())
+        blocks_per_stage = (2, 2, layers, 2)
+        in_planes, stages = 64, []
+        for planes, stride, num_blocks in zip(CIFAR_STAGE_PLANES, CIFAR_STAGE_STRIDES, blocks_per_stage):
+            blocks = []
+            for block_stride in [stride] + [1] * (num_blocks - 1):
+                blocks.append(ResidualBlock(in_planes, planes, block_stride, model))
+                in_planes = planes
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.bn2 = nn.BatchNorm2d(128)  # the release's only BN outside the stem and shortcuts
+        self.pool = nn.AvgPool2d(4)
+        self.linear = nn.Linear(512, CIFAR_CLASSES)
+
+    def forward(self, x):
+        out = self.stem(x)
+        out = self.bn2(self.layer2(self.layer1(out)))
+        out = self.layer4(self.layer3(out))
+        return self.linear(torch.flatten(self.pool(out), 1))
+
+
+def count_trainable_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
