@@ -436,6 +436,22 @@ class MNISTODENet(nn.Module):
                                           time_weights, integrator)
         self.output_net = mnist_output_network(in_channels)
 
+        self.embedding_frozen = False
+
+    def freeze_embedding(self):
+        """Fix A and B for good: no gradients, and eval mode whatever train() is asked later."""
+        self.embedding_frozen = True
+        for net in (self.input_net, self.output_net):
+            net.requires_grad_(False)
+            net.eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.embedding_frozen:
+            self.input_net.eval()
+            self.output_net.eval()
+        return self
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.output_net(self.ode_block(self.input_net(images)))
 

@@ -1,0 +1,200 @@
+"""Figures 1 and 2: train a residual ODE block between frozen input and output networks on MNIST.
+
+    python MNIST_experiments.py --layers 5 --epochs 1 --data_root ../shared/data --save smoke.pkl
+
+Writes the training curves to MNIST_experiments/<save> (the release's pickle schema) and the
+best model to MNIST_checkpoint/<save name>.pth. See README.md for every flag and file.
+"""
+from __future__ import annotations
+
+import math
+import random
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import distributed
+import engine
+import models
+
+DATASET = 'MNIST'
+MNIST_IMAGE_SHAPE = (28, 28)
+
+
+def get_args_parser():
+    parser = engine.OneLineArgumentParser(
+        description='Train an RKHS or SHL residual ODE block on MNIST (Figures 1 and 2).')
+    engine.add_common_arguments(parser, layers=20, epochs=30, lr_init=0.5, decay_steps=[25],
+                                decay_rate=0.1, dataset=DATASET)
+    parser.add_argument('--in_channels', type=int, default=32,
+                        help='channels C of the ODE state (C x 5 x 5) (default 32)')
+    parser.add_argument('--dim_int', type=int, default=32,
+                        help='channels of the residual\'s hidden layer (default 32)')
+    parser.add_argument('--pretrain', type=int, default=0,
+                        help='pretraining epochs of the input and output networks; 0: none (default 0)')
+    parser.add_argument('--pretrain_lr', type=float, default=0.01,
+                        help='learning rate of that pretraining (default 0.01; the release used 1.0, '
+                             'which diverges, see README)')
+    parser.add_argument('--method', default='midpoint', choices=models.METHODS,
+                        help='fixed-step scheme (torchdiffeq\'s; rk4 is the 3/8 rule) (default midpoint)')
+    parser.add_argument('--time_weights', default='release', choices=models.TIME_WEIGHTS,
+                        help='release: the paper\'s code, which made its figures; linear: exact '
+                             'interpolation of the N+1 nodes (default release)')
+    parser.add_argument('--integrator', default='fixed', choices=models.INTEGRATORS,
+                        help='fixed: precomputed-schedule loop (fast); torchdiffeq: plain odeint, as '
+                             'the release (default fixed)')
+    parser.add_argument('--embedding_seed', type=int, default=None,
+                        help='seed of the input/output networks\' initialisation and pretraining '
+                             '(default: --seed); runs sharing it share their embedding')
+    return parser
+
+
+def validate_args(args):
+    engine.validate_common_args(args, DATASET)
+    for name in ('in_channels', 'dim_int'):
+        if getattr(args, name) < 1:
+            raise engine.UsageError(f'--{name} must be >= 1, got {getattr(args, name)}')
+    if args.pretrain < 0:
+        raise engine.UsageError(f'--pretrain must be >= 0, got {args.pretrain}')
+    if not (math.isfinite(args.pretrain_lr) and args.pretrain_lr > 0):
+        raise engine.UsageError(f'--pretrain_lr must be positive and finite, got {args.pretrain_lr}')
+    if args.embedding_seed is not None and not 0 <= args.embedding_seed < 2 ** 63:
+        raise engine.UsageError(f'--embedding_seed must be in [0, 2^63), got {args.embedding_seed}')
+
+
+def load_data(args, dist) -> tuple[data.DeviceDataset, data.DeviceDataset]:
+    """Train and test sets on the CPU, cut to --subset."""
+    if args.synthetic:
+        n_train = min(args.subset or data.MNIST_TRAIN_SIZE, data.MNIST_TRAIN_SIZE)
+        n_test = min(args.subset or data.MNIST_TEST_SIZE, data.MNIST_TEST_SIZE)
+        return data.synthetic_dataset(MNIST_IMAGE_SHAPE, n_train, n_test)
+    if not dist.is_main:
+        dist.barrier()  # rank 0 downloads first, so that ranks do not write the same files
+    try:
+        train, test = data.load_mnist(args.data_root)
+    finally:
+        if dist.is_main:
+            dist.barrier()
+    if args.subset:
+        train, test = train.head(args.subset), test.head(args.subset)
+    return train, test
+
+
+def build_model(args) -> models.MNISTODENet:
+    """The ODE block from the global RNG (seeded by --seed); A and B from --embedding_seed alone."""
+    net = models.MNISTODENet(args.model, args.in_channels, args.dim_int, args.layers, args.method,
+                             args.time_weights, args.integrator)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.embedding_seed)
+        net.input_net = models.mnist_input_network(args.in_channels)
+        net.output_net = models.mnist_output_network(args.in_channels)
+    return net
+
+
+class PretrainingDiverged(Exception):
+    pass
+
+
+def pretrain(net: models.MNISTODENet, train_set, args, dist):
+    """Train A followed by B (no ODE block) with plain SGD at a constant rate, then freeze them."""
+    device = train_set.labels.device
+    embedding = nn.Sequential(net.input_net, net.output_net)
+    optimizer = torch.optim.SGD(embedding.parameters(), lr=args.pretrain_lr)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(args.embedding_seed)
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    embedding.train()
+    for epoch in range(args.pretrain):
+        permutation = torch.randperm(len(train_set), device=device, generator=generator)
+        for batch in permutation.split(args.batch_size):
+            loss = F.cross_entropy(embedding(data.mnist_to_float(train_set.images[batch])),
+                                   train_set.labels[batch])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            finite &= torch.isfinite(loss)
+        if not bool(finite):  # one sync per pass
+            raise PretrainingDiverged(
+                f'pretraining diverged (non-finite loss) in pass {epoch + 1} at --pretrain_lr '
+                f'{args.pretrain_lr}; lower it. Nothing was written')
+        dist.print(f'pretraining pass {epoch + 1}/{args.pretrain} done')
+    # Every rank pretrained the same way; rank 0's result is made the one truth all the same.
+    dist.broadcast_module(embedding)
+
+
+def evaluate_only(args) -> int:
+    """--evaluate: rebuild the checkpoint's model, print its test error, write nothing."""
+    checkpoint = engine.load_torch(args.evaluate, 'checkpoint')
+    if not isinstance(checkpoint, dict) or checkpoint.get('dataset') != DATASET:
+        raise engine.UsageError(f'{args.evaluate} is not an MNIST checkpoint of this project')
+    stored = checkpoint['args']
+    device = engine.pick_device(args)
+    _, test_set = load_data(args, distributed.SINGLE)
+    net = models.MNISTODENet(stored['model'], stored['in_channels'], stored['dim_int'],
+                             stored['layers'], stored['method'], stored['time_weights'])
+    net.to(device)
+    parts = {'input_net': net.input_net, 'ode_block': net.ode_block, 'output_net': net.output_net}
+    chunk = min(args.test_batch_size, engine.EVAL_CHUNK[DATASET].get(device.type, 2000))
+    error = engine.evaluate_checkpoint(net, checkpoint, parts, test_set.to(device),
+                                       data.mnist_to_float, chunk)
+    print(f'test error {100 * error:.4f}% on {len(test_set)} images '
+          f'(checkpoint of epoch {checkpoint["epoch"]}, recorded {100 * checkpoint["test_error"]:.4f}%)')
+    return engine.EXIT_OK
+
+
+@engine.cli_errors
+def main(args) -> int:
+    validate_args(args)
+    if args.evaluate:
+        return evaluate_only(args)
+    args, paths, resume_state = engine.prepare_run(args, DATASET)
+    device = engine.pick_device(args)
+    dist = distributed.setup(args, device)
+    device = dist.device if dist.world_size > 1 else device
+    try:
+        if args.seed is None:
+            args.seed = dist.broadcast_int(random.SystemRandom().randrange(2 ** 31))
+        if args.embedding_seed is None:
+            args.embedding_seed = args.seed
+        dist.check_batch_size(args.batch_size)
+        train_set, test_set = load_data(args, dist)
+        train_set, test_set = train_set.to(device), test_set.to(device)
+        engine.seed_everything(args.seed)
+        net = build_model(args).to(device)
+        if resume_state is None and args.pretrain > 0:
+            pretrain(net, train_set, args, dist)
+        net.freeze_embedding()
+        block = net.ode_block
+        num_parameters = models.count_trainable_parameters(block)
+        dist.print(f'{args.model} ODE block: {args.layers} steps of {args.method}, '
+                   f'{args.time_weights} time weights, {num_parameters:,} trainable parameters; '
+                   f'seed {args.seed}, embedding seed {args.embedding_seed}, device {device}')
+        experiment = engine.Experiment(
+            dataset=DATASET, model=net,
+            parts={'input_net': net.input_net, 'ode_block': block, 'output_net': net.output_net},
+            parameters=list(block.parameters()),
+            train_set=train_set, test_set=test_set,
+            train_transform=lambda images, generator: data.mnist_to_float(images),
+            eval_transform=data.mnist_to_float, train_eval_random=False,
+            results={'model': args.model, 'num_layers': args.layers,
+                     'in_channels': args.in_channels, 'dim_int': args.dim_int,
+                     'pretrain_pass': args.pretrain, 'batch_size': args.batch_size,
+                     'num_parameters': num_parameters},
+            extras={'method': args.method, 'time_weights': args.time_weights,
+                    'integrator': args.integrator, 'embedding_seed': args.embedding_seed,
+                    'pretrain_lr': args.pretrain_lr, 'subset': args.subset,
+                    'synthetic': args.synthetic},
+            training_forward=dist.wrap(net, args.compile))
+        return engine.fit(experiment, args, paths, resume_state, dist)
+    except PretrainingDiverged as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return engine.EXIT_DIVERGED
+    finally:
+        dist.close()
+
+
+if __name__ == '__main__':
+    sys.exit(main(get_args_parser().parse_args()))
