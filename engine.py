@@ -48,6 +48,22 @@ EVAL_CHUNK = {'MNIST': {'cpu': 2000, 'cuda': 10_000}, 'CIFAR10': {'cpu': 500, 'c
 CUDA_SYNC_EVERY = 50
 
 
+# Fault injection for the test suite only: "<point>@<n>[:<SIGNAL>]" sends the signal (default
+# SIGKILL) to this process the n-th time it reaches the point. Unset in normal runs.
+FAULT_ENV = 'RESNET_ODE_FAULT'
+_fault_counts: dict = {}
+
+
+def fault_point(name: str):
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or not spec.startswith(name + '@'):
+        return
+    count, _, signame = spec[len(name) + 1:].partition(':')
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if _fault_counts[name] == int(count):
+        os.kill(os.getpid(), getattr(signal, signame or 'SIGKILL'))
+
+
 class UsageError(Exception):
     """Bad command line or a refusal: one line on stderr, exit status 2, nothing written."""
 
@@ -400,8 +416,10 @@ def evaluate(exp: Experiment, generator, chunk, dist) -> tuple[float, float]:
     n_train, n_test = labels.shape[0], len(exp.test_set)
     rank_images, rank_labels = dist.shard(images), dist.shard(labels)
     test_images, test_labels = dist.shard(exp.test_set.images), dist.shard(exp.test_set.labels)
-    wrong = torch.stack([count_errors(exp.model, rank_images, rank_labels, transform, chunk),
-                         count_errors(exp.model, test_images, test_labels, exp.eval_transform, chunk)])
+    wrong_train = count_errors(exp.model, rank_images, rank_labels, transform, chunk)
+    fault_point('evaluation')
+    wrong_test = count_errors(exp.model, test_images, test_labels, exp.eval_transform, chunk)
+    wrong = torch.stack([wrong_train, wrong_test])
     wrong_train, wrong_test = dist.all_reduce_sum(wrong).tolist()
     return wrong_train / n_train, wrong_test / n_test
 
@@ -448,6 +466,7 @@ def train_one_epoch(exp, optimizer, generator, batch_size, dist, stop: StopReque
         optimizer.zero_grad(set_to_none=True)
         (loss_sum * (dist.world_size / global_count)).backward()
         optimizer.step()
+        fault_point('step')
         losses[step] = dist.all_reduce_sum(loss_sum.detach()) / global_count
         at_sync = (step + 1 - checked) >= sync_every or step + 1 == num_steps
         if at_sync:
@@ -525,6 +544,7 @@ def fit(exp: Experiment, args, paths: RunPaths, resume_state: Optional[dict],
             'best_error': best_error, 'best_epoch': best_epoch,
             'elapsed': elapsed + (time.perf_counter() - segment_start), 'position': position,
         }, paths.resume)
+        fault_point('resume')
 
     def save_checkpoint(epoch, test_error):
         if not dist.is_main:
@@ -534,6 +554,7 @@ def fit(exp: Experiment, args, paths: RunPaths, resume_state: Optional[dict],
             'epoch': epoch, 'test_error': test_error, 'results_file': paths.results,
             **{name: m.state_dict() for name, m in exp.parts.items()},
         }, paths.checkpoint)
+        fault_point('checkpoint')
 
     def finish(status: str, diverged_epoch=None) -> int:
         results = dict(exp.results)
@@ -551,7 +572,7 @@ def fit(exp: Experiment, args, paths: RunPaths, resume_state: Optional[dict],
             epoch_times=[float(t) for t in curves.epoch_times],
             best_test_classif=float(best_error) if math.isfinite(best_error) else None,
             best_epoch=best_epoch, checkpoint=paths.checkpoint, device=str(device),
-            world_size=dist.world_size, torch_version=torch.__version__,
+            world_size=dist.world_size, torch_version=str(torch.__version__),
             torchvision_version=_torchvision_version(), python_version=platform.python_version(),
         )
         if dist.is_main:
@@ -568,10 +589,14 @@ def fit(exp: Experiment, args, paths: RunPaths, resume_state: Optional[dict],
             curves.train_classif.append(train_error)
             curves.test_classif.append(test_error)
             best_error, best_epoch = test_error, 0
-            save_checkpoint(0, test_error)
             dist.print(f'epoch 0/{args.epochs}: train error {100 * train_error:.2f}%, '
                        f'test error {100 * test_error:.2f}% (before training)')
             save_resume(0)
+            save_checkpoint(0, test_error)
+        elif position is None and best_epoch == start_epoch:
+            # The restored model is the best so far; a kill may have come between the resume
+            # state and the checkpoint, so write the checkpoint again (same content).
+            save_checkpoint(best_epoch, best_error)
         for epoch in range(start_epoch, args.epochs):
             epoch_start = time.perf_counter()
             outcome = train_one_epoch(exp, optimizer, generator, args.batch_size, dist, stop,
@@ -611,7 +636,7 @@ def fit(exp: Experiment, args, paths: RunPaths, resume_state: Optional[dict],
 def _torchvision_version():
     try:
         import torchvision
-        return torchvision.__version__
+        return str(torchvision.__version__)
     except Exception:  # the pickle is still worth writing without it
         return None
 

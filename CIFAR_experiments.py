@@ -1,0 +1,130 @@
+"""Figure 3: train a ResNet18-layout network of RKHS or SHL residual blocks on CIFAR-10.
+
+    python CIFAR_experiments.py --model SHL --layers 10 --save SHL_l10.pkl
+
+Writes the training curves to CIFAR_experiments/<save> (the release's pickle schema) and the
+best model to CIFAR_checkpoint/<save name>.pth. See README.md for every flag and file.
+"""
+from __future__ import annotations
+
+import random
+import sys
+
+import torch
+
+import data
+import distributed
+import engine
+import models
+
+DATASET = 'CIFAR10'
+FOLDER_PREFIX = 'CIFAR'  # CIFAR_experiments/, CIFAR_checkpoint/, as in the release
+CIFAR_IMAGE_SHAPE = (3, 32, 32)
+
+
+def get_args_parser():
+    parser = engine.OneLineArgumentParser(
+        description='Train a ResNet18-layout network of RKHS or SHL blocks on CIFAR-10 (Figure 3).')
+    engine.add_common_arguments(parser, layers=10, epochs=300, lr_init=3e-3, decay_steps=[260],
+                                decay_rate=0.1, dataset=FOLDER_PREFIX)
+    parser.add_argument('--channels_last', action='store_true',
+                        help='channels_last memory format (a GPU speed option; same maths)')
+    parser.add_argument('--amp', action='store_true',
+                        help='bfloat16 autocast on CUDA; off by default since it changes results')
+    parser.add_argument('--sync_bn', action='store_true',
+                        help='under torchrun, synchronise BatchNorm statistics across processes '
+                             '(default off: each process normalises its own share of the batch)')
+    return parser
+
+
+def load_data(args, dist):
+    if args.synthetic:
+        n_train = min(args.subset or data.CIFAR_TRAIN_SIZE, data.CIFAR_TRAIN_SIZE)
+        n_test = min(args.subset or data.CIFAR_TEST_SIZE, data.CIFAR_TEST_SIZE)
+        return data.synthetic_dataset(CIFAR_IMAGE_SHAPE, n_train, n_test)
+    if not dist.is_main:
+        dist.barrier()  # rank 0 downloads first
+    try:
+        train, test = data.load_cifar10(args.data_root)
+    finally:
+        if dist.is_main:
+            dist.barrier()
+    if args.subset:
+        train, test = train.head(args.subset), test.head(args.subset)
+    return train, test
+
+
+def make_forward(net, args, device):
+    """The network as the training step calls it, with the optional GPU speed options."""
+    def forward(images):
+        if args.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if args.amp and device.type == 'cuda':
+            with torch.autocast('cuda', dtype=torch.bfloat16):
+                return net(images).float()
+        return net(images)
+    return forward
+
+
+def evaluate_only(args) -> int:
+    checkpoint = engine.load_torch(args.evaluate, 'checkpoint')
+    if not isinstance(checkpoint, dict) or checkpoint.get('dataset') != DATASET:
+        raise engine.UsageError(f'{args.evaluate} is not a CIFAR-10 checkpoint of this project')
+    stored = checkpoint['args']
+    device = engine.pick_device(args)
+    _, test_set = load_data(args, distributed.SINGLE)
+    net = models.CifarResNet(stored['model'], stored['layers']).to(device)
+    transform = data.CifarTransform(device)
+    chunk = min(args.test_batch_size, engine.EVAL_CHUNK[DATASET].get(device.type, 500))
+    error = engine.evaluate_checkpoint(net, checkpoint, {'model': net}, test_set.to(device),
+                                       transform.normalize, chunk)
+    print(f'test error {100 * error:.4f}% on {len(test_set)} images '
+          f'(checkpoint of epoch {checkpoint["epoch"]}, recorded {100 * checkpoint["test_error"]:.4f}%)')
+    return engine.EXIT_OK
+
+
+@engine.cli_errors
+def main(args) -> int:
+    engine.validate_common_args(args, FOLDER_PREFIX)
+    if args.evaluate:
+        return evaluate_only(args)
+    args, paths, resume_state = engine.prepare_run(args, FOLDER_PREFIX)
+    device = engine.pick_device(args)
+    dist = distributed.setup(args, device)
+    device = dist.device if dist.world_size > 1 else device
+    try:
+        if args.seed is None:
+            args.seed = dist.broadcast_int(random.SystemRandom().randrange(2 ** 31))
+        dist.check_batch_size(args.batch_size)
+        train_set, test_set = load_data(args, dist)
+        train_set, test_set = train_set.to(device), test_set.to(device)
+        engine.seed_everything(args.seed)
+        net = models.CifarResNet(args.model, args.layers)
+        if dist.world_size > 1 and args.sync_bn:
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = net.to(device)
+        if args.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        num_parameters = models.count_trainable_parameters(net)
+        dist.print(f'{args.model} ResNet, stages [2, 2, {args.layers}, 2], {num_parameters:,} '
+                   f'trainable parameters; seed {args.seed}, device {device}')
+        transform = data.CifarTransform(device)
+        wrapped = dist.wrap(net, args.compile) or net
+        experiment = engine.Experiment(
+            dataset=DATASET, model=net, parts={'model': net},
+            parameters=[p for p in net.parameters() if p.requires_grad],
+            train_set=train_set, test_set=test_set,
+            train_transform=transform.train_batch, eval_transform=transform.normalize,
+            train_eval_random=True,
+            results={'model': args.model, 'num_layers': args.layers,
+                     'num_parameters': num_parameters, 'batch_size': args.batch_size},
+            extras={'subset': args.subset, 'synthetic': args.synthetic,
+                    'amp': args.amp, 'channels_last': args.channels_last},
+            training_forward=make_forward(wrapped, args, device))
+        return engine.fit(experiment, args, paths, resume_state, dist)
+    finally:
+        dist.close()
+
+
+if __name__ == '__main__':
+    sys.exit(main(get_args_parser().parse_args()))
