@@ -1,0 +1,525 @@
+"""Run the seed sweeps behind Figures 1a, 1b, 2 and 3, then plot them.
+
+Each run (one configuration, one seed) is its own subprocess of
+``MNIST_experiments.py`` or ``CIFAR_experiments.py`` with its own results
+pickle, checkpoint and log file::
+
+    MNIST_experiments/fig1a/RKHS_l5_p0_s3.pkl      results (read by plot_figures.py)
+    MNIST_experiments/fig1a/logs/RKHS_l5_p0_s3.log stdout + stderr of the run
+    MNIST_checkpoint/fig1a/RKHS_l5_p0_s3.pth       checkpoint (resumes an interrupted run)
+    MNIST_experiments/fig1a/sweep.json             manifest: settings and commands
+
+The sweep is resumable: a run whose pickle exists is skipped, and a run that
+was interrupted (it left ``<name>.resume.pt`` next to its pickle) is continued
+with ``--resume``. All MNIST runs of
+a figure share one fixed random embedding (``--embedding_seed``, default 0)
+unless ``--vary_embedding`` is given, so that seeds only change the trained
+parameters' initialisation and the data order.
+
+Examples::
+
+    python reproduce.py figure1a --seeds 5 --gpus 0,1 --per_gpu 4
+    python reproduce.py all --dry_run
+    python reproduce.py figure2 --seeds 2 --jobs 2 -- --epochs 3 --subset 2048
+"""
+
+import argparse
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+# Folder of MNIST_experiments.py and CIFAR_experiments.py (tests point it at
+# stand-in scripts).
+SCRIPT_DIR = REPO_DIR
+FIGURES = ('figure1a', 'figure1b', 'figure2', 'figure3')
+
+# Exit codes of the experiment scripts.
+EXIT_OK = 0
+EXIT_DIVERGED = 3  # the pickle was written (with diverged=True): the run is done
+EXIT_INTERRUPTED = 130
+
+# An interrupted run leaves <results_dir>/<save stem>.resume.pt; the scripts
+# continue it only when given --resume.
+RESUME_SUFFIX = '.resume.pt'
+
+# Flags that reproduce.py sets for each run and that must not be passed through.
+MANAGED_FLAGS = ('--seed', '--results_dir', '--save', '--checkpoint', '--embedding_seed',
+                 '--resume')
+
+POLL_SECONDS = 0.2  # how often the scheduler checks its running subprocesses
+TERMINATE_GRACE_SECONDS = 10  # on Ctrl-C, wait this long before SIGKILL
+
+
+@dataclass
+class Run:
+    """One subprocess of the sweep."""
+    figure: str
+    name: str           # e.g. RKHS_l5_p0_s3
+    script: str         # absolute path of the experiment script
+    args: list          # arguments after the script path
+    pickle: str         # relative to results_root
+    log: str            # relative to results_root
+    checkpoint: str     # relative to results_root
+    status: str = 'pending'
+    returncode: object = None
+    seconds: object = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def resume_state(self):
+        """Where the experiment scripts keep an interrupted run's state."""
+        return os.path.splitext(self.pickle)[0] + RESUME_SUFFIX
+
+    def command(self):
+        """Full argv of the run."""
+        return [sys.executable, self.script] + self.args
+
+
+def figure_settings(figure):
+    """Dataset, results folder names and per-configuration flags of a figure.
+
+    Returns (dataset, tag, configs) where each config is (name prefix, flags).
+    """
+    tag = figure.replace('figure', 'fig')
+    if figure in ('figure1a', 'figure1b'):
+        pretrain = 0 if figure == 'figure1a' else 3
+        configs = [(f'{model}_l{layers}_p{pretrain}',
+                    ['--model', model, '--layers', str(layers), '--pretrain', str(pretrain),
+                     '--in_channels', '32', '--dim_int', '32'])
+                   for model in ('RKHS', 'SHL') for layers in (5, 10, 20)]
+        return 'MNIST', tag, configs
+    if figure == 'figure2':
+        configs = [(f'RKHS_l20_c{channels}',
+                    ['--model', 'RKHS', '--layers', '20', '--pretrain', '0',
+                     '--in_channels', str(channels), '--dim_int', str(channels)])
+                   for channels in (32, 8, 4)]
+        return 'MNIST', tag, configs
+    if figure == 'figure3':
+        configs = [(f'{model}_l{layers}', ['--model', model, '--layers', str(layers)])
+                   for model in ('RKHS', 'SHL') for layers in (1, 10, 20)]
+        return 'CIFAR', tag, configs
+    raise ValueError(f'unknown figure {figure!r}')
+
+
+def results_dir(figure):
+    """Results folder of a figure, relative to results_root."""
+    dataset, tag, _ = figure_settings(figure)
+    return os.path.join(f'{dataset}_experiments', tag)
+
+
+def build_runs(figure, args):
+    """All runs of one figure, in configuration-major, seed-minor order."""
+    dataset, tag, configs = figure_settings(figure)
+    script = os.path.join(SCRIPT_DIR, f'{dataset}_experiments.py')
+    out_dir = os.path.join(f'{dataset}_experiments', tag)
+    ckpt_dir = os.path.join(f'{dataset}_checkpoint', tag)
+    runs = []
+    for prefix, flags in configs:
+        for seed in range(args.seed_start, args.seed_start + args.seeds):
+            name = f'{prefix}_s{seed}'
+            run_args = list(flags) + [
+                '--seed', str(seed),
+                '--results_dir', out_dir,
+                '--save', name + '.pkl',
+                '--checkpoint', os.path.join(ckpt_dir, name + '.pth'),
+            ]
+            # Only the MNIST model has a random (untrained) embedding.
+            if dataset == 'MNIST' and not args.vary_embedding:
+                run_args += ['--embedding_seed', str(args.embedding_seed)]
+            if args.gpus:
+                run_args += ['--device', 'cuda']
+            # Last, so that a pass-through flag overrides ours (argparse keeps
+            # the last occurrence).
+            run_args += list(args.passthrough)
+            runs.append(Run(figure=figure, name=name, script=script, args=run_args,
+                            pickle=os.path.join(out_dir, name + '.pkl'),
+                            log=os.path.join(out_dir, 'logs', name + '.log'),
+                            checkpoint=os.path.join(ckpt_dir, name + '.pth')))
+    return runs
+
+
+# ----------------------------------------------------------------------------
+# Manifest
+# ----------------------------------------------------------------------------
+
+def _atomic_write_json(path, data):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix='.sweep.', suffix='.tmp')
+    try:
+        with os.fdopen(handle, 'w') as stream:
+            json.dump(data, stream, indent=1)
+            stream.write('\n')
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp_path, 0o666 & ~mask)  # mkstemp files are private by default
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def write_manifest(root, figure, runs, args, started, finished=None):
+    """Record this invocation in <results_dir>/sweep.json (history kept).
+
+    Returns the previous invocation's embedding setting, if any, so that the
+    caller can warn when pickles of one figure mix embeddings.
+    """
+    path = os.path.join(root, results_dir(figure), 'sweep.json')
+    previous = None
+    try:
+        with open(path) as stream:
+            previous = json.load(stream)
+    except (OSError, ValueError):
+        previous = None
+    history = previous.get('invocations', []) if isinstance(previous, dict) else []
+    invocation = {
+        'started_unix': started,
+        'started': time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(started)),
+        'finished': (time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(finished))
+                     if finished else None),
+        'embedding_seed': None if args.vary_embedding else args.embedding_seed,
+        'vary_embedding': bool(args.vary_embedding),
+        'seeds': list(range(args.seed_start, args.seed_start + args.seeds)),
+        'passthrough': list(args.passthrough),
+        'gpus': args.gpus,
+        'cwd': root,
+        'runs': [{'name': run.name, 'command': run.command(), 'status': run.status,
+                  'returncode': run.returncode, 'seconds': run.seconds,
+                  'pickle': run.pickle, 'log': run.log} for run in runs],
+    }
+    # This invocation's entry (written at its start) is replaced, not repeated.
+    if history and history[-1].get('started_unix') == started:
+        history = history[:-1]
+    data = {'figure': figure, 'embedding_seed': invocation['embedding_seed'],
+            'vary_embedding': invocation['vary_embedding'],
+            'invocations': history + [invocation]}
+    _atomic_write_json(path, data)
+    if history:
+        return (history[-1].get('embedding_seed'), history[-1].get('vary_embedding'))
+    return None
+
+
+# ----------------------------------------------------------------------------
+# Scheduler
+# ----------------------------------------------------------------------------
+
+def make_slots(args):
+    """One entry per concurrent run: a GPU id (str) or None for CPU."""
+    if args.gpus:
+        return [gpu for gpu in args.gpus for _ in range(args.per_gpu)]
+    return [None] * args.jobs
+
+
+def _launch(run, root, gpu):
+    log_path = os.path.join(root, run.log)
+    for folder in (os.path.dirname(log_path), os.path.join(root, os.path.dirname(run.pickle)),
+                   os.path.join(root, os.path.dirname(run.checkpoint))):
+        os.makedirs(folder, exist_ok=True)
+    env = dict(os.environ)
+    env['PYTHONUNBUFFERED'] = '1'  # live logs
+    if gpu is not None:
+        env['CUDA_VISIBLE_DEVICES'] = gpu
+    log = open(log_path, 'w')
+    log.write(f'# cwd: {root}\n')
+    if gpu is not None:
+        log.write(f'# CUDA_VISIBLE_DEVICES={gpu}\n')
+    log.write('# ' + shlex.join(run.command()) + '\n')
+    log.flush()
+    try:
+        process = subprocess.Popen(run.command(), cwd=root, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    except BaseException:
+        log.close()
+        raise
+    return process, log
+
+
+def _finish(run, returncode, root, started):
+    run.returncode = returncode
+    run.seconds = round(time.time() - started, 2)
+    has_pickle = os.path.exists(os.path.join(root, run.pickle))
+    if returncode == EXIT_OK and has_pickle:
+        run.status = 'done'
+    elif returncode == EXIT_DIVERGED and has_pickle:
+        run.status = 'diverged'  # finished; its curves stop early
+    else:
+        run.status = 'failed'
+        if returncode in (EXIT_OK, EXIT_DIVERGED):
+            run.extra['reason'] = f'exit {returncode} but no pickle at {run.pickle}'
+
+
+def run_all(runs, root, slots):
+    """Run ``runs`` with at most len(slots) at once; return True if interrupted.
+
+    Each run gets the first free slot (a GPU id or None for CPU). A failed run
+    does not stop the others.
+    """
+    pending = list(runs)
+    running = {}  # slot index -> (run, process, log file, start time)
+    total, launched = len(runs), 0
+    try:
+        while pending or running:
+            for slot, gpu in enumerate(slots):
+                if slot in running or not pending:
+                    continue
+                run = pending.pop(0)
+                launched += 1
+                try:
+                    process, log = _launch(run, root, gpu)
+                except OSError as exc:  # e.g. unwritable log folder: this run fails alone
+                    run.status, run.extra['reason'] = 'failed', f'could not start: {exc}'
+                    print(f'[{launched}/{total}] failed to start {run.name}: {exc}', flush=True)
+                    continue
+                run.status = 'running'
+                running[slot] = (run, process, log, time.time())
+                where = f' on GPU {gpu}' if gpu is not None else ''
+                print(f'[{launched}/{total}] start {run.name}{where}', flush=True)
+            time.sleep(POLL_SECONDS)
+            for slot in list(running):
+                run, process, log, started = running[slot]
+                returncode = process.poll()
+                if returncode is None:
+                    continue
+                log.close()
+                del running[slot]
+                _finish(run, returncode, root, started)
+                message = f'{run.status} {run.name} (exit {returncode}, {run.seconds:.1f} s)'
+                if run.status == 'failed':
+                    message += f', log: {os.path.join(root, run.log)}'
+                print(message, flush=True)
+    except KeyboardInterrupt:
+        print('interrupted: stopping the running runs', flush=True)
+        for run, process, log, started in running.values():
+            if process.poll() is None:
+                process.terminate()
+        deadline = time.time() + TERMINATE_GRACE_SECONDS
+        for run, process, log, started in running.values():
+            try:
+                process.wait(timeout=max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            log.close()
+            run.status, run.returncode = 'interrupted', process.returncode
+        return True
+    return False
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _run_all_handling_sigterm(runs, root, slots):
+    """run_all, with SIGTERM stopping the runs like Ctrl-C instead of orphaning them."""
+    try:
+        previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        return run_all(runs, root, slots)
+    try:
+        return run_all(runs, root, slots)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# ----------------------------------------------------------------------------
+# Command line
+# ----------------------------------------------------------------------------
+
+def _figure_name(text):
+    name = text.lower()
+    if not name.startswith('figure') and name != 'all':
+        name = 'figure' + name  # accept "1a" as well as "figure1a"
+    if name not in FIGURES + ('all',):
+        raise argparse.ArgumentTypeError(
+            f'unknown figure {text!r}; choose from {", ".join(FIGURES)} or all')
+    return name
+
+
+def _gpu_list(text):
+    gpus = [item.strip() for item in text.split(',') if item.strip()]
+    if not gpus or not all(item.isdigit() for item in gpus):
+        raise argparse.ArgumentTypeError(f'expected GPU ids like 0,1,2; got {text!r}')
+    return gpus
+
+
+def get_args_parser():
+    """Command-line parser (arguments after ``--`` are handled by parse_args)."""
+    parser = argparse.ArgumentParser(
+        description='Run the seed sweep of a figure (each run a subprocess), then plot it. '
+                    'Arguments after "--" are passed to every run.',
+        usage='%(prog)s FIGURE [options] [-- experiment flags]')
+    parser.add_argument('figure', type=_figure_name,
+                        help='figure1a, figure1b, figure2, figure3 or all')
+    parser.add_argument('--seeds', type=int, default=5, help='number of seeds (default: 5)')
+    parser.add_argument('--seed_start', type=int, default=0, help='first seed (default: 0)')
+    parser.add_argument('--embedding_seed', type=int, default=0,
+                        help='seed of the fixed MNIST embedding shared by all runs (default: 0)')
+    parser.add_argument('--vary_embedding', action='store_true',
+                        help='do not pass --embedding_seed: each run draws its own embedding')
+    parser.add_argument('--gpus', type=_gpu_list, default=None,
+                        help='comma-separated GPU ids; runs get CUDA_VISIBLE_DEVICES and '
+                             '--device cuda')
+    parser.add_argument('--per_gpu', type=int, default=4,
+                        help='concurrent runs per GPU with --gpus (default: 4)')
+    parser.add_argument('--jobs', type=int, default=1,
+                        help='concurrent CPU runs without --gpus (default: 1)')
+    parser.add_argument('--results_root', default=REPO_DIR,
+                        help='folder holding the results, checkpoint, log and figure folders; '
+                             'runs start there (default: the repository)')
+    parser.add_argument('--dry_run', action='store_true',
+                        help='print the commands, run and write nothing')
+    parser.add_argument('--no_plot', action='store_true', help='do not plot after the runs')
+    parser.add_argument('--pdf', action='store_true', help='also write PDF figures')
+    parser.set_defaults(passthrough=[])
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse ``argv`` (default sys.argv[1:]); what follows ``--`` goes to every run."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passthrough = []
+    if '--' in argv:
+        cut = argv.index('--')
+        argv, passthrough = argv[:cut], argv[cut + 1:]
+    args = get_args_parser().parse_args(argv)
+    args.passthrough = passthrough
+    return args
+
+
+def _check_args(args):
+    problems = []
+    if args.seeds < 1:
+        problems.append('--seeds must be >= 1')
+    if args.seed_start < 0:
+        problems.append('--seed_start must be >= 0')
+    if args.jobs < 1:
+        problems.append('--jobs must be >= 1')
+    if args.per_gpu < 1:
+        problems.append('--per_gpu must be >= 1')
+    # Overriding these per-run flags would break resuming (the pickle would
+    # not be where we look) or the fixed embedding.
+    for token in args.passthrough:
+        flag = token.split('=', 1)[0]
+        if flag in MANAGED_FLAGS:
+            problems.append(f'{flag} is set per run by reproduce.py; it cannot be passed '
+                            'after "--"' + (' (use --embedding_seed / --vary_embedding '
+                                            'before "--")' if flag == '--embedding_seed' else ''))
+    return problems
+
+
+def _plot(figure, root, pdf):
+    """Plot one figure from its own results folder with plot_figures.main."""
+    if REPO_DIR not in sys.path:
+        sys.path.insert(0, REPO_DIR)
+    import plot_figures
+    plot_args = [os.path.join(root, results_dir(figure)),
+                 '--figure', figure.replace('figure', ''),
+                 '--out_dir', os.path.join(root, 'figures')]
+    if pdf:
+        plot_args.append('--pdf')
+    return plot_figures.main(plot_figures.get_args_parser().parse_args(plot_args))
+
+
+def main(args):
+    """Run (or print, with --dry_run) the sweep, then plot; return an exit status."""
+    problems = _check_args(args)
+    if problems:
+        for problem in problems:
+            print('error: ' + problem, file=sys.stderr)
+        return 2
+    sweep_start = time.time()
+    root = os.path.abspath(args.results_root)
+    figures = FIGURES if args.figure == 'all' else (args.figure,)
+    runs_by_figure = {figure: build_runs(figure, args) for figure in figures}
+    all_runs = [run for figure in figures for run in runs_by_figure[figure]]
+
+    embedding = ('varies per run (--vary_embedding)' if args.vary_embedding
+                 else f'fixed, --embedding_seed {args.embedding_seed}')
+    if args.dry_run:
+        print(f'# cwd: {root}')
+        if any(figure != 'figure3' for figure in figures):
+            print(f'# MNIST embedding: {embedding}')
+        if args.gpus:
+            print(f'# each run gets CUDA_VISIBLE_DEVICES set to one of {",".join(args.gpus)}')
+
+    # Resume: a run whose pickle exists is done (a diverged run writes one too).
+    # An interrupted run left a resume state, which the experiment script
+    # refuses to overwrite: continue it with --resume instead.
+    todo = []
+    for run in all_runs:
+        if os.path.exists(os.path.join(root, run.pickle)):
+            run.status = 'skipped'
+            print(f'# skip {run.name}: {run.pickle} exists')
+            continue
+        if os.path.exists(os.path.join(root, run.resume_state)):
+            run.args.append('--resume')
+            print(f'# resume {run.name}: {run.resume_state} exists')
+        todo.append(run)
+
+    if args.dry_run:
+        for run in todo:
+            print(shlex.join(run.command()))
+        print(f'# {len(todo)} run(s) to do, {len(all_runs) - len(todo)} skipped')
+        return 0
+
+    missing_scripts = sorted({run.script for run in todo if not os.path.exists(run.script)})
+    if missing_scripts:
+        print(f'error: experiment script not found: {", ".join(missing_scripts)}',
+              file=sys.stderr)
+        return 2
+
+    os.makedirs(root, exist_ok=True)
+    if any(figure != 'figure3' for figure in figures):
+        print(f'MNIST embedding: {embedding}')
+    for figure in figures:
+        previous = write_manifest(root, figure, runs_by_figure[figure], args, sweep_start)
+        current = (None if args.vary_embedding else args.embedding_seed, args.vary_embedding)
+        if figure != 'figure3' and previous is not None and tuple(previous) != current:
+            print(f'warning: {figure} was previously run with embedding setting '
+                  f'{previous}, now {current}; existing pickles keep the old one',
+                  file=sys.stderr)
+    slots = make_slots(args)
+    print(f'{len(todo)} run(s) to do, {len(all_runs) - len(todo)} skipped; '
+          f'{len(slots)} at a time', flush=True)
+
+    interrupted = _run_all_handling_sigterm(todo, root, slots)
+    finished = time.time()
+    for figure in figures:
+        write_manifest(root, figure, runs_by_figure[figure], args, sweep_start, finished)
+
+    status = 0
+    failed = [run for run in todo if run.status == 'failed']
+    diverged = [run for run in todo if run.status == 'diverged']
+    if diverged:
+        print(f'{len(diverged)} run(s) diverged (pickle written, curves stop early): '
+              + ', '.join(run.name for run in diverged))
+    if failed:
+        print(f'{len(failed)} run(s) FAILED:')
+        for run in failed:
+            reason = run.extra.get('reason', f'exit {run.returncode}')
+            print(f'  {run.name}: {reason}; log: {os.path.join(root, run.log)}')
+        status = 1
+    if interrupted:
+        print(f'sweep interrupted after {finished - sweep_start:.1f} s')
+        return EXIT_INTERRUPTED
+
+    if not args.no_plot:
+        for figure in figures:
+            if _plot(figure, root, args.pdf) != 0:
+                status = 1
+    print(f'sweep wall time: {time.time() - sweep_start:.1f} s '
+          f'({len(todo)} run(s), {len(all_runs) - len(todo)} skipped)')
+    return status
+
+
+if __name__ == '__main__':
+    sys.exit(main(parse_args()))

@@ -1,0 +1,245 @@
+"""Tests of reproduce.py: command list, resume, scheduler, and a tiny real sweep."""
+
+import json
+import pickle
+import shlex
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+import reproduce  # noqa: E402
+
+MNIST_CONFIGS_1A = [f'{m}_l{L}_p0' for m in ('RKHS', 'SHL') for L in (5, 10, 20)]
+
+
+def _dry_run(capsys, argv):
+    """Run with --dry_run; return (status, commands as argv lists, comment lines)."""
+    # After the figure name, so that it stays before any '--'.
+    status = reproduce.main(reproduce.parse_args(argv[:1] + ['--dry_run'] + argv[1:]))
+    lines = capsys.readouterr().out.splitlines()
+    commands = [shlex.split(line) for line in lines if line and not line.startswith('#')]
+    comments = [line for line in lines if line.startswith('#')]
+    return status, commands, comments
+
+
+def _flag(command, name):
+    return command[command.index(name) + 1]
+
+
+def test_parse_args_passthrough():
+    args = reproduce.parse_args(['figure1a', '--seeds', '3', '--', '--epochs', '2', '--synthetic'])
+    assert args.figure == 'figure1a' and args.seeds == 3
+    assert args.passthrough == ['--epochs', '2', '--synthetic']
+    assert reproduce.parse_args(['1b']).figure == 'figure1b'
+    assert reproduce.parse_args(['all']).passthrough == []
+
+
+def test_dry_run_figure1a(capsys, tmp_path):
+    status, commands, comments = _dry_run(
+        capsys, ['figure1a', '--seeds', '2', '--results_root', str(tmp_path),
+                 '--', '--epochs', '3', '--subset', '2048'])
+    assert status == 0
+    assert len(commands) == 6 * 2
+    names = set()
+    for command in commands:
+        assert command[0] == sys.executable
+        assert command[1] == str(REPO / 'MNIST_experiments.py')
+        name = _flag(command, '--save')[:-len('.pkl')]
+        names.add(name)
+        assert _flag(command, '--results_dir') == 'MNIST_experiments/fig1a'
+        assert _flag(command, '--checkpoint') == f'MNIST_checkpoint/fig1a/{name}.pth'
+        assert _flag(command, '--seed') == name.rsplit('_s', 1)[1]
+        assert _flag(command, '--model') == name.split('_')[0]
+        assert _flag(command, '--layers') == name.split('_')[1][1:]
+        assert _flag(command, '--pretrain') == '0'
+        assert _flag(command, '--embedding_seed') == '0'
+        assert '--device' not in command
+        assert command[-4:] == ['--epochs', '3', '--subset', '2048']
+    assert names == {f'{c}_s{s}' for c in MNIST_CONFIGS_1A for s in (0, 1)}
+    assert any('embedding_seed 0' in line for line in comments)
+    assert list(tmp_path.iterdir()) == []  # a dry run writes nothing
+
+
+def test_dry_run_vary_embedding_and_other_figures(capsys, tmp_path):
+    root = ['--results_root', str(tmp_path)]
+    _, commands, _ = _dry_run(capsys, ['figure1b', '--seeds', '1', '--vary_embedding',
+                                       '--embedding_seed', '7'] + root)
+    assert len(commands) == 6
+    assert all('--embedding_seed' not in c and _flag(c, '--pretrain') == '3' for c in commands)
+
+    _, commands, _ = _dry_run(capsys, ['figure2', '--seeds', '2', '--seed_start', '3',
+                                       '--embedding_seed', '7'] + root)
+    saves = {_flag(c, '--save') for c in commands}
+    assert saves == {f'RKHS_l20_c{c}_s{s}.pkl' for c in (32, 8, 4) for s in (3, 4)}
+    for command in commands:
+        channels = _flag(command, '--save').split('_')[2][1:]
+        assert _flag(command, '--in_channels') == _flag(command, '--dim_int') == channels
+        assert _flag(command, '--embedding_seed') == '7'
+
+    _, commands, _ = _dry_run(capsys, ['figure3', '--seeds', '1', '--gpus', '0,1'] + root)
+    assert len(commands) == 6
+    for command in commands:
+        assert command[1] == str(REPO / 'CIFAR_experiments.py')
+        assert _flag(command, '--results_dir') == 'CIFAR_experiments/fig3'
+        assert _flag(command, '--checkpoint').startswith('CIFAR_checkpoint/fig3/')
+        assert '--embedding_seed' not in command
+        assert _flag(command, '--device') == 'cuda'
+    assert {_flag(c, '--save') for c in commands} == {
+        f'{m}_l{L}_s0.pkl' for m in ('RKHS', 'SHL') for L in (1, 10, 20)}
+
+    _, commands, _ = _dry_run(capsys, ['all', '--seeds', '2'] + root)
+    assert len(commands) == (6 + 6 + 3 + 6) * 2
+
+
+def test_dry_run_skips_existing(capsys, tmp_path):
+    done = tmp_path / 'MNIST_experiments' / 'fig1a'
+    done.mkdir(parents=True)
+    for name in ('RKHS_l5_p0_s0', 'SHL_l20_p0_s1'):
+        (done / f'{name}.pkl').write_bytes(b'')
+    _, commands, comments = _dry_run(capsys, ['figure1a', '--seeds', '2',
+                                              '--results_root', str(tmp_path)])
+    assert len(commands) == 10
+    skipped = [line for line in comments if line.startswith('# skip')]
+    assert len(skipped) == 2
+    assert any('RKHS_l5_p0_s0' in line for line in skipped)
+    assert 'RKHS_l5_p0_s0.pkl' not in {_flag(c, '--save') for c in commands}
+    assert not any('--resume' in c for c in commands)
+
+
+def test_interrupted_run_is_resumed(capsys, tmp_path):
+    done = tmp_path / 'MNIST_experiments' / 'fig1a'
+    done.mkdir(parents=True)
+    (done / 'SHL_l10_p0_s1.resume.pt').write_bytes(b'')
+    _, commands, comments = _dry_run(capsys, ['figure1a', '--seeds', '2',
+                                              '--results_root', str(tmp_path)])
+    resumed = [c for c in commands if '--resume' in c]
+    assert [_flag(c, '--save') for c in resumed] == ['SHL_l10_p0_s1.pkl']
+    assert any(line.startswith('# resume SHL_l10_p0_s1') for line in comments)
+
+
+def test_bad_arguments():
+    assert reproduce.main(reproduce.parse_args(['figure1a', '--seeds', '0', '--dry_run'])) == 2
+    for flag in ('--save', '--results_dir=x', '--embedding_seed'):
+        args = reproduce.parse_args(['figure1a', '--dry_run', '--', flag, 'x'])
+        assert reproduce.main(args) == 2
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(['figure9'])
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(['figure1a', '--gpus', 'a,b'])
+
+
+# A stand-in for MNIST_experiments.py: writes a small pickle in the release
+# schema (plus what it saw), fails for SHL L=20 and diverges for SHL L=10 seed 0.
+FAKE_SCRIPT = textwrap.dedent('''
+    import argparse, os, pickle, sys
+    import numpy as np
+    parser = argparse.ArgumentParser()
+    for flag in ('--model', '--results_dir', '--save', '--checkpoint', '--device'):
+        parser.add_argument(flag)
+    for flag in ('--layers', '--seed', '--embedding_seed', '--pretrain', '--in_channels',
+                 '--dim_int', '--epochs'):
+        parser.add_argument(flag, type=int)
+    args, _ = parser.parse_known_args()
+    print('fake run', args.model, args.layers, args.seed)
+    if args.model == 'SHL' and args.layers == 20:
+        print('simulated crash', file=sys.stderr)
+        sys.exit(1)
+    diverged = args.model == 'SHL' and args.layers == 10 and args.seed == 0
+    epochs = 1 if diverged else 3
+    rng = np.random.default_rng(args.seed)
+    data = dict(model=args.model, num_layers=args.layers, in_channels=args.in_channels,
+                dim_int=args.dim_int, pretrain_pass=args.pretrain, batch_size=8,
+                train_loss=np.exp(-np.arange(40 * epochs) / 30) + 0.1 * rng.random(40 * epochs),
+                train_classif=np.linspace(0.9, 0.1, epochs + 1),
+                test_classif=np.linspace(0.9, 0.2, epochs + 1) + 0.01 * rng.random(),
+                computation_time=1.0, num_parameters=10, diverged=diverged, seed=args.seed,
+                argv=sys.argv[1:], cwd=os.getcwd(),
+                cuda_visible_devices=os.environ.get('CUDA_VISIBLE_DEVICES'))
+    with open(os.path.join(args.results_dir, args.save), 'wb') as handle:
+        pickle.dump(data, handle)
+    sys.exit(3 if diverged else 0)
+''')
+
+
+def test_sweep_with_fake_script(capsys, tmp_path, monkeypatch):
+    scripts = tmp_path / 'scripts'
+    scripts.mkdir()
+    (scripts / 'MNIST_experiments.py').write_text(FAKE_SCRIPT)
+    monkeypatch.setattr(reproduce, 'SCRIPT_DIR', str(scripts))
+    root = tmp_path / 'root'
+    argv = ['figure1a', '--seeds', '2', '--results_root', str(root), '--gpus', '0,1',
+            '--per_gpu', '2', '--', '--epochs', '3']
+
+    status = reproduce.main(reproduce.parse_args(argv))
+    out = capsys.readouterr().out
+    assert status == 1  # SHL L=20 fails for both seeds
+    results = root / 'MNIST_experiments' / 'fig1a'
+    written = sorted(p.stem for p in results.glob('*.pkl'))
+    assert written == sorted(f'{c}_s{s}' for c in MNIST_CONFIGS_1A if c != 'SHL_l20_p0'
+                             for s in (0, 1))
+    assert '2 run(s) FAILED' in out
+    for seed in (0, 1):
+        log = results / 'logs' / f'SHL_l20_p0_s{seed}.log'
+        assert str(log) in out
+        assert 'simulated crash' in log.read_text()
+    assert 'diverged (pickle written' in out and 'SHL_l10_p0_s0' in out
+    assert 'sweep wall time' in out
+    assert (root / 'figures' / 'figure1a.png').stat().st_size > 10_000
+
+    with open(results / 'RKHS_l5_p0_s1.pkl', 'rb') as handle:
+        run = pickle.load(handle)
+    assert Path(run['cwd']).resolve() == root.resolve()
+    assert run['cuda_visible_devices'] in ('0', '1')
+    # Our flags first, pass-through last so that it can override them.
+    assert run['argv'][-6:] == ['--embedding_seed', '0', '--device', 'cuda', '--epochs', '3']
+
+    manifest = json.loads((results / 'sweep.json').read_text())
+    assert manifest['embedding_seed'] == 0
+    last = manifest['invocations'][-1]
+    assert len(last['runs']) == 12
+    assert all('--embedding_seed' in r['command'] for r in last['runs'])
+    statuses = {r['name']: r['status'] for r in last['runs']}
+    assert statuses['SHL_l10_p0_s0'] == 'diverged' and statuses['SHL_l20_p0_s0'] == 'failed'
+
+    # Rerun: finished and diverged runs are skipped, only the failed ones run again.
+    status = reproduce.main(reproduce.parse_args(argv + ['--no_plot']))
+    out = capsys.readouterr().out
+    assert status == 1
+    assert out.count('# skip') == 10
+    assert out.count(' start ') == 2
+    assert len(json.loads((results / 'sweep.json').read_text())['invocations']) == 2
+
+
+def test_missing_script_is_an_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, 'SCRIPT_DIR', str(tmp_path / 'nowhere'))
+    status = reproduce.main(reproduce.parse_args(['figure3', '--seeds', '1',
+                                                  '--results_root', str(tmp_path / 'r')]))
+    assert status == 2
+    assert 'experiment script not found' in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not (REPO / 'MNIST_experiments.py').exists(),
+                    reason='MNIST_experiments.py is not in the repository yet')
+def test_tiny_real_sweep(capsys, tmp_path):
+    argv = ['figure1a', '--seeds', '1', '--jobs', '2', '--results_root', str(tmp_path),
+            '--', '--synthetic', '--subset', '256', '--epochs', '1']
+    status = reproduce.main(reproduce.parse_args(argv))
+    out = capsys.readouterr().out
+    logs = sorted((tmp_path / 'MNIST_experiments' / 'fig1a' / 'logs').glob('*.log'))
+    assert status == 0, out + ''.join(log.read_text()[-2000:] for log in logs)
+    pickles = sorted((tmp_path / 'MNIST_experiments' / 'fig1a').glob('*.pkl'))
+    assert [p.stem for p in pickles] == sorted(f'{c}_s0' for c in MNIST_CONFIGS_1A)
+    with open(pickles[0], 'rb') as handle:
+        run = pickle.load(handle)
+    assert len(run['test_classif']) == 2  # before training + 1 epoch
+    assert run.get('embedding_seed', 0) == 0
+
+    status = reproduce.main(reproduce.parse_args(argv + ['--no_plot']))
+    out = capsys.readouterr().out
+    assert status == 0
+    assert out.count('# skip') == 6
+    assert ' start ' not in out
