@@ -159,7 +159,6 @@ def main(args) -> int:
             args.seed = dist.broadcast_int(random.SystemRandom().randrange(2 ** 31))
         if args.embedding_seed is None:
             args.embedding_seed = args.seed
-        dist.check_batch_size(args.batch_size)
         train_set, test_set = load_data(args, dist)
         train_set, test_set = train_set.to(device), test_set.to(device)
         engine.seed_everything(args.seed)

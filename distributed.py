@@ -19,9 +19,6 @@ class Single:
     def broadcast_int(self, value: int) -> int:
         return value
 
-    def check_batch_size(self, batch_size: int):
-        pass
-
     def wrap(self, model, compile_model: bool = False):
         """The module the training step calls: compiled on request, else the model itself."""
         return torch.compile(model) if compile_model else None
@@ -59,9 +56,17 @@ def launched_by_torchrun() -> bool:
 
 
 def setup(args, device: torch.device):
-    """SINGLE without torchrun; otherwise join the process group (after all argument checks)."""
+    """SINGLE without torchrun; otherwise join the process group (after all argument checks).
+
+    The batch check runs before the group exists, so a bad value fails on every rank at once.
+    """
     if not launched_by_torchrun():
         return SINGLE
+    world_size = int(os.environ['WORLD_SIZE'])
+    if args.batch_size % world_size:
+        from engine import UsageError
+        raise UsageError(f'--batch_size {args.batch_size} (global) must be divisible by the '
+                         f'{world_size} processes')
     return Distributed(device)
 
 
@@ -83,12 +88,6 @@ class Distributed(Single):
         t = torch.tensor(value, dtype=torch.long, device=self.device)
         torch_dist.broadcast(t, src=0)
         return int(t.item())
-
-    def check_batch_size(self, batch_size: int):
-        if batch_size % self.world_size:
-            from engine import UsageError
-            raise UsageError(f'--batch_size {batch_size} (global) must be divisible by the '
-                             f'{self.world_size} processes')
 
     def wrap(self, model, compile_model: bool = False):
         from torch.nn.parallel import DistributedDataParallel

@@ -1,0 +1,46 @@
+"""Helper for test_distributed.py: one SGD step of the MNIST setup through the real engine,
+then the ODE block's gradient saved to argv[1]. Run plainly (one process) or under torchrun."""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import MNIST_experiments  # noqa: E402
+import data  # noqa: E402
+import distributed  # noqa: E402
+import engine  # noqa: E402
+
+GLOBAL_BATCH = 64
+
+
+def main(out_path):
+    args = MNIST_experiments.get_args_parser().parse_args(
+        ['--synthetic', '--layers', '3', '--in_channels', '8', '--dim_int', '4', '--seed', '0',
+         '--batch_size', str(GLOBAL_BATCH)])
+    args.embedding_seed = 0
+    dist = distributed.setup(args, torch.device('cpu'))
+    train, test = data.synthetic_dataset(MNIST_experiments.MNIST_IMAGE_SHAPE, GLOBAL_BATCH, 16)
+    torch.manual_seed(0)
+    net = MNIST_experiments.build_model(args)
+    net.freeze_embedding()
+    with torch.no_grad():  # a non-zero start, so that every node gets a gradient
+        net.ode_block.func.output_weight.normal_(0, 0.05)
+    exp = engine.Experiment(
+        dataset='MNIST', model=net, parts={}, parameters=list(net.ode_block.parameters()),
+        train_set=train, test_set=test,
+        train_transform=lambda images, generator: data.mnist_to_float(images),
+        eval_transform=data.mnist_to_float, train_eval_random=False, results={},
+        training_forward=dist.wrap(net))
+    # lr 0 keeps the weights, so the gradient is the first step's, on the one global batch.
+    optimizer = torch.optim.SGD(exp.parameters, lr=0.0)
+    generator = torch.Generator().manual_seed(0)
+    with engine.StopRequest() as stop:
+        outcome = engine.train_one_epoch(exp, optimizer, generator, GLOBAL_BATCH, dist, stop, 'step')
+    if dist.is_main:
+        torch.save({'grads': [p.grad for p in exp.parameters], 'loss': outcome.losses}, out_path)
+    dist.close()
+
+
+if __name__ == '__main__':
+    main(sys.argv[1])
