@@ -1,5 +1,8 @@
-"""Helper for test_distributed.py: one SGD step of the MNIST setup through the real engine,
-then the ODE block's gradient saved to argv[1]. Run plainly (one process) or under torchrun."""
+"""Helper for test_distributed.py, run plainly (one process) or under torchrun.
+
+`ddp_first_step.py OUT`: one SGD step of the MNIST setup through the real engine; the ODE block's
+gradient is saved to OUT. `ddp_first_step.py pretrain PREFIX`: every rank pretrains A and B and
+saves them to PREFIX<rank>.pt."""
 import os
 import sys
 
@@ -42,5 +45,24 @@ def main(out_path):
     dist.close()
 
 
+def pretrain_on_every_rank(out_prefix):
+    """Each rank pretrains A and B through the script's own function and saves what it has."""
+    args = MNIST_experiments.get_args_parser().parse_args(
+        ['--synthetic', '--in_channels', '4', '--pretrain', '1', '--pretrain_lr', '0.05',
+         '--batch_size', str(GLOBAL_BATCH), '--seed', '0'])
+    args.embedding_seed = 0
+    dist = distributed.setup(args, torch.device('cpu'))
+    train, _ = data.synthetic_dataset(MNIST_experiments.MNIST_IMAGE_SHAPE, 4 * GLOBAL_BATCH, 16)
+    net = MNIST_experiments.build_model(args)
+    MNIST_experiments.pretrain(net, train, args, dist)
+    net.freeze_embedding()
+    torch.save({'input_net': net.input_net.state_dict(), 'output_net': net.output_net.state_dict()},
+               f'{out_prefix}{dist.rank}.pt')
+    dist.close()
+
+
 if __name__ == '__main__':
-    main(sys.argv[1])
+    if sys.argv[1] == 'pretrain':
+        pretrain_on_every_rank(sys.argv[2])
+    else:
+        main(sys.argv[1])

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import models
 from conftest import REPO, load_results, run_script
 
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
@@ -63,3 +64,17 @@ def test_bad_flag_fails_on_every_rank_without_hanging(tmp_path, bad):
     # torchrun reports the first failure's status; it may stop the other rank once one failed.
     assert 'exitcode  : 2' in proc.stderr, proc.stderr
     assert not (tmp_path / 'MNIST_experiments').exists()
+
+
+def test_pretrained_embedding_is_identical_on_every_rank(tmp_path):
+    proc = _torchrun(REPO / 'tests' / 'ddp_first_step.py', 'pretrain', tmp_path / 'rank', cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    rank0, rank1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+
+        initial = models.mnist_input_network(4).state_dict()
+    assert not torch.equal(initial['0.weight'], rank0['input_net']['0.weight'])  # it was trained
+    for part in ('input_net', 'output_net'):
+        for key, value in rank0[part].items():
+            assert torch.equal(value, rank1[part][key]), (part, key)
