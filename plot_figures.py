@@ -479,7 +479,12 @@ def plot_figure(figure, groups, out_dir, smooth_window=DEFAULT_SMOOTH_WINDOW,
         # Percentages read better as 2, 5, 20 than as 2x10^0, 5x10^0, 2x10^1.
         from matplotlib.ticker import FuncFormatter
         ax_err.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f'{value:g}'))
-        ax_err.yaxis.set_minor_formatter(FuncFormatter(_minor_percent_label))
+        low, high = ax_err.get_ylim()
+        # Within less than half a decade no 2x/5x tick may fall: then label every minor tick.
+        narrow = low > 0 and high / low < 3
+        ax_err.yaxis.set_minor_formatter(
+            FuncFormatter(lambda value, _: f'{value:.3g}') if narrow
+            else FuncFormatter(_minor_percent_label))
     ax_err.set_xlabel('epoch (0 = before training)')
     ax_err.set_ylabel('test error (%)' + (' [log scale]' if error_scale == 'log' else ''))
     ax_err.set_title('Test error', fontsize=10)
