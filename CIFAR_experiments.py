@@ -7,7 +7,6 @@ best model to CIFAR_checkpoint/<save name>.pth. See README.md for every flag and
 """
 from __future__ import annotations
 
-import random
 import sys
 
 import torch
@@ -38,20 +37,8 @@ def get_args_parser():
 
 
 def load_data(args, dist):
-    if args.synthetic:
-        n_train = min(args.subset or data.CIFAR_TRAIN_SIZE, data.CIFAR_TRAIN_SIZE)
-        n_test = min(args.subset or data.CIFAR_TEST_SIZE, data.CIFAR_TEST_SIZE)
-        return data.synthetic_dataset(CIFAR_IMAGE_SHAPE, n_train, n_test)
-    if not dist.is_main:
-        dist.barrier()  # rank 0 downloads first
-    try:
-        train, test = data.load_cifar10(args.data_root)
-    finally:
-        if dist.is_main:
-            dist.barrier()
-    if args.subset:
-        train, test = train.head(args.subset), test.head(args.subset)
-    return train, test
+    return engine.load_datasets(args, dist, data.load_cifar10, CIFAR_IMAGE_SHAPE,
+                                (data.CIFAR_TRAIN_SIZE, data.CIFAR_TEST_SIZE))
 
 
 def make_forward(net, args, device):
@@ -76,11 +63,8 @@ def evaluate_only(args) -> int:
     net = models.CifarResNet(stored['model'], stored['layers']).to(device)
     transform = data.CifarTransform(device)
     chunk = min(args.test_batch_size, engine.EVAL_CHUNK[DATASET].get(device.type, 500))
-    error = engine.evaluate_checkpoint(net, checkpoint, {'model': net}, test_set.to(device),
-                                       transform.normalize, chunk)
-    print(f'test error {100 * error:.4f}% on {len(test_set)} images '
-          f'(checkpoint of epoch {checkpoint["epoch"]}, recorded {100 * checkpoint["test_error"]:.4f}%)')
-    return engine.EXIT_OK
+    return engine.evaluate_checkpoint(net, checkpoint, {'model': net}, test_set.to(device),
+                                      transform.normalize, chunk)
 
 
 @engine.cli_errors
@@ -88,13 +72,8 @@ def main(args) -> int:
     engine.validate_common_args(args, FOLDER_PREFIX)
     if args.evaluate:
         return evaluate_only(args)
-    args, paths, resume_state = engine.prepare_run(args, FOLDER_PREFIX)
-    device = engine.pick_device(args)
-    dist = distributed.setup(args, device)
-    device = dist.device if dist.world_size > 1 else device
+    args, paths, resume_state, device, dist = engine.start_run(args, FOLDER_PREFIX)
     try:
-        if args.seed is None:
-            args.seed = dist.broadcast_int(random.SystemRandom().randrange(2 ** 31))
         train_set, test_set = load_data(args, dist)
         train_set, test_set = train_set.to(device), test_set.to(device)
         engine.seed_everything(args.seed)

@@ -8,7 +8,6 @@ best model to MNIST_checkpoint/<save name>.pth. See README.md for every flag and
 from __future__ import annotations
 
 import math
-import random
 import sys
 
 import torch
@@ -66,21 +65,8 @@ def validate_args(args):
 
 
 def load_data(args, dist) -> tuple[data.DeviceDataset, data.DeviceDataset]:
-    """Train and test sets on the CPU, cut to --subset."""
-    if args.synthetic:
-        n_train = min(args.subset or data.MNIST_TRAIN_SIZE, data.MNIST_TRAIN_SIZE)
-        n_test = min(args.subset or data.MNIST_TEST_SIZE, data.MNIST_TEST_SIZE)
-        return data.synthetic_dataset(MNIST_IMAGE_SHAPE, n_train, n_test)
-    if not dist.is_main:
-        dist.barrier()  # rank 0 downloads first, so that ranks do not write the same files
-    try:
-        train, test = data.load_mnist(args.data_root)
-    finally:
-        if dist.is_main:
-            dist.barrier()
-    if args.subset:
-        train, test = train.head(args.subset), test.head(args.subset)
-    return train, test
+    return engine.load_datasets(args, dist, data.load_mnist, MNIST_IMAGE_SHAPE,
+                                (data.MNIST_TRAIN_SIZE, data.MNIST_TEST_SIZE))
 
 
 def build_model(args) -> models.MNISTODENet:
@@ -138,11 +124,8 @@ def evaluate_only(args) -> int:
     net.to(device)
     parts = {'input_net': net.input_net, 'ode_block': net.ode_block, 'output_net': net.output_net}
     chunk = min(args.test_batch_size, engine.EVAL_CHUNK[DATASET].get(device.type, 2000))
-    error = engine.evaluate_checkpoint(net, checkpoint, parts, test_set.to(device),
-                                       data.mnist_to_float, chunk)
-    print(f'test error {100 * error:.4f}% on {len(test_set)} images '
-          f'(checkpoint of epoch {checkpoint["epoch"]}, recorded {100 * checkpoint["test_error"]:.4f}%)')
-    return engine.EXIT_OK
+    return engine.evaluate_checkpoint(net, checkpoint, parts, test_set.to(device),
+                                      data.mnist_to_float, chunk)
 
 
 @engine.cli_errors
@@ -150,13 +133,8 @@ def main(args) -> int:
     validate_args(args)
     if args.evaluate:
         return evaluate_only(args)
-    args, paths, resume_state = engine.prepare_run(args, DATASET)
-    device = engine.pick_device(args)
-    dist = distributed.setup(args, device)
-    device = dist.device if dist.world_size > 1 else device
+    args, paths, resume_state, device, dist = engine.start_run(args, DATASET)
     try:
-        if args.seed is None:
-            args.seed = dist.broadcast_int(random.SystemRandom().randrange(2 ** 31))
         if args.embedding_seed is None:
             args.embedding_seed = args.seed
         train_set, test_set = load_data(args, dist)

@@ -97,8 +97,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, layers: int, epochs
     parser.add_argument('--test_batch_size', type=int, default=10_000,
                         help='upper bound of the evaluation batch; never changes results (default 10000)')
     parser.add_argument('--save', default='experiment.pkl',
-                        help=f'results file name (a plain name ending in .pkl) in --results_dir; '
-                             f'an existing file is never overwritten (default experiment.pkl)')
+                        help='results file name (a plain name ending in .pkl) in --results_dir; '
+                             'an existing file is never overwritten (default experiment.pkl)')
     parser.add_argument('--results_dir', default=results_dir,
                         help=f'folder of the results pickle and resume state (default {results_dir})')
     parser.add_argument('--checkpoint', default=None,
@@ -641,9 +641,45 @@ def _torchvision_version():
         return None
 
 
-def evaluate_checkpoint(model, parts_state: dict, parts: dict, test_set, transform, chunk) -> float:
+def start_run(args, folder: str):
+    """The existing-file rules, the device, the process group and the seed, in that order.
+
+    Returns (args, paths, resume_state, device, dist); the caller closes dist when done.
+    """
+    args, paths, resume_state = prepare_run(args, folder)
+    device = pick_device(args)
+    dist = distributed.setup(args, device)
+    if dist.world_size > 1:
+        device = dist.device
+    if args.seed is None:  # drawn once, on rank 0, and recorded in the pickle
+        args.seed = dist.broadcast_int(random.SystemRandom().randrange(2 ** 31))
+    return args, paths, resume_state, device, dist
+
+
+def load_datasets(args, dist, load_real: Callable, image_shape: tuple, full_sizes: tuple):
+    """Train and test sets on the CPU: synthetic or real (rank 0 downloads first), cut to --subset."""
+    if args.synthetic:
+        n_train, n_test = (min(args.subset or size, size) for size in full_sizes)
+        from data import synthetic_dataset
+        return synthetic_dataset(image_shape, n_train, n_test)
+    if not dist.is_main:
+        dist.barrier()  # so that ranks never write the same download at once
+    try:
+        train, test = load_real(args.data_root)
+    finally:
+        if dist.is_main:
+            dist.barrier()
+    if args.subset:
+        train, test = train.head(args.subset), test.head(args.subset)
+    return train, test
+
+
+def evaluate_checkpoint(model, checkpoint: dict, parts: dict, test_set, transform, chunk) -> int:
+    """--evaluate: load the checkpoint's parts, print the test error, write nothing."""
     for name, module in parts.items():
-        module.load_state_dict(parts_state[name])
+        module.load_state_dict(checkpoint[name])
     model.eval()
-    wrong = count_errors(model, test_set.images, test_set.labels, transform, chunk)
-    return wrong.item() / len(test_set)
+    error = count_errors(model, test_set.images, test_set.labels, transform, chunk).item() / len(test_set)
+    print(f'test error {100 * error:.4f}% on {len(test_set)} images (checkpoint of epoch '
+          f'{checkpoint["epoch"]}, recorded {100 * checkpoint["test_error"]:.4f}%)')
+    return EXIT_OK

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 import models
-from conftest import (MNIST_ROOT, REPO, folder_snapshot, load_results, needs_mnist,
-                      run_script)
+from conftest import MNIST_ROOT, folder_snapshot, load_results, needs_mnist, run_script
 
 RELEASE_KEYS = {'model': str, 'num_layers': int, 'in_channels': int, 'dim_int': int,
                 'pretrain_pass': int, 'batch_size': int, 'train_loss': np.ndarray,

@@ -1,15 +1,11 @@
 """Fault injection through the real command line: kills, signals, bad input, crafted files."""
-import os
-import pickle
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, folder_snapshot, load_results, run_script
+from conftest import folder_snapshot, load_results, run_script
 
 RUN = ['--synthetic', '--subset', '500', '--layers', '3', '--in_channels', '8', '--dim_int', '4',
        '--epochs', '3', '--batch_size', '100', '--lr_init', '0.5', '--seed', '5', '--save', 'r.pkl']
