@@ -1,5 +1,6 @@
 """torchrun on CPU with gloo and 2 processes: same maths as one process on the global batch."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -17,6 +18,17 @@ def _torchrun(*args, cwd, timeout=300):
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE')}
     return subprocess.run([*TORCHRUN, *map(str, args)], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:  # held open together, so the ports differ
+        for sock in sockets:
+            sock.bind(('127.0.0.1', 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 def test_first_step_gradient_equals_one_process(tmp_path):
@@ -54,15 +66,45 @@ def test_one_epoch_under_two_ranks_matches_one_process(tmp_path, script, extra):
     np.testing.assert_allclose(ddp['train_classif'], one['train_classif'], atol=2 / 1024)
 
 
-@pytest.mark.parametrize('bad', [['--layers', '0'], ['--batch_size', '255']])
-def test_bad_flag_fails_on_every_rank_without_hanging(tmp_path, bad):
+BAD_FLAGS = [['--layers', '0'], ['--batch_size', '255']]
+
+
+@pytest.mark.parametrize('bad', BAD_FLAGS)
+def test_bad_flag_exits_2_on_each_rank_before_any_collective(tmp_path, bad):
+    # Both ranks are started by hand with torchrun's environment, each pointed at its own unused
+    # port, so they can never meet: a rank that reached init_process_group would wait there and
+    # the test would time out instead of seeing status 2.
+    # (Under torchrun itself the agent stops the slower rank as soon as one fails, so whether the
+    # second rank gets to print its own line there is a race; this test removes the race.)
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
+    env.update(WORLD_SIZE='2', MASTER_ADDR='127.0.0.1')
+    ports = _free_ports(2)
+    procs = [subprocess.Popen([sys.executable, str(REPO / 'MNIST_experiments.py'), '--synthetic',
+                               *bad, '--save', 'x.pkl'], cwd=tmp_path, text=True,
+                              env={**env, 'RANK': str(rank), 'LOCAL_RANK': str(rank),
+                                   'MASTER_PORT': str(ports[rank])},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for rank in (0, 1)]
+    try:
+        for rank, proc in enumerate(procs):
+            _, stderr = proc.communicate(timeout=120)
+            assert proc.returncode == 2, (rank, stderr)
+            assert len(stderr.splitlines()) == 1 and stderr.startswith('error:'), (rank, stderr)
+    finally:
+        for proc in procs:
+            proc.kill()
+    assert not (tmp_path / 'MNIST_experiments').exists()
+
+
+@pytest.mark.parametrize('bad', BAD_FLAGS)
+def test_bad_flag_under_torchrun_fails_with_status_2_without_hanging(tmp_path, bad):
     proc = _torchrun(REPO / 'MNIST_experiments.py', '--synthetic', *bad, '--save', 'x.pkl',
                      cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
-    assert len(errors) == 2, proc.stderr  # one line from each rank
-    # torchrun reports the first failure's status; it may stop the other rank once one failed.
-    assert 'exitcode  : 2' in proc.stderr, proc.stderr
+    # One line per rank that got to print before torchrun stopped the others; all the same line.
+    assert 1 <= len(errors) <= 2 and len(set(errors)) == 1, proc.stderr
+    assert 'exitcode  : 2' in proc.stderr, proc.stderr  # the root cause torchrun reports
     assert not (tmp_path / 'MNIST_experiments').exists()
 
 
