@@ -29,7 +29,8 @@ def get_args_parser():
     parser.add_argument('--channels_last', action='store_true',
                         help='channels_last memory format (a GPU speed option; same maths)')
     parser.add_argument('--amp', action='store_true',
-                        help='bfloat16 autocast on CUDA; off by default since it changes results')
+                        help='bfloat16 autocast of the training forward (CUDA or CPU); off by '
+                             'default since it changes results')
     parser.add_argument('--sync_bn', action='store_true',
                         help='under torchrun, synchronise BatchNorm statistics across processes '
                              '(default off: each process normalises its own share of the batch)')
@@ -46,8 +47,8 @@ def make_forward(net, args, device):
     def forward(images):
         if args.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
-        if args.amp and device.type == 'cuda':
-            with torch.autocast('cuda', dtype=torch.bfloat16):
+        if args.amp:
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 return net(images).float()
         return net(images)
     return forward
@@ -87,7 +88,8 @@ def main(args) -> int:
         dist.print(f'{args.model} ResNet, stages [2, 2, {args.layers}, 2], {num_parameters:,} '
                    f'trainable parameters; seed {args.seed}, device {device}')
         transform = data.CifarTransform(device)
-        wrapped = dist.wrap(net, args.compile) or net
+        wrapped = dist.wrap(net, args.compile)
+        wrapped = net if wrapped is None else wrapped  # not 'or': see engine.train_one_epoch
         experiment = engine.Experiment(
             dataset=DATASET, model=net, parts={'model': net},
             parameters=[p for p in net.parameters() if p.requires_grad],

@@ -451,7 +451,8 @@ def train_one_epoch(exp, optimizer, generator, batch_size, dist, stop: StopReque
         start = position['step']
         losses = torch.full((num_steps,), float('nan'), device=device)
         losses[:start] = position['losses'].to(device)
-    forward = exp.training_forward or exp.model
+    # 'is None', not 'or': a compiled module's truth test calls len() on the model, which fails.
+    forward = exp.model if exp.training_forward is None else exp.training_forward
     exp.model.train()
     sync_every = 1 if device.type == 'cpu' else CUDA_SYNC_EVERY
     checked = start

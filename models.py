@@ -257,6 +257,13 @@ class _TimeInterpolatedField(nn.Module):
         self.time_weights = time_weights
         self.nfe = 0  # function evaluations, as torchdiffeq's odenet_mnist example counts them
 
+    def count_evaluation(self):
+        # Counted in eager mode only. Inside torch.compile a Python int attribute of a module is
+        # a guard: each new count would recompile the whole model, and after the recompile limit
+        # torch falls back to eager. Under --compile nfe therefore stays where it was.
+        if not torch.compiler.is_compiling():
+            self.nfe += 1
+
     def coefficients(self, t) -> tuple[int, int, float, float]:
         if self.time_weights == 'release':
             return release_coefficients(t, self.num_steps, self.model_name)
@@ -301,7 +308,7 @@ class RKHSField(_TimeInterpolatedField):
         return (nodes * weight[:, :, None, None, None, None]).sum(1)
 
     def evaluate(self, x, prepared, e):
-        self.nfe += 1
+        self.count_evaluation()
         return F.conv2d(F.relu(self.omega(x)), prepared[e], padding=1)
 
 
@@ -335,7 +342,7 @@ class SHLField(_TimeInterpolatedField):
                 else (stacked_hidden[e], stacked_output[e]) for e, s in enumerate(slots)]
 
     def evaluate(self, x, prepared, e):
-        self.nfe += 1
+        self.count_evaluation()
         hidden_w, output_w = prepared[e]
         return F.conv2d(F.relu(F.conv2d(x, hidden_w, padding=1)), output_w, padding=1)
 

@@ -61,6 +61,10 @@ def get_args(argv=None):
                    help='evaluation batch of pipeline a (default: the project\'s chunk, engine.EVAL_CHUNK)')
     p.add_argument('--threads', type=int, default=None)
     p.add_argument('--seed', type=int, default=0)
+    # CIFAR_experiments.py's speed options, applied to pipeline b only, to measure each one.
+    p.add_argument('--compile', action='store_true', help='b: torch.compile the training forward')
+    p.add_argument('--channels_last', action='store_true', help='b: channels_last memory format')
+    p.add_argument('--amp', action='store_true', help='b: bfloat16 autocast of the training forward')
     args = p.parse_args(argv)
     args.pipelines = [s.strip() for s in args.pipelines.split(',') if s.strip()]
     if not args.pipelines or any(s not in PIPELINE_NAMES for s in args.pipelines):
@@ -161,28 +165,46 @@ class TorchvisionPipeline:
                     train_error=train_error, test_error=test_error)
 
 
+def speed_options(args) -> str:
+    chosen = [name for name in ('compile', 'channels_last', 'amp') if getattr(args, name)]
+    return ', '.join(f'--{name}' for name in chosen) or 'none'
+
+
 class ProjectPipeline:
     key = 'b'
 
     def __init__(self, args, device, train_u8, test_u8):
+        import CIFAR_experiments
+
         self.args, self.device = args, device
         self.train, self.test = train_u8.to(device), test_u8.to(device)
         self.chunk = project_eval_chunk(device)
         n = len(self.train)
         self.sizes = (n, min(engine.TRAIN_EVAL_SIZE, n), len(self.test))
+        # One network for every run, reset to the same initial weights each time, so that a
+        # compiled forward is compiled once (in the warm-up), not once per timed run.
+        self.net = build_net(args, device)
+        if args.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.initial_state = {k: v.clone() for k, v in self.net.state_dict().items()}
+        wrapped = torch.compile(self.net) if args.compile else self.net
+        self.forward = CIFAR_experiments.make_forward(wrapped, args, device)
 
     def describe(self):
-        return f'evaluation chunk {self.chunk} (engine.EVAL_CHUNK)'
+        return (f'evaluation chunk {self.chunk} (engine.EVAL_CHUNK); speed options '
+                f'{speed_options(self.args)}')
 
     def experiment(self, train, test):
-        """As CIFAR_experiments.main builds it (no --compile, --amp or --channels_last)."""
-        net = build_net(self.args, self.device)
+        """As CIFAR_experiments.main builds it, with the same speed options."""
+        net = self.net
+        net.load_state_dict(self.initial_state)
         transform = data.CifarTransform(self.device)
         exp = engine.Experiment(
             dataset='CIFAR10', model=net, parts={'model': net},
             parameters=[p for p in net.parameters() if p.requires_grad],
             train_set=train, test_set=test, train_transform=transform.train_batch,
-            eval_transform=transform.normalize, train_eval_random=True, results={})
+            eval_transform=transform.normalize, train_eval_random=True, results={},
+            training_forward=self.forward)
         optimizer = torch.optim.SGD(exp.parameters, lr=self.args.lr)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.args.seed)
@@ -230,7 +252,8 @@ def main(argv=None):
         source += f' ({args.synthetic_reason})'
     config = (f'{args.model} ResNet, stages [2, 2, {args.layers}, 2], batch {args.batch_size}, '
               f'lr {args.lr}, {source}{f", subset {args.subset}" if args.subset else ""}, '
-              f'repeats {args.repeats}, seed {args.seed}, threads {torch.get_num_threads()}')
+              f'repeats {args.repeats}, seed {args.seed}, threads {torch.get_num_threads()}, '
+              f'speed options of b: {speed_options(args)}')
     common.print_header(device, 'CIFAR-10 speed, in-process', config)
     train_u8, test_u8 = uint8_sets(args)
     pipelines = {key: PIPELINES[key](args, device, train_u8, test_u8) for key in args.pipelines}

@@ -70,6 +70,8 @@ def get_args(argv=None):
                         'device, engine.EVAL_CHUNK, so both evaluate in the same batch size)')
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default torch\'s)')
     p.add_argument('--seed', type=int, default=0)
+    p.add_argument('--compile', action='store_true',
+                   help='b: torch.compile the training forward, as MNIST_experiments.py --compile')
     p.add_argument('--whole_process', action='store_true',
                    help='time whole processes: MNIST_experiments.py --epochs 1 vs release_style_mnist.py')
     args = p.parse_args(argv)
@@ -185,15 +187,22 @@ class ProjectPipeline:
         self.train, self.test = train.to(device), test.to(device)
         self.chunk = project_eval_chunk(device)
         self.sizes = (len(self.train), min(engine.TRAIN_EVAL_SIZE, len(self.train)), len(self.test))
+        # One network for every run, reset to the same initial weights each time, so that a
+        # compiled forward is compiled once (in the warm-up), not once per timed run.
+        self.net = build_project_net(args, device)
+        self.initial_state = {k: v.clone() for k, v in self.net.state_dict().items()}
+        self.training_forward = torch.compile(self.net) if args.compile else None
 
     def experiment(self, train, test):
-        net = build_project_net(self.args, self.device)
+        net = self.net
+        net.load_state_dict(self.initial_state)
         exp = engine.Experiment(
             dataset='MNIST', model=net,
             parts={'input_net': net.input_net, 'ode_block': net.ode_block, 'output_net': net.output_net},
             parameters=list(net.ode_block.parameters()), train_set=train, test_set=test,
             train_transform=lambda images, generator: data.mnist_to_float(images),
-            eval_transform=data.mnist_to_float, train_eval_random=False, results={})
+            eval_transform=data.mnist_to_float, train_eval_random=False, results={},
+            training_forward=self.training_forward)
         optimizer = torch.optim.SGD(exp.parameters, lr=self.args.lr)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(self.args.seed)
@@ -204,7 +213,8 @@ class ProjectPipeline:
         return flops_per_image(exp.model, self.device, True), flops_per_image(exp.model, self.device, False)
 
     def describe(self) -> str:
-        return f'evaluation chunk {self.chunk} (engine.EVAL_CHUNK)'
+        compiled = ', training forward compiled (--compile)' if self.args.compile else ''
+        return f'evaluation chunk {self.chunk} (engine.EVAL_CHUNK){compiled}'
 
     def warmup(self, steps):
         n = min(len(self.train), steps * self.args.batch_size)
@@ -243,7 +253,8 @@ def config_line(args) -> str:
             f'C={args.in_channels}, dim_int={args.dim_int}, '
             f'{"synthetic" if args.synthetic else "MNIST from " + args.data_root}'
             f'{f", subset {args.subset}" if args.subset else ""}, repeats {args.repeats}, '
-            f'seed {args.seed}, threads {torch.get_num_threads()}')
+            f'seed {args.seed}, threads {torch.get_num_threads()}'
+            f'{", b compiled" if args.compile else ""}')
 
 
 def in_process(args, device):
@@ -290,7 +301,8 @@ def whole_process(args, device):
             return [sys.executable, os.path.join(ROOT, 'MNIST_experiments.py'), *shared,
                     '--lr_init', str(args.lr), '--save', f'bench_{repeat}.pkl',
                     '--results_dir', os.path.join(tmp, 'results'),
-                    '--checkpoint', os.path.join(tmp, 'checkpoints', f'bench_{repeat}.pth')]
+                    '--checkpoint', os.path.join(tmp, 'checkpoints', f'bench_{repeat}.pth'),
+                    *(['--compile'] if args.compile else [])]
         return [sys.executable, os.path.join(HERE, 'release_style_mnist.py'), *shared,
                 '--lr_init', str(args.lr), '--eval_batch', str(eval_batch), '--workers', str(workers),
                 '--out', os.path.join(tmp, f'release_{repeat}')]

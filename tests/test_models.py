@@ -273,3 +273,36 @@ def test_mnist_network_shapes():
 def test_cifar_network_shapes(model):
     net = models.CifarResNet(model, 1)
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+@pytest.mark.parametrize('model', models.MODELS)
+def test_compiled_network_matches_eager_without_recompiling(model):
+    """torch.compile (as --compile uses it) traces the network once and computes the same thing.
+
+    The aot_eager backend runs the same Dynamo capture and guards as the default inductor backend,
+    without the C++ build. A guard on a changing Python value (the nfe counter once was one)
+    recompiled the model every step; error_on_recompile turns that into a failure here.
+    """
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = models.MNISTODENet(model, 4, 3, 3, 'midpoint', 'release')
+    _set_nodes(net.ode_block.func, torch.Generator().manual_seed(3))
+    compiled = torch.compile(net, backend='aot_eager')
+    images = torch.rand(3, 8, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+
+    def step(forward, batch):
+        net.zero_grad()
+        out = forward(batch)
+        out.square().sum().backward()
+        return out.detach(), [p.grad.clone() for p in net.ode_block.parameters()]
+
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch in images:
+            out_compiled, grads_compiled = step(compiled, batch)
+            out_eager, grads_eager = step(net, batch)
+            torch.testing.assert_close(out_compiled, out_eager, rtol=1e-5, atol=1e-6)
+            for g_compiled, g_eager in zip(grads_compiled, grads_eager):
+                torch.testing.assert_close(g_compiled, g_eager, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
