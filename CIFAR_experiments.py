@@ -55,17 +55,16 @@ def make_forward(net, args, device):
 
 
 def evaluate_only(args) -> int:
-    checkpoint = engine.load_torch(args.evaluate, 'checkpoint')
-    if not isinstance(checkpoint, dict) or checkpoint.get('dataset') != DATASET:
-        raise engine.UsageError(f'{args.evaluate} is not a CIFAR-10 checkpoint of this project')
+    """--evaluate: rebuild the checkpoint's network, print its test error, write nothing."""
+    checkpoint = engine.load_checkpoint(args.evaluate, DATASET)
     stored = checkpoint['args']
     device = engine.pick_device(args)
     _, test_set = load_data(args, distributed.SINGLE)
     net = models.CifarResNet(stored['model'], stored['layers']).to(device)
     transform = data.CifarTransform(device)
-    chunk = min(args.test_batch_size, engine.EVAL_CHUNK[DATASET].get(device.type, 500))
     return engine.evaluate_checkpoint(net, checkpoint, {'model': net}, test_set.to(device),
-                                      transform.normalize, chunk)
+                                      transform.normalize,
+                                      engine.eval_chunk(DATASET, device, args.test_batch_size))
 
 
 @engine.cli_errors

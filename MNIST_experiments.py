@@ -113,9 +113,7 @@ def pretrain(net: models.MNISTODENet, train_set, args, dist):
 
 def evaluate_only(args) -> int:
     """--evaluate: rebuild the checkpoint's model, print its test error, write nothing."""
-    checkpoint = engine.load_torch(args.evaluate, 'checkpoint')
-    if not isinstance(checkpoint, dict) or checkpoint.get('dataset') != DATASET:
-        raise engine.UsageError(f'{args.evaluate} is not an MNIST checkpoint of this project')
+    checkpoint = engine.load_checkpoint(args.evaluate, DATASET)
     stored = checkpoint['args']
     device = engine.pick_device(args)
     _, test_set = load_data(args, distributed.SINGLE)
@@ -123,9 +121,8 @@ def evaluate_only(args) -> int:
                              stored['layers'], stored['method'], stored['time_weights'])
     net.to(device)
     parts = {'input_net': net.input_net, 'ode_block': net.ode_block, 'output_net': net.output_net}
-    chunk = min(args.test_batch_size, engine.EVAL_CHUNK[DATASET].get(device.type, 2000))
-    return engine.evaluate_checkpoint(net, checkpoint, parts, test_set.to(device),
-                                      data.mnist_to_float, chunk)
+    return engine.evaluate_checkpoint(net, checkpoint, parts, test_set.to(device), data.mnist_to_float,
+                                      engine.eval_chunk(DATASET, device, args.test_batch_size))
 
 
 @engine.cli_errors

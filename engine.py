@@ -48,6 +48,11 @@ EVAL_CHUNK = {'MNIST': {'cpu': 2000, 'cuda': 10_000}, 'CIFAR10': {'cpu': 500, 'c
 CUDA_SYNC_EVERY = 50
 
 
+def eval_chunk(dataset: str, device: torch.device, test_batch_size: int) -> int:
+    """The evaluation chunk for this device, never above --test_batch_size."""
+    return min(test_batch_size, EVAL_CHUNK[dataset].get(device.type, EVAL_CHUNK[dataset]['cpu']))
+
+
 # Fault injection for the test suite only: "<point>@<n>[:<SIGNAL>]" sends the signal (default
 # SIGKILL) to this process the n-th time it reaches the point. Unset in normal runs.
 FAULT_ENV = 'RESNET_ODE_FAULT'
@@ -515,7 +520,7 @@ def fit(exp: Experiment, args, paths: RunPaths, resume_state: Optional[dict],
                                                      gamma=args.decay_rate)
     generator = torch.Generator(device=device)
     generator.manual_seed(args.seed)
-    chunk = min(args.test_batch_size, EVAL_CHUNK[exp.dataset].get(device.type, 2000))
+    chunk = eval_chunk(exp.dataset, device, args.test_batch_size)
     curves, position = Curves(), None
     best_error, best_epoch, elapsed, start_epoch = math.inf, None, 0.0, 0
 
@@ -673,6 +678,14 @@ def load_datasets(args, dist, load_real: Callable, image_shape: tuple, full_size
     if args.subset:
         train, test = train.head(args.subset), test.head(args.subset)
     return train, test
+
+
+def load_checkpoint(path, dataset: str) -> dict:
+    """A best-model checkpoint of this project for `dataset`, or a UsageError."""
+    checkpoint = load_torch(path, 'checkpoint')
+    if not isinstance(checkpoint, dict) or checkpoint.get('dataset') != dataset:
+        raise UsageError(f'{path} is not a checkpoint of this project for {dataset}')
+    return checkpoint
 
 
 def evaluate_checkpoint(model, checkpoint: dict, parts: dict, test_set, transform, chunk) -> int:

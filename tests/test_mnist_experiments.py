@@ -154,3 +154,13 @@ def test_compile_flag_trains_the_same_curves(tmp_path):
     # within 1e-4 relative, far below any difference in the maths.
     np.testing.assert_allclose(with_compile['train_loss'], without['train_loss'], rtol=1e-4)
     np.testing.assert_allclose(with_compile['test_classif'], without['test_classif'], atol=2 / 512)
+
+
+@pytest.mark.parametrize('content', [{'dataset': 'CIFAR10', 'epoch': 0}, torch.zeros(3)])
+def test_evaluate_refuses_a_file_that_is_not_an_mnist_checkpoint(tmp_path, content):
+    torch.save(content, tmp_path / 'other.pth')
+    before = folder_snapshot(tmp_path)
+    proc = run_script('MNIST_experiments.py', '--evaluate', 'other.pth', '--synthetic', cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr == 'error: other.pth is not a checkpoint of this project for MNIST\n'
+    assert folder_snapshot(tmp_path) == before
