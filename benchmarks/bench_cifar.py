@@ -12,6 +12,8 @@ how images reach it and how the evaluations are run:
      error on the test set, both through DataLoaders.
   b  this project: uint8 images on the device, batched augmentation (data.CifarTransform),
      engine.train_one_epoch + engine.evaluate.
+  c  b with CIFAR_experiments.py's speed options given here (--compile, --channels_last, --amp;
+     only when asked: --pipelines b,c plus at least one option), to measure each on the device.
 Each: one full training epoch, then the two evaluations; "epoch incl. evals" is their sum.
 CIFAR-10 is used when <data_root>/cifar-10-batches-py exists (unless --synthetic); otherwise the
 project's synthetic CIFAR-shaped images (data.synthetic_dataset), the same for both pipelines.
@@ -36,7 +38,9 @@ import engine  # noqa: E402
 import models  # noqa: E402
 
 PIPELINE_NAMES = {'a': 'a: torchvision-style (PIL per image + DataLoader)',
-                  'b': 'b: project (device data, batched augmentation)'}
+                  'b': 'b: project (device data, batched augmentation)',
+                  'c': 'c: project with speed options'}
+SPEED_OPTIONS = ('compile', 'channels_last', 'amp')
 CIFAR_SHAPE = (3, 32, 32)
 
 
@@ -52,7 +56,8 @@ def get_args(argv=None):
     p.add_argument('--subset', type=int, default=None, help='first N training and N test images')
     p.add_argument('--repeats', type=int, default=1)
     p.add_argument('--device', default=None, help='default cuda if available, else cpu')
-    p.add_argument('--pipelines', default='a,b')
+    p.add_argument('--pipelines', default='a,b',
+                   help='comma-separated subset of a,b,c (default a,b; c needs a speed option)')
     p.add_argument('--warmup_steps', type=int, default=1,
                    help='untimed training steps (and a small evaluation) per pipeline first')
     p.add_argument('--workers', type=int, default=None,
@@ -61,14 +66,17 @@ def get_args(argv=None):
                    help='evaluation batch of pipeline a (default: the project\'s chunk, engine.EVAL_CHUNK)')
     p.add_argument('--threads', type=int, default=None)
     p.add_argument('--seed', type=int, default=0)
-    # CIFAR_experiments.py's speed options, applied to pipeline b only, to measure each one.
-    p.add_argument('--compile', action='store_true', help='b: torch.compile the training forward')
-    p.add_argument('--channels_last', action='store_true', help='b: channels_last memory format')
-    p.add_argument('--amp', action='store_true', help='b: bfloat16 autocast of the training forward')
+    # CIFAR_experiments.py's speed options, for pipeline c only, to measure each one against b.
+    p.add_argument('--compile', action='store_true', help='c: torch.compile the training forward')
+    p.add_argument('--channels_last', action='store_true', help='c: channels_last memory format')
+    p.add_argument('--amp', action='store_true', help='c: bfloat16 autocast of the training forward')
     args = p.parse_args(argv)
     args.pipelines = [s.strip() for s in args.pipelines.split(',') if s.strip()]
     if not args.pipelines or any(s not in PIPELINE_NAMES for s in args.pipelines):
-        p.error(f'--pipelines must be a comma-separated subset of a,b, got {args.pipelines}')
+        p.error(f'--pipelines must be a comma-separated subset of a,b,c, got {args.pipelines}')
+    if ('c' in args.pipelines) != any(getattr(args, name) for name in SPEED_OPTIONS):
+        p.error('pipeline c is b with speed options: give --pipelines ...,c and at least one of '
+                '--compile, --channels_last, --amp, or neither')
     if args.repeats < 1 or args.layers < 1 or args.batch_size < 1:
         p.error('--repeats, --layers and --batch_size must be >= 1')
     if not args.synthetic and not os.path.isdir(os.path.join(args.data_root, data.CIFAR_FOLDER)):
@@ -78,7 +86,7 @@ def get_args(argv=None):
 
 
 def project_eval_chunk(device) -> int:
-    return engine.EVAL_CHUNK['CIFAR10'].get(device.type, 500)
+    return engine.eval_chunk('CIFAR10', device, test_batch_size=10**9)  # the per-device cap
 
 
 def build_net(args, device) -> models.CifarResNet:
@@ -166,7 +174,7 @@ class TorchvisionPipeline:
 
 
 def speed_options(args) -> str:
-    chosen = [name for name in ('compile', 'channels_last', 'amp') if getattr(args, name)]
+    chosen = [name for name in SPEED_OPTIONS if getattr(args, name)]
     return ', '.join(f'--{name}' for name in chosen) or 'none'
 
 
@@ -176,6 +184,8 @@ class ProjectPipeline:
     def __init__(self, args, device, train_u8, test_u8):
         import CIFAR_experiments
 
+        if self.key == 'b':  # the plain path: none of the speed options
+            args = argparse.Namespace(**{**vars(args), **{name: False for name in SPEED_OPTIONS}})
         self.args, self.device = args, device
         self.train, self.test = train_u8.to(device), test_u8.to(device)
         self.chunk = project_eval_chunk(device)
@@ -215,7 +225,9 @@ class ProjectPipeline:
         return flops_per_image(exp.model, self.device, True), flops_per_image(exp.model, self.device, False)
 
     def warmup(self, steps):
-        n = min(len(self.train), steps * self.args.batch_size)
+        # Plus the epoch's last, partial batch if there is one: a compiled forward meets that
+        # shape once per epoch, and its recompilation belongs to the warm-up, not the timing.
+        n = min(len(self.train), steps * self.args.batch_size + len(self.train) % self.args.batch_size)
         exp, optimizer, generator = self.experiment(self.train.head(n), self.test.head(64))
         engine.train_one_epoch(exp, optimizer, generator, self.args.batch_size, distributed.SINGLE,
                                engine.StopRequest(), 'warm-up')
@@ -239,7 +251,11 @@ class ProjectPipeline:
                     train_error=train_error, test_error=test_error)
 
 
-PIPELINES = {'a': TorchvisionPipeline, 'b': ProjectPipeline}
+class OptionsProjectPipeline(ProjectPipeline):
+    key = 'c'
+
+
+PIPELINES = {'a': TorchvisionPipeline, 'b': ProjectPipeline, 'c': OptionsProjectPipeline}
 
 
 def main(argv=None):
@@ -253,7 +269,7 @@ def main(argv=None):
     config = (f'{args.model} ResNet, stages [2, 2, {args.layers}, 2], batch {args.batch_size}, '
               f'lr {args.lr}, {source}{f", subset {args.subset}" if args.subset else ""}, '
               f'repeats {args.repeats}, seed {args.seed}, threads {torch.get_num_threads()}, '
-              f'speed options of b: {speed_options(args)}')
+              f'speed options of c: {speed_options(args)}')
     common.print_header(device, 'CIFAR-10 speed, in-process', config)
     train_u8, test_u8 = uint8_sets(args)
     pipelines = {key: PIPELINES[key](args, device, train_u8, test_u8) for key in args.pipelines}

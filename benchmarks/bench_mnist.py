@@ -11,6 +11,8 @@ Pipelines, timed in one process on one device with the same initial weights:
      benchmarks/release_style.py.
   b  this project: uint8 data on the device, engine.train_one_epoch + engine.evaluate, the fixed
      integrator with interpolated weights (MNISTODENet, time_weights='release').
+  c  b with the training forward compiled, as MNIST_experiments.py --compile (only when asked:
+     --pipelines b,c --compile), to measure what torch.compile gives on the device.
 Each: one full training epoch, then the two evaluations (train error on the first 10,000
 training images, test error on the 10,000 test images); "epoch incl. evals" is their sum.
 
@@ -33,7 +35,6 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 from benchmarks import release_style as rs  # noqa: E402
@@ -43,7 +44,8 @@ import engine  # noqa: E402
 import models  # noqa: E402
 
 PIPELINE_NAMES = {'a': 'a: release-style (DataLoader + odeint, blended outputs)',
-                  'b': 'b: project (device data, fixed integrator)'}
+                  'b': 'b: project (device data, fixed integrator)',
+                  'c': 'c: project with --compile'}
 
 
 def get_args(argv=None):
@@ -60,7 +62,8 @@ def get_args(argv=None):
     p.add_argument('--subset', type=int, default=None, help='first N training and N test images')
     p.add_argument('--repeats', type=int, default=1, help='runs of each pipeline, alternated (median reported)')
     p.add_argument('--device', default=None, help='default cuda if available, else cpu')
-    p.add_argument('--pipelines', default='a,b', help='comma-separated subset of a,b (default a,b)')
+    p.add_argument('--pipelines', default='a,b',
+                   help='comma-separated subset of a,b,c (default a,b; c needs --compile)')
     p.add_argument('--warmup_steps', type=int, default=2,
                    help='untimed training steps (and one evaluation batch) per pipeline first')
     p.add_argument('--workers', type=int, default=None,
@@ -71,20 +74,22 @@ def get_args(argv=None):
     p.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (default torch\'s)')
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--compile', action='store_true',
-                   help='b: torch.compile the training forward, as MNIST_experiments.py --compile')
+                   help='pipeline c: torch.compile the training forward, as MNIST_experiments.py --compile')
     p.add_argument('--whole_process', action='store_true',
                    help='time whole processes: MNIST_experiments.py --epochs 1 vs release_style_mnist.py')
     args = p.parse_args(argv)
     args.pipelines = [s.strip() for s in args.pipelines.split(',') if s.strip()]
     if not args.pipelines or any(s not in PIPELINE_NAMES for s in args.pipelines):
-        p.error(f'--pipelines must be a comma-separated subset of a,b, got {args.pipelines}')
+        p.error(f'--pipelines must be a comma-separated subset of a,b,c, got {args.pipelines}')
+    if ('c' in args.pipelines) != args.compile:
+        p.error('pipeline c is b with --compile: give both --pipelines ...,c and --compile, or neither')
     if args.repeats < 1 or args.layers < 1 or args.batch_size < 1:
         p.error('--repeats, --layers and --batch_size must be >= 1')
     return args
 
 
 def project_eval_chunk(device) -> int:
-    return engine.EVAL_CHUNK['MNIST'].get(device.type, 2000)
+    return engine.eval_chunk('MNIST', device, test_batch_size=10**9)  # the per-device cap
 
 
 def build_project_net(args, device) -> models.MNISTODENet:
@@ -173,6 +178,7 @@ class ReleasePipeline:
 
 class ProjectPipeline:
     key = 'b'
+    compiled = False
 
     def __init__(self, args, device):
         self.args, self.device = args, device
@@ -191,7 +197,7 @@ class ProjectPipeline:
         # compiled forward is compiled once (in the warm-up), not once per timed run.
         self.net = build_project_net(args, device)
         self.initial_state = {k: v.clone() for k, v in self.net.state_dict().items()}
-        self.training_forward = torch.compile(self.net) if args.compile else None
+        self.training_forward = torch.compile(self.net) if self.compiled else None
 
     def experiment(self, train, test):
         net = self.net
@@ -213,11 +219,13 @@ class ProjectPipeline:
         return flops_per_image(exp.model, self.device, True), flops_per_image(exp.model, self.device, False)
 
     def describe(self) -> str:
-        compiled = ', training forward compiled (--compile)' if self.args.compile else ''
+        compiled = ', training forward compiled (--compile)' if self.compiled else ''
         return f'evaluation chunk {self.chunk} (engine.EVAL_CHUNK){compiled}'
 
     def warmup(self, steps):
-        n = min(len(self.train), steps * self.args.batch_size)
+        # Plus the epoch's last, partial batch if there is one: a compiled forward meets that
+        # shape once per epoch, and its recompilation belongs to the warm-up, not the timing.
+        n = min(len(self.train), steps * self.args.batch_size + len(self.train) % self.args.batch_size)
         exp, optimizer, generator = self.experiment(self.train.head(n), self.test.head(self.chunk))
         engine.train_one_epoch(exp, optimizer, generator, self.args.batch_size, distributed.SINGLE,
                                engine.StopRequest(), 'warm-up')
@@ -241,7 +249,12 @@ class ProjectPipeline:
                     test_error=test_error)
 
 
-PIPELINES = {'a': ReleasePipeline, 'b': ProjectPipeline}
+class CompiledProjectPipeline(ProjectPipeline):
+    key = 'c'
+    compiled = True
+
+
+PIPELINES = {'a': ReleasePipeline, 'b': ProjectPipeline, 'c': CompiledProjectPipeline}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,8 +266,7 @@ def config_line(args) -> str:
             f'C={args.in_channels}, dim_int={args.dim_int}, '
             f'{"synthetic" if args.synthetic else "MNIST from " + args.data_root}'
             f'{f", subset {args.subset}" if args.subset else ""}, repeats {args.repeats}, '
-            f'seed {args.seed}, threads {torch.get_num_threads()}'
-            f'{", b compiled" if args.compile else ""}')
+            f'seed {args.seed}, threads {torch.get_num_threads()}')
 
 
 def in_process(args, device):
@@ -297,12 +309,12 @@ def whole_process(args, device):
         env['OMP_NUM_THREADS'] = str(args.threads)
 
     def command(key, repeat):
-        if key == 'b':
+        if key in ('b', 'c'):
             return [sys.executable, os.path.join(ROOT, 'MNIST_experiments.py'), *shared,
-                    '--lr_init', str(args.lr), '--save', f'bench_{repeat}.pkl',
+                    '--lr_init', str(args.lr), '--save', f'bench_{key}{repeat}.pkl',
                     '--results_dir', os.path.join(tmp, 'results'),
-                    '--checkpoint', os.path.join(tmp, 'checkpoints', f'bench_{repeat}.pth'),
-                    *(['--compile'] if args.compile else [])]
+                    '--checkpoint', os.path.join(tmp, 'checkpoints', f'bench_{key}{repeat}.pth'),
+                    *(['--compile'] if key == 'c' else [])]
         return [sys.executable, os.path.join(HERE, 'release_style_mnist.py'), *shared,
                 '--lr_init', str(args.lr), '--eval_batch', str(eval_batch), '--workers', str(workers),
                 '--out', os.path.join(tmp, f'release_{repeat}')]
@@ -333,7 +345,8 @@ def whole_process(args, device):
             loads[key].append(os.getloadavg()[0])
     header = ['pipeline (whole process)', 'wall s (best)', 'wall s (median)', 'all runs s',
               'CPU s (user+sys, best)', 'peak RSS MiB', 'load avg per run']
-    names = {'a': 'a: release_style_mnist.py', 'b': 'b: MNIST_experiments.py'}
+    names = {'a': 'a: release_style_mnist.py', 'b': 'b: MNIST_experiments.py',
+             'c': 'c: MNIST_experiments.py --compile'}
     rows = [[names[k], common.fmt(min(walls[k]), 2), common.fmt(common.median(walls[k]), 2),
              ', '.join(f'{w:.2f}' for w in walls[k]), common.fmt(min(cpus[k]), 2),
              common.fmt(max(peaks[k]), 0), ', '.join(f'{x:.2f}' for x in loads[k])]
@@ -341,13 +354,16 @@ def whole_process(args, device):
     common.print_flush('')
     common.print_flush(common.markdown_table(header, rows))
     common.print_flush('')
-    if 'a' in walls and 'b' in walls:
-        what = 'whole process (data load, evaluation, 1 epoch, evaluation)'
-        common.print_flush(f'speedup b/a, {what}, best runs: {min(walls["a"]) / min(walls["b"]):.2f}x')
-        common.print_flush(f'speedup b/a, {what}, medians: '
-                           f'{common.median(walls["a"]) / common.median(walls["b"]):.2f}x')
-        common.print_flush(f'speedup b/a, whole process, CPU time (user+sys), best runs: '
-                           f'{min(cpus["a"]) / min(cpus["b"]):.2f}x')
+    what = 'whole process (data load, evaluation, 1 epoch, evaluation)'
+    for slow, fast in (('a', 'b'), ('b', 'c')):
+        if slow in walls and fast in walls:
+            ratio = f'{fast}/{slow}'
+            common.print_flush(f'speedup {ratio}, {what}, best runs: '
+                               f'{min(walls[slow]) / min(walls[fast]):.2f}x')
+            common.print_flush(f'speedup {ratio}, {what}, medians: '
+                               f'{common.median(walls[slow]) / common.median(walls[fast]):.2f}x')
+            common.print_flush(f'speedup {ratio}, whole process, CPU time (user+sys), best runs: '
+                               f'{min(cpus[slow]) / min(cpus[fast]):.2f}x')
     return 0
 
 

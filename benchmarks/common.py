@@ -243,7 +243,7 @@ def print_header(device, title, config: str):
 
 
 def print_table(runs, names, train_sizes, flops, batch_size, memory):
-    """The markdown table (medians over runs) and the b/a speedups."""
+    """The markdown table (medians over runs) and the speedups b/a and c/b."""
     header = ['pipeline (median of runs)', 'train img/s', 'train epoch s', 'evals s', 'epoch incl. evals s',
               'epoch incl. evals s, all runs', 'CPU s (user+sys)', 'peak mem MiB', 'peak - start MiB', 'train GFLOP/s', 'GFLOP/step',
               'train / test error %', 'load avg per run']
@@ -269,13 +269,21 @@ def print_table(runs, names, train_sizes, flops, batch_size, memory):
     print_flush(f'(median of {len(next(iter(runs.values())))} run(s); peak memory: {memory.kind})')
     print_flush(markdown_table(header, rows))
     print_flush('')
-    if 'a' in summary and 'b' in summary:
-        print_flush(f'speedup b/a, epoch incl. evals: {summary["a"]["total_s"] / summary["b"]["total_s"]:.2f}x')
-        best = {k: min(r['train_s'] + r['eval_s'] for r in runs[k]) for k in ('a', 'b')}
-        print_flush(f'speedup b/a, epoch incl. evals, best runs: {best["a"] / best["b"]:.2f}x')
-        print_flush(f'speedup b/a, training images/s: {summary["b"]["ips"] / summary["a"]["ips"]:.2f}x')
-        print_flush(f'speedup b/a, CPU time of epoch incl. evals: '
-                    f'{summary["a"]["cpu_s"] / summary["b"]["cpu_s"]:.2f}x')
+    for slow, fast in (('a', 'b'), ('b', 'c')):
+        if slow in summary and fast in summary:
+            print_speedups(runs, summary, slow, fast)
+
+
+def print_speedups(runs, summary, slow: str, fast: str):
+    """How much faster pipeline `fast` is than `slow` (above 1x: faster)."""
+    ratio = f'{fast}/{slow}'
+    print_flush(f'speedup {ratio}, epoch incl. evals: '
+                f'{summary[slow]["total_s"] / summary[fast]["total_s"]:.2f}x')
+    best = {k: min(r['train_s'] + r['eval_s'] for r in runs[k]) for k in (slow, fast)}
+    print_flush(f'speedup {ratio}, epoch incl. evals, best runs: {best[slow] / best[fast]:.2f}x')
+    print_flush(f'speedup {ratio}, training images/s: {summary[fast]["ips"] / summary[slow]["ips"]:.2f}x')
+    print_flush(f'speedup {ratio}, CPU time of epoch incl. evals: '
+                f'{summary[slow]["cpu_s"] / summary[fast]["cpu_s"]:.2f}x')
 
 
 FLOP_CONVENTION = ('conv forward = 2*Cin*Cout*kh*kw*Hout*Wout per image; backward adds 1x forward '

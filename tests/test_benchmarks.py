@@ -46,7 +46,8 @@ def test_benchmark_scripts_run_at_tiny_sizes(capsys):
     mnist = _run('bench_mnist.py', '--synthetic', '--subset', '256', '--layers', '2',
                  '--batch_size', '128', '--warmup_steps', '0')
     cifar = _run('bench_cifar.py', '--synthetic', '--subset', '8', '--layers', '1',
-                 '--batch_size', '8', '--warmup_steps', '0')
+                 '--batch_size', '8', '--warmup_steps', '0', '--pipelines', 'a,b,c',
+                 '--channels_last', '--amp')
     threads = torch.get_num_threads()
     try:
         status = bench_mnist.main(['--synthetic', '--subset', '128', '--layers', '1',
@@ -61,7 +62,19 @@ def test_benchmark_scripts_run_at_tiny_sizes(capsys):
     out = _check_report(mnist, 'a: release-style', 'b: project', 'speedup b/a, epoch incl. evals')
     assert 'speedup b/a, training images/s' in out and 'train GFLOP/s' in out
     assert 'CPU: ' in out and f'torch {torch.__version__}' in out and 'device: cpu' in out
-    _check_report(cifar, 'a: torchvision-style', 'b: project', 'speedup b/a, epoch incl. evals')
+    out = _check_report(cifar, 'a: torchvision-style', 'b: project', 'speedup b/a, epoch incl. evals')
+    _check_output(out, 'b: project', 'c: project with speed options', 'speedup c/b, epoch incl. evals')
+    assert 'speed options of c: --channels_last, --amp' in out
+
+
+@pytest.mark.parametrize('script, flags', [
+    ('bench_mnist.py', ['--pipelines', 'b,c']), ('bench_mnist.py', ['--compile']),
+    ('bench_cifar.py', ['--pipelines', 'b,c']), ('bench_cifar.py', ['--amp']),
+])
+def test_pipeline_c_and_its_options_go_together(script, flags):
+    proc = _run(script, '--synthetic', *flags)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and 'pipeline c is b with' in out, out
 
 
 def _weighted_nets(model, method, seed=0):
