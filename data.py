@@ -8,7 +8,9 @@ probability 1/2. No DataLoader, no workers, no per-image PIL work.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +30,7 @@ MNIST_RAW_FILES = {
 MNIST_TRAIN_SIZE, MNIST_TEST_SIZE = 60_000, 10_000
 
 CIFAR_FOLDER = 'cifar-10-batches-py'
+CIFAR_ARCHIVE = 'cifar-10-python.tar.gz'  # what torchvision downloads into the root
 CIFAR_FILES = [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']
 CIFAR_TRAIN_SIZE, CIFAR_TEST_SIZE = 50_000, 10_000
 # Per-channel normalisation used by the paper's release (and by kuangliu/pytorch-cifar, where it
@@ -80,8 +83,9 @@ def load_mnist(root: str) -> tuple[DeviceDataset, DeviceDataset]:
     raw_folder = os.path.join(root, 'MNIST', 'raw')
     _check_mnist_files(raw_folder)
     try:
-        train = datasets.MNIST(root, train=True, download=True)
-        test = datasets.MNIST(root, train=False, download=True)
+        with _removed_if_failed([root, os.path.join(root, 'MNIST'), raw_folder]):
+            train = datasets.MNIST(root, train=True, download=True)
+            test = datasets.MNIST(root, train=False, download=True)
     except Exception as exc:  # no network, a blocked host, a half-written archive...
         expected = ', '.join(MNIST_RAW_FILES)
         raise DataError(
@@ -97,16 +101,36 @@ def load_cifar10(root: str) -> tuple[DeviceDataset, DeviceDataset]:
 
     folder = os.path.join(root, CIFAR_FOLDER)
     try:
-        train = datasets.CIFAR10(root, train=True, download=True)
-        test = datasets.CIFAR10(root, train=False, download=True)
+        with _removed_if_failed([root, folder, os.path.join(root, CIFAR_ARCHIVE)]):
+            train = datasets.CIFAR10(root, train=True, download=True)
+            test = datasets.CIFAR10(root, train=False, download=True)
     except Exception as exc:
         raise DataError(
             f'CIFAR-10 is not in {folder}/ (or is corrupt) and could not be downloaded '
-            f'({type(exc).__name__}: {_first_line(exc)}). Download cifar-10-python.tar.gz from '
+            f'({type(exc).__name__}: {_first_line(exc)}). Download {CIFAR_ARCHIVE} from '
             f'https://www.cs.toronto.edu/~kriz/cifar.html, extract it into {root}/ so that '
             f'{folder}/ holds {", ".join(CIFAR_FILES)}, or pass --data_root') from None
     return (_to_dataset(torch.as_tensor(train.data).permute(0, 3, 1, 2), train.targets),
             _to_dataset(torch.as_tensor(test.data).permute(0, 3, 1, 2), test.targets))
+
+
+@contextlib.contextmanager
+def _removed_if_failed(paths):
+    """On an exception, delete whichever of `paths` did not exist before (a failed download).
+
+    A mistyped --data_root must not leave a new folder tree, or a half-downloaded archive,
+    behind. Only paths that this attempt created are touched; list a folder before its contents.
+    """
+    created = [path for path in paths if not os.path.lexists(path)]
+    try:
+        yield
+    except BaseException:
+        for path in created:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.lexists(path):
+                os.remove(path)
+        raise
 
 
 def _first_line(exc: BaseException) -> str:

@@ -117,7 +117,7 @@ def test_missing_cifar_is_a_clear_error(tmp_path):
     assert proc.returncode == 2 and 'Traceback' not in proc.stderr
     message = proc.stderr.strip()
     assert len(message.splitlines()) == 1 and 'cifar-10-batches-py' in message
-    assert not (tmp_path / 'CIFAR_experiments').exists()
+    assert folder_snapshot(tmp_path) == []  # not even the root the download attempt made
 
 
 def test_batched_augmentation_matches_torchvision_distribution():

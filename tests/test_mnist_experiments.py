@@ -122,7 +122,16 @@ def test_offline_error_names_the_folder_without_traceback(tmp_path):
     message = proc.stderr.strip()
     assert len(message.splitlines()) == 1
     assert 'MNIST/raw' in message and 'train-images-idx3-ubyte' in message and '--data_root' in message
-    assert not (tmp_path / 'MNIST_experiments').exists()
+    assert folder_snapshot(tmp_path) == []  # not even the folders the download attempt made
+
+
+def test_failed_download_keeps_an_existing_root_as_it_was(tmp_path):
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'data' / 'notes.txt').write_text('mine')
+    proc = run_script('MNIST_experiments.py', '--data_root', 'data', '--epochs', '0',
+                      '--save', 'x.pkl', cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith('error: MNIST is not in data/MNIST/raw')
+    assert folder_snapshot(tmp_path) == ['data', 'data/notes.txt']
 
 
 @needs_mnist
