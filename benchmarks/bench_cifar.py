@@ -33,7 +33,6 @@ import torch  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks import release_style as rs  # noqa: E402
 import data  # noqa: E402
-import distributed  # noqa: E402
 import engine  # noqa: E402
 import models  # noqa: E402
 
@@ -106,13 +105,6 @@ def uint8_sets(args):
     return train, test
 
 
-def flops_per_image(net, device, training: bool):
-    images = torch.randn(2, *CIFAR_SHAPE, device=device)  # BatchNorm in training mode needs 2
-    net.train(training)
-    with torch.set_grad_enabled(training):
-        return common.conv_flops_per_image(lambda: net(images), 2)
-
-
 class TorchvisionPipeline:
     key = 'a'
 
@@ -148,7 +140,7 @@ class TorchvisionPipeline:
 
     def flops(self):
         net, _ = self.build()
-        return flops_per_image(net, self.device, True), flops_per_image(net, self.device, False)
+        return common.train_and_eval_flops(net, CIFAR_SHAPE, self.device)
 
     def warmup(self, steps):
         net, optimizer = self.build()
@@ -167,10 +159,7 @@ class TorchvisionPipeline:
         with common.Timer(self.device) as eval_timer:
             train_error = rs.error_rate(net, self.train_eval_loader(), self.device)
             test_error = rs.error_rate(net, test_loader, self.device)
-        return dict(train_s=train_timer.seconds, eval_s=eval_timer.seconds,
-                    cpu_s=train_timer.cpu_seconds + eval_timer.cpu_seconds, peak_mib=memory.peak_mib(),
-                    start_mib=memory.start_mib, steps=len(losses), last_loss=losses[-1],
-                    train_error=train_error, test_error=test_error)
+        return common.epoch_result(train_timer, eval_timer, memory, losses, train_error, test_error)
 
 
 def speed_options(args) -> str:
@@ -178,77 +167,34 @@ def speed_options(args) -> str:
     return ', '.join(f'--{name}' for name in chosen) or 'none'
 
 
-class ProjectPipeline:
-    key = 'b'
+class ProjectPipeline(common.ProjectPipeline):
+    dataset, image_shape = 'CIFAR10', CIFAR_SHAPE
+    warmup_eval_images = 64
 
     def __init__(self, args, device, train_u8, test_u8):
         import CIFAR_experiments
 
         if self.key == 'b':  # the plain path: none of the speed options
             args = argparse.Namespace(**{**vars(args), **{name: False for name in SPEED_OPTIONS}})
-        self.args, self.device = args, device
-        self.train, self.test = train_u8.to(device), test_u8.to(device)
-        self.chunk = project_eval_chunk(device)
-        n = len(self.train)
-        self.sizes = (n, min(engine.TRAIN_EVAL_SIZE, n), len(self.test))
-        # One network for every run, reset to the same initial weights each time, so that a
-        # compiled forward is compiled once (in the warm-up), not once per timed run.
-        self.net = build_net(args, device)
+        net = build_net(args, device)
         if args.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
-        self.initial_state = {k: v.clone() for k, v in self.net.state_dict().items()}
-        wrapped = torch.compile(self.net) if args.compile else self.net
-        self.forward = CIFAR_experiments.make_forward(wrapped, args, device)
+            net = net.to(memory_format=torch.channels_last)
+        wrapped = torch.compile(net) if args.compile else net
+        super().__init__(args, device, train_u8, test_u8, net,
+                         CIFAR_experiments.make_forward(wrapped, args, device))
 
     def describe(self):
-        return (f'evaluation chunk {self.chunk} (engine.EVAL_CHUNK); speed options '
-                f'{speed_options(self.args)}')
+        return f'{super().describe()}; speed options {speed_options(self.args)}'
 
-    def experiment(self, train, test):
+    def build_experiment(self, net, train, test):
         """As CIFAR_experiments.main builds it, with the same speed options."""
-        net = self.net
-        net.load_state_dict(self.initial_state)
         transform = data.CifarTransform(self.device)
-        exp = engine.Experiment(
+        return engine.Experiment(
             dataset='CIFAR10', model=net, parts={'model': net},
             parameters=[p for p in net.parameters() if p.requires_grad],
             train_set=train, test_set=test, train_transform=transform.train_batch,
             eval_transform=transform.normalize, train_eval_random=True, results={},
-            training_forward=self.forward)
-        optimizer = torch.optim.SGD(exp.parameters, lr=self.args.lr)
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(self.args.seed)
-        return exp, optimizer, generator
-
-    def flops(self):
-        exp, _, _ = self.experiment(self.train, self.test)
-        return flops_per_image(exp.model, self.device, True), flops_per_image(exp.model, self.device, False)
-
-    def warmup(self, steps):
-        # Plus the epoch's last, partial batch if there is one: a compiled forward meets that
-        # shape once per epoch, and its recompilation belongs to the warm-up, not the timing.
-        n = min(len(self.train), steps * self.args.batch_size + len(self.train) % self.args.batch_size)
-        exp, optimizer, generator = self.experiment(self.train.head(n), self.test.head(64))
-        engine.train_one_epoch(exp, optimizer, generator, self.args.batch_size, distributed.SINGLE,
-                               engine.StopRequest(), 'warm-up')
-        exp.train_set = self.train.head(min(n, 64))
-        engine.evaluate(exp, generator, self.chunk, distributed.SINGLE)
-
-    def run(self, memory):
-        exp, optimizer, generator = self.experiment(self.train, self.test)
-        memory.reset()
-        with common.Timer(self.device) as train_timer:
-            outcome = engine.train_one_epoch(exp, optimizer, generator, self.args.batch_size,
-                                             distributed.SINGLE, engine.StopRequest(), 'project epoch')
-            losses = outcome.losses.tolist()
-        with common.Timer(self.device) as eval_timer:
-            train_error, test_error = engine.evaluate(exp, generator, self.chunk, distributed.SINGLE)
-        if outcome.status != 'done':
-            raise RuntimeError(f'project epoch ended with status {outcome.status}')
-        return dict(train_s=train_timer.seconds, eval_s=eval_timer.seconds,
-                    cpu_s=train_timer.cpu_seconds + eval_timer.cpu_seconds, peak_mib=memory.peak_mib(),
-                    start_mib=memory.start_mib, steps=len(losses), last_loss=losses[-1],
-                    train_error=train_error, test_error=test_error)
+            training_forward=self.training_forward)
 
 
 class OptionsProjectPipeline(ProjectPipeline):

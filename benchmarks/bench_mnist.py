@@ -39,22 +39,18 @@ import torch  # noqa: E402
 from benchmarks import common  # noqa: E402
 from benchmarks import release_style as rs  # noqa: E402
 import data  # noqa: E402
-import distributed  # noqa: E402
 import engine  # noqa: E402
 import models  # noqa: E402
 
 PIPELINE_NAMES = {'a': 'a: release-style (DataLoader + odeint, blended outputs)',
                   'b': 'b: project (device data, fixed integrator)',
                   'c': 'c: project with --compile'}
+MNIST_SHAPE = (1, 28, 28)
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description='MNIST speed: project path vs release-style pipeline')
-    p.add_argument('--model', default='RKHS', choices=models.MODELS)
-    p.add_argument('--layers', type=int, default=20)
-    p.add_argument('--method', default='midpoint', choices=models.METHODS)
-    p.add_argument('--in_channels', type=int, default=32)
-    p.add_argument('--dim_int', type=int, default=32)
+    common.add_mnist_model_arguments(p)
     p.add_argument('--batch_size', type=int, default=256)
     p.add_argument('--lr', type=float, default=0.5, help='SGD rate (MNIST_experiments default 0.5)')
     p.add_argument('--data_root', default='data', help='folder holding MNIST/raw (default data)')
@@ -109,14 +105,6 @@ def build_project_net(args, device) -> models.MNISTODENet:
 # FLOPs per image of each pipeline (analytic; see benchmarks/common.py for the convention)
 # ---------------------------------------------------------------------------------------------
 
-def flops_per_image(net, device, training: bool) -> tuple[float, int]:
-    images = torch.rand(2, 1, 28, 28, device=device)
-    net.train(training)
-    with torch.set_grad_enabled(training):
-        result = common.conv_flops_per_image(lambda: net(images), 2)
-    return result
-
-
 # ---------------------------------------------------------------------------------------------
 # Pipeline a: release style
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +133,7 @@ class ReleasePipeline:
 
     def flops(self):
         net, _ = self.build()
-        return flops_per_image(net, self.device, True), flops_per_image(net, self.device, False)
+        return common.train_and_eval_flops(net, MNIST_SHAPE, self.device)
 
     def describe(self) -> str:
         return f'DataLoader workers {self.workers}, evaluation batch {self.eval_batch}'
@@ -165,88 +153,42 @@ class ReleasePipeline:
         with common.Timer(self.device) as eval_timer:
             train_error = rs.error_rate(net, train_eval_loader, self.device)
             test_error = rs.error_rate(net, test_loader, self.device)
-        return dict(train_s=train_timer.seconds, eval_s=eval_timer.seconds,
-                    cpu_s=train_timer.cpu_seconds + eval_timer.cpu_seconds, peak_mib=memory.peak_mib(),
-                    start_mib=memory.start_mib,
-                    steps=len(losses), last_loss=losses[-1], train_error=train_error,
-                    test_error=test_error)
+        return common.epoch_result(train_timer, eval_timer, memory, losses, train_error, test_error)
 
 
 # ---------------------------------------------------------------------------------------------
 # Pipeline b: this project
 # ---------------------------------------------------------------------------------------------
 
-class ProjectPipeline:
-    key = 'b'
+class ProjectPipeline(common.ProjectPipeline):
+    dataset, image_shape = 'MNIST', MNIST_SHAPE
     compiled = False
 
     def __init__(self, args, device):
-        self.args, self.device = args, device
+        self.warmup_eval_images = project_eval_chunk(device)
         if args.synthetic:
             n_train = min(args.subset or data.MNIST_TRAIN_SIZE, data.MNIST_TRAIN_SIZE)
             n_test = min(args.subset or data.MNIST_TEST_SIZE, data.MNIST_TEST_SIZE)
-            train, test = data.synthetic_dataset((28, 28), n_train, n_test)
+            train, test = data.synthetic_dataset(MNIST_SHAPE[1:], n_train, n_test)
         else:
             train, test = data.load_mnist(args.data_root)
             if args.subset:
                 train, test = train.head(args.subset), test.head(args.subset)
-        self.train, self.test = train.to(device), test.to(device)
-        self.chunk = project_eval_chunk(device)
-        self.sizes = (len(self.train), min(engine.TRAIN_EVAL_SIZE, len(self.train)), len(self.test))
-        # One network for every run, reset to the same initial weights each time, so that a
-        # compiled forward is compiled once (in the warm-up), not once per timed run.
-        self.net = build_project_net(args, device)
-        self.initial_state = {k: v.clone() for k, v in self.net.state_dict().items()}
-        self.training_forward = torch.compile(self.net) if self.compiled else None
+        net = build_project_net(args, device)
+        super().__init__(args, device, train, test, net, torch.compile(net) if self.compiled else None)
 
-    def experiment(self, train, test):
-        net = self.net
-        net.load_state_dict(self.initial_state)
-        exp = engine.Experiment(
+    def build_experiment(self, net, train, test):
+        return engine.Experiment(
             dataset='MNIST', model=net,
             parts={'input_net': net.input_net, 'ode_block': net.ode_block, 'output_net': net.output_net},
             parameters=list(net.ode_block.parameters()), train_set=train, test_set=test,
             train_transform=lambda images, generator: data.mnist_to_float(images),
             eval_transform=data.mnist_to_float, train_eval_random=False, results={},
             training_forward=self.training_forward)
-        optimizer = torch.optim.SGD(exp.parameters, lr=self.args.lr)
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(self.args.seed)
-        return exp, optimizer, generator
-
-    def flops(self):
-        exp, _, _ = self.experiment(self.train, self.test)
-        return flops_per_image(exp.model, self.device, True), flops_per_image(exp.model, self.device, False)
 
     def describe(self) -> str:
         compiled = ', training forward compiled (--compile)' if self.compiled else ''
-        return f'evaluation chunk {self.chunk} (engine.EVAL_CHUNK){compiled}'
-
-    def warmup(self, steps):
-        # Plus the epoch's last, partial batch if there is one: a compiled forward meets that
-        # shape once per epoch, and its recompilation belongs to the warm-up, not the timing.
-        n = min(len(self.train), steps * self.args.batch_size + len(self.train) % self.args.batch_size)
-        exp, optimizer, generator = self.experiment(self.train.head(n), self.test.head(self.chunk))
-        engine.train_one_epoch(exp, optimizer, generator, self.args.batch_size, distributed.SINGLE,
-                               engine.StopRequest(), 'warm-up')
-        engine.evaluate(exp, generator, self.chunk, distributed.SINGLE)
-
-    def run(self, memory: common.PeakMemory) -> dict:
-        exp, optimizer, generator = self.experiment(self.train, self.test)
-        memory.reset()
-        with common.Timer(self.device) as train_timer:
-            outcome = engine.train_one_epoch(exp, optimizer, generator, self.args.batch_size,
-                                             distributed.SINGLE, engine.StopRequest(), 'project epoch')
-            losses = outcome.losses.tolist()
-        with common.Timer(self.device) as eval_timer:
-            train_error, test_error = engine.evaluate(exp, generator, self.chunk, distributed.SINGLE)
-        if outcome.status != 'done':
-            raise RuntimeError(f'project epoch ended with status {outcome.status}')
-        return dict(train_s=train_timer.seconds, eval_s=eval_timer.seconds,
-                    cpu_s=train_timer.cpu_seconds + eval_timer.cpu_seconds, peak_mib=memory.peak_mib(),
-                    start_mib=memory.start_mib,
-                    steps=len(losses), last_loss=losses[-1], train_error=train_error,
-                    test_error=test_error)
+        return super().describe() + compiled
 
 
 class CompiledProjectPipeline(ProjectPipeline):

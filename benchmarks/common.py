@@ -32,6 +32,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+import distributed  # noqa: E402
+import engine  # noqa: E402
+import models  # noqa: E402
+
 
 # ---------------------------------------------------------------------------------------------
 # Machine
@@ -204,6 +208,102 @@ def conv_flops_per_image(fn, batch: int) -> tuple[float, int]:
     with ConvFlopCounter() as counter:
         fn()
     return counter.total / batch, counter.calls
+
+
+def add_mnist_model_arguments(parser):
+    """The MNIST network's flags, with MNIST_experiments.py's defaults (Figure 1's RKHS L=20)."""
+    parser.add_argument('--model', default='RKHS', choices=models.MODELS)
+    parser.add_argument('--layers', type=int, default=20)
+    parser.add_argument('--method', default='midpoint', choices=models.METHODS)
+    parser.add_argument('--in_channels', type=int, default=32)
+    parser.add_argument('--dim_int', type=int, default=32)
+
+
+def flops_per_image(net, image_shape, device, training: bool) -> tuple[float, int]:
+    """(conv FLOPs per image, conv calls) of one forward (training: and backward) pass of net."""
+    images = torch.randn(2, *image_shape, device=device)  # 2: BatchNorm in training mode needs >1
+    net.train(training)
+    with torch.set_grad_enabled(training):
+        return conv_flops_per_image(lambda: net(images), 2)
+
+
+def train_and_eval_flops(net, image_shape, device):
+    """What a pipeline's .flops() returns: (training step, evaluation) FLOPs per image."""
+    return (flops_per_image(net, image_shape, device, True),
+            flops_per_image(net, image_shape, device, False))
+
+
+# ---------------------------------------------------------------------------------------------
+# One timed epoch
+# ---------------------------------------------------------------------------------------------
+
+def epoch_result(train_timer, eval_timer, memory, losses, train_error, test_error) -> dict:
+    """What a pipeline's .run() returns, for compare() and print_table()."""
+    return dict(train_s=train_timer.seconds, eval_s=eval_timer.seconds,
+                cpu_s=train_timer.cpu_seconds + eval_timer.cpu_seconds, peak_mib=memory.peak_mib(),
+                start_mib=memory.start_mib, steps=len(losses), last_loss=losses[-1],
+                train_error=train_error, test_error=test_error)
+
+
+class ProjectPipeline:
+    """Pipeline b (and c): this project's engine on uint8 datasets held on the device.
+
+    A subclass sets `dataset` (engine's name), `image_shape` and `warmup_eval_images`, calls
+    __init__ with its network and training forward, and defines build_experiment(net, train, test).
+    """
+    key = 'b'
+    dataset = image_shape = warmup_eval_images = None
+
+    def __init__(self, args, device, train, test, net, training_forward=None):
+        self.args, self.device = args, device
+        self.train, self.test = train.to(device), test.to(device)
+        self.chunk = engine.eval_chunk(self.dataset, device, test_batch_size=10**9)
+        n = len(self.train)
+        self.sizes = (n, min(engine.TRAIN_EVAL_SIZE, n), len(self.test))
+        # One network for every run, reset to the same initial weights each time, so that a
+        # compiled forward is compiled once (in the warm-up), not once per timed run.
+        self.net, self.training_forward = net, training_forward
+        self.initial_state = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def describe(self) -> str:
+        return f'evaluation chunk {self.chunk} (engine.EVAL_CHUNK)'
+
+    def experiment(self, train, test):
+        """(Experiment, SGD optimizer, generator) as the training script builds them."""
+        self.net.load_state_dict(self.initial_state)
+        exp = self.build_experiment(self.net, train, test)
+        optimizer = torch.optim.SGD(exp.parameters, lr=self.args.lr)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(self.args.seed)
+        return exp, optimizer, generator
+
+    def flops(self):
+        return train_and_eval_flops(self.net, self.image_shape, self.device)
+
+    def warmup(self, steps):
+        # Plus the epoch's last, partial batch if there is one: a compiled forward meets that
+        # shape once per epoch, and its recompilation belongs to the warm-up, not the timing.
+        batch = self.args.batch_size
+        n = min(len(self.train), steps * batch + len(self.train) % batch)
+        exp, optimizer, generator = self.experiment(self.train.head(n),
+                                                    self.test.head(self.warmup_eval_images))
+        engine.train_one_epoch(exp, optimizer, generator, batch, distributed.SINGLE,
+                               engine.StopRequest(), 'warm-up')
+        exp.train_set = self.train.head(min(n, self.warmup_eval_images))
+        engine.evaluate(exp, generator, self.chunk, distributed.SINGLE)
+
+    def run(self, memory) -> dict:
+        exp, optimizer, generator = self.experiment(self.train, self.test)
+        memory.reset()
+        with Timer(self.device) as train_timer:
+            outcome = engine.train_one_epoch(exp, optimizer, generator, self.args.batch_size,
+                                             distributed.SINGLE, engine.StopRequest(), 'project epoch')
+            losses = outcome.losses.tolist()
+        with Timer(self.device) as eval_timer:
+            train_error, test_error = engine.evaluate(exp, generator, self.chunk, distributed.SINGLE)
+        if outcome.status != 'done':
+            raise RuntimeError(f'project epoch ended with status {outcome.status}')
+        return epoch_result(train_timer, eval_timer, memory, losses, train_error, test_error)
 
 
 # ---------------------------------------------------------------------------------------------

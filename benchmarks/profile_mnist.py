@@ -24,16 +24,11 @@ from benchmarks import common  # noqa: E402
 from benchmarks import release_style as rs  # noqa: E402
 from benchmarks.bench_mnist import build_project_net  # noqa: E402
 import data  # noqa: E402
-import models  # noqa: E402
 
 
 def get_args(argv=None):
     p = argparse.ArgumentParser(description='torch.profiler of the two MNIST training steps')
-    p.add_argument('--model', default='RKHS', choices=models.MODELS)
-    p.add_argument('--layers', type=int, default=20)
-    p.add_argument('--method', default='midpoint', choices=models.METHODS)
-    p.add_argument('--in_channels', type=int, default=32)
-    p.add_argument('--dim_int', type=int, default=32)
+    common.add_mnist_model_arguments(p)
     p.add_argument('--batch_size', type=int, default=256)
     p.add_argument('--lr', type=float, default=0.5)
     p.add_argument('--steps', type=int, default=5)

@@ -138,34 +138,35 @@ def test_batched_augmentation_matches_torchvision_distribution():
     assert 140 < flips < 260  # Binomial(400, 1/2): 6 standard deviations either side
 
 
-def _speed_options(**chosen):
-    flags = {'channels_last': False, 'amp': False, **chosen}
-    return CIFAR_experiments.get_args_parser().parse_args(
-        [f'--{name}' for name, on in flags.items() if on])
-
-
-def test_channels_last_forward_is_the_same_maths():
+@pytest.fixture
+def small_net_and_images():
     torch.manual_seed(0)
     net = models.CifarResNet('RKHS', 1).eval()
-    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    device = torch.device('cpu')
+    return net, torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
+def _training_forward(net, images, **chosen):
+    """What CIFAR_experiments.make_forward computes with the given speed options on CPU."""
+    flags = [f'--{name}' for name, on in chosen.items() if on]
+    args = CIFAR_experiments.get_args_parser().parse_args(flags)
     with torch.no_grad():
-        plain = CIFAR_experiments.make_forward(net, _speed_options(), device)(images)
-        net = net.to(memory_format=torch.channels_last)
-        assert net.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
-        last = CIFAR_experiments.make_forward(net, _speed_options(channels_last=True), device)(images)
+        return CIFAR_experiments.make_forward(net, args, torch.device('cpu'))(images)
+
+
+def test_channels_last_forward_is_the_same_maths(small_net_and_images):
+    net, images = small_net_and_images
+    plain = _training_forward(net, images)
+    net = net.to(memory_format=torch.channels_last)
+    assert net.stem[0].weight.is_contiguous(memory_format=torch.channels_last)
+    last = _training_forward(net, images, channels_last=True)
     # Another convolution algorithm for the other layout: float rounding only.
     torch.testing.assert_close(last, plain, rtol=1e-4, atol=1e-5)
 
 
-def test_amp_runs_the_forward_in_bfloat16_and_returns_float32():
-    torch.manual_seed(0)
-    net = models.CifarResNet('RKHS', 1).eval()
-    images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    device = torch.device('cpu')
-    with torch.no_grad():
-        plain = CIFAR_experiments.make_forward(net, _speed_options(), device)(images)
-        amp = CIFAR_experiments.make_forward(net, _speed_options(amp=True), device)(images)
+def test_amp_runs_the_forward_in_bfloat16_and_returns_float32(small_net_and_images):
+    net, images = small_net_and_images
+    plain = _training_forward(net, images)
+    amp = _training_forward(net, images, amp=True)
     assert amp.dtype == torch.float32
     assert not torch.equal(amp, plain)  # autocast was on: bfloat16 rounding shows
     # bfloat16 keeps 8 bits of mantissa: logits agree to a few percent, not to float32 rounding.
