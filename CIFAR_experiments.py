@@ -88,7 +88,6 @@ def main(args) -> int:
                    f'trainable parameters; seed {args.seed}, device {device}')
         transform = data.CifarTransform(device)
         wrapped = dist.wrap(net, args.compile)
-        wrapped = net if wrapped is None else wrapped  # not 'or': see engine.train_one_epoch
         experiment = engine.Experiment(
             dataset=DATASET, model=net, parts={'model': net},
             parameters=[p for p in net.parameters() if p.requires_grad],

@@ -21,7 +21,7 @@ class Single:
 
     def wrap(self, model, compile_model: bool = False):
         """The module the training step calls: compiled on request, else the model itself."""
-        return torch.compile(model) if compile_model else None
+        return torch.compile(model) if compile_model else model
 
     def close(self):
         pass
