@@ -16,11 +16,13 @@ import torch.nn.functional as F
 
 import data
 import distributed
+import embeddings
 import engine
 import models
 
 DATASET = 'MNIST'
 MNIST_IMAGE_SHAPE = (28, 28)
+EMBEDDING_KEYS = ('embedding_seed', 'embedding_files', 'embedding_sha256')  # where A and B came from
 
 
 def get_args_parser():
@@ -28,12 +30,13 @@ def get_args_parser():
         description='Train an RKHS or SHL residual ODE block on MNIST (Figures 1 and 2).')
     engine.add_common_arguments(parser, layers=20, epochs=30, lr_init=0.5, decay_steps=[25],
                                 decay_rate=0.1, dataset=DATASET)
-    parser.add_argument('--in_channels', type=int, default=32,
+    parser.add_argument('--in_channels', '-in', type=int, default=32,
                         help='channels C of the ODE state (C x 5 x 5) (default 32)')
     parser.add_argument('--dim_int', type=int, default=32,
                         help='channels of the residual\'s hidden layer (default 32)')
-    parser.add_argument('--pretrain', type=int, default=0,
-                        help='pretraining epochs of the input and output networks; 0: none (default 0)')
+    parser.add_argument('--pretrain', '-p', type=int, default=0,
+                        help='pretraining passes of the input and output networks; 0: none. With '
+                             'release embedding files, picks the p-pass files instead (default 0)')
     parser.add_argument('--pretrain_lr', type=float, default=0.01,
                         help='learning rate of that pretraining (default 0.01; the release used 1.0, '
                              'which diverges, see README)')
@@ -45,9 +48,15 @@ def get_args_parser():
     parser.add_argument('--integrator', default='fixed', choices=models.INTEGRATORS,
                         help='fixed: precomputed-schedule loop (fast); torchdiffeq: plain odeint, as '
                              'the release (default fixed)')
+    parser.add_argument('--embedding_dir', default=embeddings.DEFAULT_DIR,
+                        help='folder of the release\'s embedding files {C}channels_{p}pass_'
+                             '{input,output}_embedding.pt; when both exist, A and B are loaded from '
+                             'them and not pretrained; "none" never loads them (default '
+                             f'{embeddings.DEFAULT_DIR}; python embeddings.py --download fetches them)')
     parser.add_argument('--embedding_seed', type=int, default=None,
                         help='seed of the input/output networks\' initialisation and pretraining '
-                             '(default: --seed); runs sharing it share their embedding')
+                             'when no release files are loaded (default: --seed); runs sharing it '
+                             'share their embedding')
     return parser
 
 
@@ -69,15 +78,44 @@ def load_data(args, dist) -> tuple[data.DeviceDataset, data.DeviceDataset]:
                                 (data.MNIST_TRAIN_SIZE, data.MNIST_TEST_SIZE))
 
 
-def build_model(args) -> models.MNISTODENet:
-    """The ODE block from the global RNG (seeded by --seed); A and B from --embedding_seed alone."""
-    net = models.MNISTODENet(args.model, args.in_channels, args.dim_int, args.layers, args.method,
-                             args.time_weights, args.integrator)
+def build_embedding(args) -> tuple[nn.Module, nn.Module, dict]:
+    """A and B, and the record of where they came from, without touching the global RNG.
+
+    From the release's files in --embedding_dir when both exist for (--in_channels, --pretrain),
+    as the release did; otherwise drawn from --embedding_seed (and pretrained later if p > 0).
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.embedding_seed)
-        net.input_net = models.mnist_input_network(args.in_channels)
-        net.output_net = models.mnist_output_network(args.in_channels)
-    return net
+        input_net = models.mnist_input_network(args.in_channels)
+        output_net = models.mnist_output_network(args.in_channels)
+    paths = embeddings.find(args.embedding_dir, args.in_channels, args.pretrain)
+    if paths is None:
+        return input_net, output_net, {'embedding_seed': args.embedding_seed,
+                                       'embedding_files': None, 'embedding_sha256': None}
+    for net, path in zip((input_net, output_net), paths):
+        net.load_state_dict(embeddings.load_state(path, net.state_dict()))
+    return input_net, output_net, {'embedding_seed': None, **embeddings.describe(paths)}
+
+
+def describe_embedding(args, record) -> str:
+    if record['embedding_files']:
+        origin = ('match the release\'s' if embeddings.is_release(record)
+                  else 'DIFFER from the release\'s: not the shipped files')
+        return (f'embedding: loaded the release embedding {" and ".join(record["embedding_files"])} '
+                f'from {args.embedding_dir} (SHA-256 {origin}); no pretraining')
+    where = ('--embedding_dir none' if args.embedding_dir == embeddings.NO_EMBEDDING_DIR else
+             f'no release files for {args.in_channels} channels, {args.pretrain} passes in '
+             f'{args.embedding_dir}/')
+    passes = f', then {args.pretrain} pretraining pass(es)' if args.pretrain else ''
+    return f'embedding: drawn from --embedding_seed {record["embedding_seed"]}{passes} ({where})'
+
+
+def build_model(args) -> tuple[models.MNISTODENet, dict]:
+    """The ODE block from the global RNG (seeded by --seed), then A and B (see build_embedding)."""
+    block_args = (args.model, args.in_channels, args.dim_int, args.layers, args.method,
+                  args.time_weights, args.integrator)
+    input_net, output_net, record = build_embedding(args)
+    return models.MNISTODENet(*block_args, input_net=input_net, output_net=output_net), record
 
 
 class PretrainingDiverged(Exception):
@@ -137,15 +175,22 @@ def main(args) -> int:
         train_set, test_set = load_data(args, dist)
         train_set, test_set = train_set.to(device), test_set.to(device)
         engine.seed_everything(args.seed)
-        net = build_model(args).to(device)
-        if resume_state is None and args.pretrain > 0:
-            pretrain(net, train_set, args, dist)
+        if resume_state is None:
+            net, embedding = build_model(args)
+            dist.print(describe_embedding(args, embedding))
+            if embedding['embedding_files'] is None and args.pretrain > 0:
+                pretrain(net.to(device), train_set, args, dist)
+        else:  # A, B and the record of their origin come from the resume state
+            net = models.MNISTODENet(args.model, args.in_channels, args.dim_int, args.layers,
+                                     args.method, args.time_weights, args.integrator)
+            embedding = {key: resume_state['extras'][key] for key in EMBEDDING_KEYS}
+        net = net.to(device)
         net.freeze_embedding()
         block = net.ode_block
         num_parameters = models.count_trainable_parameters(block)
         dist.print(f'{args.model} ODE block: {args.layers} steps of {args.method}, '
                    f'{args.time_weights} time weights, {num_parameters:,} trainable parameters; '
-                   f'seed {args.seed}, embedding seed {args.embedding_seed}, device {device}')
+                   f'seed {args.seed}, device {device}')
         experiment = engine.Experiment(
             dataset=DATASET, model=net,
             parts={'input_net': net.input_net, 'ode_block': block, 'output_net': net.output_net},
@@ -158,7 +203,7 @@ def main(args) -> int:
                      'pretrain_pass': args.pretrain, 'batch_size': args.batch_size,
                      'num_parameters': num_parameters},
             extras={'method': args.method, 'time_weights': args.time_weights,
-                    'integrator': args.integrator, 'embedding_seed': args.embedding_seed,
+                    'integrator': args.integrator, **embedding,
                     'pretrain_lr': args.pretrain_lr, 'subset': args.subset,
                     'synthetic': args.synthetic},
             training_forward=dist.wrap(net, args.compile))

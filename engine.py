@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 import distributed
 from data import DataError, DeviceDataset
+from embeddings import EmbeddingError
 
 EXIT_OK, EXIT_USAGE, EXIT_DIVERGED = 0, 2, 3
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + signal number, the shell's convention
@@ -86,22 +87,24 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, layers: int, epochs: int,
                          lr_init: float, decay_steps: list, decay_rate: float, dataset: str):
+    """The flags both scripts share. The one-dash short forms are the release's own spellings,
+    so that a command line written for the release runs here unchanged."""
     results_dir, checkpoint_dir = f'{dataset}_experiments', f'{dataset}_checkpoint'
-    parser.add_argument('--model', default='RKHS', choices=['RKHS', 'SHL'],
+    parser.add_argument('--model', '-m', default='RKHS', choices=['RKHS', 'SHL'],
                         help='RKHS: fixed random hidden layers; SHL: trained hidden layers (default RKHS)')
-    parser.add_argument('--layers', type=int, default=layers, help=f'(default {layers})')
-    parser.add_argument('--epochs', type=int, default=epochs,
+    parser.add_argument('--layers', '-l', type=int, default=layers, help=f'(default {layers})')
+    parser.add_argument('--epochs', '-e', type=int, default=epochs,
                         help=f'training epochs; 0 evaluates the initial model (default {epochs})')
-    parser.add_argument('--lr_init', type=float, default=lr_init,
+    parser.add_argument('--lr_init', '-lr', type=float, default=lr_init,
                         help=f'initial SGD learning rate (default {lr_init})')
-    parser.add_argument('--decay_steps', type=int, nargs='*', default=decay_steps,
+    parser.add_argument('--decay_steps', '-ds', type=int, nargs='*', default=decay_steps,
                         help=f'epochs at which the rate is multiplied by --decay_rate (default {decay_steps})')
-    parser.add_argument('--decay_rate', type=float, default=decay_rate,
+    parser.add_argument('--decay_rate', '-dr', type=float, default=decay_rate,
                         help=f'factor of each decay (default {decay_rate})')
-    parser.add_argument('--batch_size', type=int, default=256, help='SGD batch size, global (default 256)')
-    parser.add_argument('--test_batch_size', type=int, default=10_000,
+    parser.add_argument('--batch_size', '-bs', type=int, default=256, help='SGD batch size, global (default 256)')
+    parser.add_argument('--test_batch_size', '-tbs', type=int, default=10_000,
                         help='upper bound of the evaluation batch; never changes results (default 10000)')
-    parser.add_argument('--save', default='experiment.pkl',
+    parser.add_argument('--save', '-s', default='experiment.pkl',
                         help='results file name (a plain name ending in .pkl) in --results_dir; '
                              'an existing file is never overwritten (default experiment.pkl)')
     parser.add_argument('--results_dir', default=results_dir,
@@ -198,11 +201,11 @@ def pick_device(args) -> torch.device:
 
 
 def cli_errors(main):
-    """Turn UsageError and DataError into one line on stderr and exit status 2."""
+    """Turn UsageError, DataError and EmbeddingError into one line on stderr and exit status 2."""
     def wrapped(args):
         try:
             return main(args)
-        except (UsageError, DataError) as exc:
+        except (UsageError, DataError, EmbeddingError) as exc:
             print(f'error: {exc}', file=sys.stderr)
             return EXIT_USAGE
     wrapped.__name__, wrapped.__doc__ = main.__name__, main.__doc__
@@ -549,6 +552,7 @@ def fit(exp: Experiment, args, paths: RunPaths, resume_state: Optional[dict],
             'curves': {k: list(v) for k, v in vars(curves).items()},
             'best_error': best_error, 'best_epoch': best_epoch,
             'elapsed': elapsed + (time.perf_counter() - segment_start), 'position': position,
+            'extras': exp.extras,
         }, paths.resume)
         fault_point('resume')
 
@@ -558,7 +562,7 @@ def fit(exp: Experiment, args, paths: RunPaths, resume_state: Optional[dict],
         save_torch({
             'format': CHECKPOINT_FORMAT, 'dataset': exp.dataset, 'args': plain_args(args),
             'epoch': epoch, 'test_error': test_error, 'results_file': paths.results,
-            **{name: m.state_dict() for name, m in exp.parts.items()},
+            'extras': exp.extras, **{name: m.state_dict() for name, m in exp.parts.items()},
         }, paths.checkpoint)
         fault_point('checkpoint')
 

@@ -436,13 +436,15 @@ class MNISTODENet(nn.Module):
     """B(ODE block(A(image))): the model of Figures 1 and 2. Only the ODE block is trained."""
 
     def __init__(self, model='RKHS', in_channels=32, dim_int=32, layers=20, method='midpoint',
-                 time_weights='release', integrator='fixed'):
+                 time_weights='release', integrator='fixed', input_net=None, output_net=None):
         super().__init__()
-        self.input_net = mnist_input_network(in_channels)
-        self.ode_block = ResidualODEBlock(model, in_channels, dim_int, layers, method,
-                                          time_weights, integrator)
-        self.output_net = mnist_output_network(in_channels)
-
+        # The ODE block is drawn first, so that its initialisation depends on the global RNG's
+        # seed alone, whether A and B are drawn here, given, or loaded from files.
+        ode_block = ResidualODEBlock(model, in_channels, dim_int, layers, method, time_weights,
+                                     integrator)
+        self.input_net = input_net if input_net is not None else mnist_input_network(in_channels)
+        self.ode_block = ode_block
+        self.output_net = output_net if output_net is not None else mnist_output_network(in_channels)
         self.embedding_frozen = False
 
     def freeze_embedding(self):

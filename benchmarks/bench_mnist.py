@@ -95,8 +95,9 @@ def build_project_net(args, device) -> models.MNISTODENet:
     torch.manual_seed(args.seed)
     ns = argparse.Namespace(model=args.model, in_channels=args.in_channels, dim_int=args.dim_int,
                             layers=args.layers, method=args.method, time_weights='release',
-                            integrator='fixed', embedding_seed=args.seed)
-    net = MNIST_experiments.build_model(ns).to(device)
+                            integrator='fixed', embedding_seed=args.seed,
+                            embedding_dir='none', pretrain=0)
+    net = MNIST_experiments.build_model(ns)[0].to(device)
     net.freeze_embedding()
     return net
 

@@ -48,8 +48,9 @@ def build_net(args, device):
     torch.manual_seed(args.seed)
     ns = argparse.Namespace(model=args.model, in_channels=args.in_channels, dim_int=args.dim_int,
                             layers=args.layers, method=args.method, time_weights='release',
-                            integrator='fixed', embedding_seed=args.seed)
-    project_net = MNIST_experiments.build_model(ns)
+                            integrator='fixed', embedding_seed=args.seed,
+                            embedding_dir='none', pretrain=0)
+    project_net, _ = MNIST_experiments.build_model(ns)
     project_net.freeze_embedding()
     return rs.release_net_from(project_net).to(device)
 

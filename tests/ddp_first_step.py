@@ -25,7 +25,7 @@ def main(out_path):
     dist = distributed.setup(args, torch.device('cpu'))
     train, test = data.synthetic_dataset(MNIST_experiments.MNIST_IMAGE_SHAPE, GLOBAL_BATCH, 16)
     torch.manual_seed(0)
-    net = MNIST_experiments.build_model(args)
+    net, _ = MNIST_experiments.build_model(args)
     net.freeze_embedding()
     with torch.no_grad():  # a non-zero start, so that every node gets a gradient
         net.ode_block.func.output_weight.normal_(0, 0.05)
@@ -53,7 +53,7 @@ def pretrain_on_every_rank(out_prefix):
     args.embedding_seed = 0
     dist = distributed.setup(args, torch.device('cpu'))
     train, _ = data.synthetic_dataset(MNIST_experiments.MNIST_IMAGE_SHAPE, 4 * GLOBAL_BATCH, 16)
-    net = MNIST_experiments.build_model(args)
+    net, _ = MNIST_experiments.build_model(args)
     MNIST_experiments.pretrain(net, train, args, dist)
     net.freeze_embedding()
     torch.save({'input_net': net.input_net.state_dict(), 'output_net': net.output_net.state_dict()},

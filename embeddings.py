@@ -1,0 +1,285 @@
+"""The paper release's MNIST embeddings: its shipped input networks A and output networks B.
+
+The release's MNIST_experiments.py first looked for
+
+    MNIST_pretrained_models/{C}channels_{p}pass_input_embedding.pt   (A)
+    MNIST_pretrained_models/{C}channels_{p}pass_output_embedding.pt  (B)
+
+(C = --in_channels, p = --pretrain) and only drew and pretrained fresh networks when they were
+missing. It shipped them for C = 8, 16, 32, 64 and p = 0..5, so every stored run behind Figures
+1 and 2 started from them (except Figure 2's 4-channel runs: no file). MNIST_experiments.py
+loads them the same way (`--embedding_dir`).
+
+Each file is torch.save({'model': nn.Sequential(...), 'loss': tensor}): a pickle of whole
+modules. They are read with weights_only=True and an allow-list of exactly the six torch.nn
+classes they contain, so a crafted file cannot run code; only the weights are kept, copied into
+this project's own `models.mnist_input_network` / `mnist_output_network`.
+
+    python embeddings.py               # which files are in MNIST_pretrained_models/, and are they the release's
+    python embeddings.py --download    # fetch the 48 files from the pinned commit, checking each SHA-256
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import urllib.request
+
+DEFAULT_DIR = 'MNIST_pretrained_models'
+NO_EMBEDDING_DIR = 'none'  # --embedding_dir none: never load files
+# The folder exists at this commit of the authors' repository and is deleted at its newest one.
+RELEASE_REPOSITORY = 'rbarboni/FlowResNets'
+RELEASE_COMMIT = '54bc56f'
+DOWNLOAD_URL = f'https://github.com/{RELEASE_REPOSITORY}/raw/{RELEASE_COMMIT}/{DEFAULT_DIR}/'
+DOWNLOAD_TIMEOUT_SECONDS = 60
+
+# SHA-256 of the 48 files as shipped (computed from a byte-for-byte copy of that commit).
+RELEASE_SHA256 = {
+    '8channels_0pass_input_embedding.pt': '2f839c6b96c5df3501c575848f66dc144933dba88cb427c24f2bdb8183985974',
+    '8channels_0pass_output_embedding.pt': 'fbca2dc9cf73aa16dfd0a46f62ebb7d644fef0eb5c818c2d3eb75e86555edd33',
+    '8channels_1pass_input_embedding.pt': 'fa8adcc1db9b096f8d05052d4d2f4b733aafb0bc31d5935c30bdf16e8c67509e',
+    '8channels_1pass_output_embedding.pt': '7c8fdda8dcfd5a2545c9492a2f5bd468e3643ef2045114087dc837e3f0a710fc',
+    '8channels_2pass_input_embedding.pt': '35c4b3c1568ce252eed7fdec1a8119cbf1f53b96a39a3c33d6bd70069e4ee375',
+    '8channels_2pass_output_embedding.pt': '0754557248547b6fae948ea99e6d3e47f564d5e39f2279c39500b5178b3ed4eb',
+    '8channels_3pass_input_embedding.pt': 'a048e29f2f6c77c973f8b593e5367214c7c5cbe4758cd2c1ab9cdd050a5dd013',
+    '8channels_3pass_output_embedding.pt': '7335e7ec2e741d9c1c3f9b5f7aa6fcf3ef19498ff3562519264ca197668dfc35',
+    '8channels_4pass_input_embedding.pt': 'bdc27566e5499b98e3dc073241932172777d02b82087bb8305c384a3d6317e5a',
+    '8channels_4pass_output_embedding.pt': '55725c408846e53d218e911320510c20b826e8b01458e5a93b38041be7d6fb48',
+    '8channels_5pass_input_embedding.pt': 'f5185ed0c8630070947352cf2cf604fdb916c5d489cc0c66f864b1fbd81e6f15',
+    '8channels_5pass_output_embedding.pt': 'dd742cb23597586dd9142b4573edbcf35651184c7618c030242893758c8794b4',
+    '16channels_0pass_input_embedding.pt': 'bce07b7d0a76f7eabc08c08b5b37c68ba41837d6791060a6cd1c9c9fec74f75a',
+    '16channels_0pass_output_embedding.pt': 'f11e6511e2480f734fc38c3de86dc1614ad675f4f36d11f76c36ea7c4591739f',
+    '16channels_1pass_input_embedding.pt': '75582f563dfa361e542643e28a6d5dc06e9df44958f40485cd9f902a172d61d6',
+    '16channels_1pass_output_embedding.pt': '140d36d43617e1c9aa721ea76743fc46dc4d4ef9108a71c33ea1920f2d623223',
+    '16channels_2pass_input_embedding.pt': '246c2d724190b49a8cbf2e15edff04efea17066b483529014fbfe6d68c2d7353',
+    '16channels_2pass_output_embedding.pt': '1105bb8a0976ae96ce3ede24c6d2d2fb3a4a4fea3260843062db1c3f7a9e0afd',
+    '16channels_3pass_input_embedding.pt': '699d41ea5f200c45285a14d688700d8346724ca24d5ed5318348b93988087473',
+    '16channels_3pass_output_embedding.pt': '94c61d3429511a1f002340df7e6b34022a0fc05c187a5d42ecc7c9e3a8a5166e',
+    '16channels_4pass_input_embedding.pt': 'abd41698569a9b9ba8cd44fdfc91e3b177278bb81d57b3487b904222a5e14bbf',
+    '16channels_4pass_output_embedding.pt': '342dcf5e7abd06d2ffcb06f173856910f6a1e6940a2bb9cf042005a86c1806a6',
+    '16channels_5pass_input_embedding.pt': '22f99038cdc45883c32c335cc10fc2eec18beda442b0db96aeaa9a66fabd744b',
+    '16channels_5pass_output_embedding.pt': 'cefcb215e6633a4877d4e81f45b41546866097d3519fac8e5c7ca3c2666462c8',
+    '32channels_0pass_input_embedding.pt': '2e9bbf10cafc75c9171151aa343b38ca54df96c3437ef88e31424916b9e1f40c',
+    '32channels_0pass_output_embedding.pt': '4f82fc917e6cdd99c59e225e319b98b5607981c0ba9e4c1a2159025250681cd9',
+    '32channels_1pass_input_embedding.pt': 'aacecdf9c27737c428d0aedefc42177123f86cb4caa2e276fb55eefaa13c9ba8',
+    '32channels_1pass_output_embedding.pt': 'dae85e95db7ca59a2a97e197d3c5fda0ee9280a5025ee42350637a719743c4e5',
+    '32channels_2pass_input_embedding.pt': '1cbd48a0267d72a2c291cb73a635134d01771200215af5eb368908f080690cdc',
+    '32channels_2pass_output_embedding.pt': '9ff842cb6dbe180e3757751468b40b509c995dcce9bac33689d7f8a0e1639021',
+    '32channels_3pass_input_embedding.pt': '69bb37bcf1d6efbacf0adf4024de391da80bd68c927c1767bd5172492798e95c',
+    '32channels_3pass_output_embedding.pt': '7a37faf133a0b3b927f07bada8744cd14d2fc1c5f454a44fa07e4f36f59e6006',
+    '32channels_4pass_input_embedding.pt': '403c949a3d0b4cc8b3713e2426bb7ed2f7ea2e71ef2aae81496f348c4d72f33c',
+    '32channels_4pass_output_embedding.pt': '8897f5d56b947bb93151e9b82de3fffea8f7a054d8a4815af43020ea049eac34',
+    '32channels_5pass_input_embedding.pt': 'd02b63ece7d4fee5e6dbeae921b2ae63321a76d7e94bb69946c4c00054602af7',
+    '32channels_5pass_output_embedding.pt': '13c1f44a99e33228382baf51b1981e47cef2a18c00e52e962cc5c12c973a1bbc',
+    '64channels_0pass_input_embedding.pt': 'a97522fa391e41e8d72bae2e2218d2828bb8344cc91b7a140b3bfb3513906a23',
+    '64channels_0pass_output_embedding.pt': '5e14a5300f10246a8ab0e18d3ca13aca9c1de48d80df9ef56ddce2dcb05cc64c',
+    '64channels_1pass_input_embedding.pt': 'b0df6d44fda8f36ddde35b6d8e84ec9cff95f85a92dd773d417a69871c85dd1a',
+    '64channels_1pass_output_embedding.pt': 'fc65d5c966a10e7cff2acba9d04022a5380db4742db50a4c8a7499456c88bfeb',
+    '64channels_2pass_input_embedding.pt': '2d0bfef2e554412ad58d3a43a1741ba4761e82332ec61a90ea1219541c57d867',
+    '64channels_2pass_output_embedding.pt': '3eeeb49a799af60d44e3a9efd8b7298db18ca7014bdee5208aaa32c55e1ea23c',
+    '64channels_3pass_input_embedding.pt': '3292d8947b01712b35bc02a7d2ed0e69593b3e7b857bbff577fbb9903eab2fd7',
+    '64channels_3pass_output_embedding.pt': '2dc2a187769a1d1840b5baf1753c24cf2f715eabce58d758c42469639a51eb6c',
+    '64channels_4pass_input_embedding.pt': '593d53e24bc2c498cb8b0de7746a97b5702fb70dabf42a793d903d73b6dd0991',
+    '64channels_4pass_output_embedding.pt': '412b6025d3691abf72c9cdbe271a95a1d2fc72a22eaa12415887faab9052d512',
+    '64channels_5pass_input_embedding.pt': '0e8cb085aea41ad2248f61419104464b11b39174509177612419b0b5df832b66',
+    '64channels_5pass_output_embedding.pt': '7afa774803b5aba6f7172301c40ca32083345c4f266f8a52c6e727a6daa05b93',
+}
+PARTS = ('input', 'output')  # A, B
+
+
+class EmbeddingError(Exception):
+    """An embedding file that cannot be used, or a failed download: one line, exit status 2."""
+
+
+def file_names(channels: int, passes: int) -> tuple[str, str]:
+    """The release's names of A and B for C channels after p pretraining passes."""
+    return tuple(f'{channels}channels_{passes}pass_{part}_embedding.pt' for part in PARTS)
+
+
+def find(directory: str | None, channels: int, passes: int) -> list[str] | None:
+    """Paths of A and B in `directory` when both exist, else None (then the run draws its own)."""
+    if not directory or directory == NO_EMBEDDING_DIR:
+        return None
+    paths = [os.path.join(directory, name) for name in file_names(channels, passes)]
+    return paths if all(os.path.isfile(path) for path in paths) else None
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_state(path: str, expected: dict) -> dict:
+    """The state dict of the nn.Sequential in a release embedding file, checked against `expected`.
+
+    `expected` is the state dict of the network it must fit (its keys and shapes). Raises
+    EmbeddingError, with the file's name and what is wrong, for a file that needs any class
+    beyond the allow-list, a truncated or corrupt file, or one of the wrong architecture.
+    """
+    import warnings
+
+    import torch
+    import torch.nn as nn
+
+    # Exactly the classes the release's files contain; anything else is refused unread.
+    allowed = [nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Flatten, nn.Linear]
+    try:
+        with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            content = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as exc:
+        raise EmbeddingError(f'embedding file {path} {_load_failure(exc)}') from None
+    model = content.get('model') if isinstance(content, dict) else None
+    if not isinstance(model, nn.Sequential):
+        raise EmbeddingError(f'embedding file {path} is not a release embedding '
+                             f"(no nn.Sequential under 'model')")
+    state = model.state_dict()
+    shapes = {key: tuple(value.shape) for key, value in state.items()}
+    wanted = {key: tuple(value.shape) for key, value in expected.items()}
+    if shapes != wanted:
+        differing = sorted(set(shapes.items()) ^ set(wanted.items()))[0][0]
+        raise EmbeddingError(f'embedding file {path} has the wrong architecture for its channel '
+                             f'count (first difference at {differing!r}: '
+                             f'{shapes.get(differing)} here, {wanted.get(differing)} expected)')
+    return state
+
+
+def _load_failure(exc: Exception) -> str:
+    """What torch.load's exception says about the file, in a few words."""
+    text = str(exc)
+    marker = 'Unsupported global: GLOBAL '
+    if marker in text:
+        name = text.split(marker, 1)[1].split()[0]
+        return (f'needs {name}, which is not one of the six torch.nn classes a release '
+                f'embedding holds: refused unread')
+    if 'Weights only load failed' in text:
+        return ('holds something other than tensors and the six torch.nn classes a release '
+                'embedding holds: refused unread')
+    first = text.strip().splitlines()[0][:120] if text.strip() else type(exc).__name__
+    return f'is truncated or corrupt (torch.load: {first})'
+
+
+def describe(paths: list[str]) -> dict:
+    """The record a run keeps of its release embedding: file names and their SHA-256."""
+    return {'embedding_files': [os.path.basename(path) for path in paths],
+            'embedding_sha256': [sha256(path) for path in paths]}
+
+
+def is_release(record: dict) -> bool:
+    """Whether a record's files are byte for byte the release's."""
+    return all(RELEASE_SHA256.get(name) == digest
+               for name, digest in zip(record['embedding_files'], record['embedding_sha256']))
+
+
+# ---------------------------------------------------------------------------------------------
+# Download, all or nothing
+# ---------------------------------------------------------------------------------------------
+
+def download(directory: str, base_url: str = DOWNLOAD_URL, log=print) -> int:
+    """Fetch every release file missing from `directory`, verify its SHA-256, then move them in.
+
+    All files go to a temporary folder first; they are moved into `directory` only when every
+    one arrived intact. On any failure nothing is left behind: no partial file, and no folder
+    that this call created. A file already present must match its checksum. Returns the number
+    of files fetched.
+    """
+    present = [name for name in RELEASE_SHA256 if os.path.exists(os.path.join(directory, name))]
+    for name in present:
+        if sha256(os.path.join(directory, name)) != RELEASE_SHA256[name]:
+            raise EmbeddingError(f'{os.path.join(directory, name)} exists and is not the '
+                                 f'release file (SHA-256 differs); move it away and retry')
+    missing = [name for name in RELEASE_SHA256 if name not in present]
+    if not missing:
+        return 0
+    created = _missing_ancestors(os.path.abspath(directory))
+    try:
+        os.makedirs(directory, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix='.download-', dir=directory)
+        try:
+            for number, name in enumerate(missing, 1):
+                _fetch(base_url + name, os.path.join(staging, name), RELEASE_SHA256[name])
+                log(f'[{number}/{len(missing)}] {name}: SHA-256 verified')
+            for name in missing:
+                os.replace(os.path.join(staging, name), os.path.join(directory, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        for folder in reversed(created):  # deepest first; only folders this call made
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return len(missing)
+
+
+def _missing_ancestors(path: str) -> list[str]:
+    """`path` and each of its parents that does not exist yet, outermost first."""
+    missing = []
+    while not os.path.exists(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return missing[::-1]
+
+
+def _fetch(url: str, path: str, expected_sha256: str):
+    try:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response, \
+                open(path, 'wb') as f:
+            shutil.copyfileobj(response, f)
+    except Exception as exc:  # no network, a blocked host, a moved file...
+        reason = getattr(exc, 'reason', None) or exc
+        raise EmbeddingError(f'could not download {url} ({type(exc).__name__}: '
+                             f'{str(reason).strip()[:160]}); nothing was written') from None
+    if sha256(path) != expected_sha256:
+        raise EmbeddingError(f'{url} arrived with the wrong SHA-256 (expected {expected_sha256}); '
+                             f'nothing was written')
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description="Check for, or download, the paper release's MNIST embedding files.")
+    parser.add_argument('--dir', default=DEFAULT_DIR,
+                        help=f'folder of the files (default {DEFAULT_DIR}, where '
+                             f'MNIST_experiments.py looks by default)')
+    parser.add_argument('--download', action='store_true',
+                        help=f'fetch the missing files from {RELEASE_REPOSITORY} at commit '
+                             f'{RELEASE_COMMIT} and verify each SHA-256')
+    return parser
+
+
+def main(args) -> int:
+    try:
+        if args.download:
+            fetched = download(args.dir, base_url=DOWNLOAD_URL)  # read now, so tests can point it elsewhere
+            print(f'{args.dir}: {fetched} file(s) downloaded, all {len(RELEASE_SHA256)} release '
+                  f'files present and verified')
+            return 0
+    except EmbeddingError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return 2
+    status = {name: ('missing' if not os.path.isfile(os.path.join(args.dir, name)) else
+                     'release' if sha256(os.path.join(args.dir, name)) == RELEASE_SHA256[name]
+                     else 'DIFFERS from the release')
+              for name in RELEASE_SHA256}
+    for name, state in status.items():
+        print(f'{name}: {state}')
+    counts = {state: list(status.values()).count(state) for state in set(status.values())}
+    print(f'{args.dir}: ' + ', '.join(f'{n} {state}' for state, n in sorted(counts.items()))
+          + ('' if counts.get('release') == len(status) else
+             '; python embeddings.py --download fetches the missing ones'))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(get_args_parser().parse_args()))
