@@ -34,6 +34,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+import embeddings
+
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 # Folder of MNIST_experiments.py and CIFAR_experiments.py (tests point it at
 # stand-in scripts).
@@ -51,7 +53,18 @@ RESUME_SUFFIX = '.resume.pt'
 
 # Flags that reproduce.py sets for each run and that must not be passed through.
 MANAGED_FLAGS = ('--seed', '--results_dir', '--save', '--checkpoint', '--embedding_seed',
-                 '--resume')
+                 '--embedding_dir', '--resume')
+
+# Training protocols: (epochs, decay epoch, decay factor) per dataset.
+# 'stored' is what the release's stored runs used: its scripts' defaults for MNIST (its pickles
+# hold 41 test errors and 9,400 = 40 x 235 losses per run); 'readme' is what its README states.
+# Figure 3 has one protocol, the README's.
+PROTOCOLS = {
+    'stored': {'MNIST': ('40', '35', '0.2'), 'CIFAR': ('300', '260', '0.1')},
+    'readme': {'MNIST': ('30', '25', '0.1'), 'CIFAR': ('300', '260', '0.1')},
+}
+# Where `python embeddings.py --download` puts the release's embedding files.
+DEFAULT_EMBEDDING_DIR = os.path.join(REPO_DIR, 'MNIST_pretrained_models')
 
 POLL_SECONDS = 0.2  # how often the scheduler checks its running subprocesses
 TERMINATE_GRACE_SECONDS = 10  # on Ctrl-C, wait this long before SIGKILL
@@ -108,6 +121,37 @@ def figure_settings(figure):
     raise ValueError(f'unknown figure {figure!r}')
 
 
+def _embedding_dir(args):
+    if args.embedding_dir == embeddings.NO_EMBEDDING_DIR:
+        return args.embedding_dir
+    return os.path.abspath(args.embedding_dir)
+
+
+def _embedding_pairs(figure):
+    """(channels, pretraining passes) of each configuration of an MNIST figure."""
+    _, _, configs = figure_settings(figure)
+    return [(int(flags[flags.index('--in_channels') + 1]), int(flags[flags.index('--pretrain') + 1]))
+            for _, flags in configs]
+
+
+def describe_embedding(figures, args):
+    """Which MNIST configurations load the release's files and which draw from a seed."""
+    pairs = list(dict.fromkeys(pair for figure in figures if figure != 'figure3'
+                               for pair in _embedding_pairs(figure)))
+    directory = _embedding_dir(args)
+    found = [pair for pair in pairs if embeddings.find(directory, *pair)]
+    drawn = [pair for pair in pairs if pair not in found]
+    parts = []
+    if found:
+        parts.append(f'release files from {directory} for '
+                     + ', '.join(f'{c} channels/{p} passes' for c, p in found))
+    if drawn:
+        seed = ('a seed of its own (--vary_embedding)' if args.vary_embedding
+                else f'--embedding_seed {args.embedding_seed}')
+        parts.append(f'{seed} for ' + ', '.join(f'{c} channels/{p} passes' for c, p in drawn))
+    return '; '.join(parts)
+
+
 def results_dir(figure):
     """Results folder of a figure, relative to results_root."""
     dataset, tag, _ = figure_settings(figure)
@@ -124,15 +168,20 @@ def build_runs(figure, args):
     for prefix, flags in configs:
         for seed in range(args.seed_start, args.seed_start + args.seeds):
             name = f'{prefix}_s{seed}'
+            epochs, decay_step, decay_rate = PROTOCOLS[args.protocol][dataset]
             run_args = list(flags) + [
+                '--epochs', epochs, '--decay_steps', decay_step, '--decay_rate', decay_rate,
                 '--seed', str(seed),
                 '--results_dir', out_dir,
                 '--save', name + '.pkl',
                 '--checkpoint', os.path.join(ckpt_dir, name + '.pth'),
             ]
-            # Only the MNIST model has a random (untrained) embedding.
-            if dataset == 'MNIST' and not args.vary_embedding:
-                run_args += ['--embedding_seed', str(args.embedding_seed)]
+            # Only the MNIST model has an embedding: the release's files where they exist
+            # (as the release's stored runs), else one drawn from a seed shared by all runs.
+            if dataset == 'MNIST':
+                run_args += ['--embedding_dir', _embedding_dir(args)]
+                if not args.vary_embedding:
+                    run_args += ['--embedding_seed', str(args.embedding_seed)]
             if args.gpus:
                 run_args += ['--device', 'cuda']
             # Last, so that a pass-through flag overrides ours (argparse keeps
@@ -361,10 +410,20 @@ def get_args_parser():
                         help='figure1a, figure1b, figure2, figure3 or all')
     parser.add_argument('--seeds', type=int, default=5, help='number of seeds (default: 5)')
     parser.add_argument('--seed_start', type=int, default=0, help='first seed (default: 0)')
+    parser.add_argument('--protocol', choices=tuple(PROTOCOLS), default='stored',
+                        help='MNIST training protocol: stored = the release\'s stored runs (40 '
+                             'epochs, x0.2 at 35); readme = its README (30 epochs, x0.1 at 25). '
+                             'Figure 3: 300 epochs, x0.1 at 260 either way (default: stored)')
+    parser.add_argument('--embedding_dir', default=DEFAULT_EMBEDDING_DIR,
+                        help='folder of the release\'s MNIST embedding files, loaded by every run '
+                             'whose (channels, passes) file exists there; "none": never '
+                             '(default: MNIST_pretrained_models in the repository)')
     parser.add_argument('--embedding_seed', type=int, default=0,
-                        help='seed of the fixed MNIST embedding shared by all runs (default: 0)')
+                        help='seed of the MNIST embedding shared by the runs that find no release '
+                             'file (default: 0)')
     parser.add_argument('--vary_embedding', action='store_true',
-                        help='do not pass --embedding_seed: each run draws its own embedding')
+                        help='do not pass --embedding_seed: a run with no release file draws its '
+                             'own embedding')
     parser.add_argument('--gpus', type=_gpu_list, default=None,
                         help='comma-separated GPU ids; runs get CUDA_VISIBLE_DEVICES and '
                              '--device cuda')
@@ -442,8 +501,7 @@ def main(args):
     runs_by_figure = {figure: build_runs(figure, args) for figure in figures}
     all_runs = [run for figure in figures for run in runs_by_figure[figure]]
 
-    embedding = ('varies per run (--vary_embedding)' if args.vary_embedding
-                 else f'fixed, --embedding_seed {args.embedding_seed}')
+    embedding = describe_embedding(figures, args)
     if args.dry_run:
         print(f'# cwd: {root}')
         if any(figure != 'figure3' for figure in figures):

@@ -95,6 +95,42 @@ def test_dry_run_vary_embedding_and_other_figures(capsys, tmp_path):
     assert len(commands) == (6 + 6 + 3 + 6) * 2
 
 
+@pytest.mark.parametrize('figure', ['figure1a', 'figure1b', 'figure2', 'figure3'])
+@pytest.mark.parametrize('protocol', [None, 'stored', 'readme'])
+def test_protocol_flags_in_every_command(capsys, tmp_path, figure, protocol):
+    argv = [figure, '--seeds', '2', '--results_root', str(tmp_path)]
+    argv += ['--protocol', protocol] if protocol else []
+    _, commands, _ = _dry_run(capsys, argv)
+    if figure == 'figure3':
+        expected = ['--epochs', '300', '--decay_steps', '260', '--decay_rate', '0.1']
+    elif protocol == 'readme':
+        expected = ['--epochs', '30', '--decay_steps', '25', '--decay_rate', '0.1']
+    else:  # the release's stored runs: 40 epochs, x0.2 at 35
+        expected = ['--epochs', '40', '--decay_steps', '35', '--decay_rate', '0.2']
+    assert commands and all(shlex.join(expected) in shlex.join(c) for c in commands)
+
+
+def test_passthrough_epochs_overrides_the_protocol(capsys, tmp_path):
+    _, commands, _ = _dry_run(capsys, ['figure1a', '--seeds', '1', '--results_root', str(tmp_path),
+                                       '--', '--epochs', '1'])
+    import MNIST_experiments
+    args = MNIST_experiments.get_args_parser().parse_args(commands[0][2:])
+    assert (args.epochs, args.decay_steps, args.decay_rate) == (1, [35], 0.2)
+
+
+def test_embedding_dir_passed_to_mnist_runs_and_reported(capsys, tmp_path):
+    folder = tmp_path / 'emb'
+    folder.mkdir()
+    for part in ('input', 'output'):  # only the 8-channel files are there
+        (folder / f'8channels_0pass_{part}_embedding.pt').write_bytes(b'')
+    _, commands, comments = _dry_run(capsys, ['figure2', '--seeds', '1', '--embedding_dir', str(folder),
+                                              '--results_root', str(tmp_path)])
+    assert all(_flag(c, '--embedding_dir') == str(folder) for c in commands)
+    line = next(c for c in comments if c.startswith('# MNIST embedding'))
+    assert f'release files from {folder} for 8 channels/0 passes' in line
+    assert '--embedding_seed 0 for 32 channels/0 passes, 4 channels/0 passes' in line
+
+
 def test_dry_run_skips_existing(capsys, tmp_path):
     done = tmp_path / 'MNIST_experiments' / 'fig1a'
     done.mkdir(parents=True)
