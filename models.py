@@ -51,7 +51,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 METHODS = ('euler', 'midpoint', 'rk4')
-MODELS = ('RKHS', 'SHL')
 TIME_WEIGHTS = ('release', 'linear')
 INTEGRATORS = ('fixed', 'torchdiffeq')
 
@@ -88,18 +87,19 @@ def linear_coefficients(t: float, num_steps: int) -> tuple[int, int, float, floa
     return k, k + 1, 1.0 - s, s
 
 
-def release_coefficients(t, num_steps: int, model: str) -> tuple[int, int, float, float]:
+def release_coefficients(t, num_steps: int, index_shift: int) -> tuple[int, int, float, float]:
     """The paper's release: the node pair and weights it used at evaluation time t.
 
     t is a float32 time as torchdiffeq passes it. All arithmetic is float32, in the release's
     order, so the result is bit-identical to the release's:
-      u = t * N;  RKHS: k = int(u - 1),  SHL: k = int(u)   (int() truncates toward zero);
+      u = t * N;  k = int(u - shift), shift = 1 for RKHS and 0 for SHL (int() truncates toward
+      zero; each type's `release_index_shift`);
       while k < N: weights (1 - u + k) on node k and (u - k) on node k+1; else node N alone.
     For RKHS at t = 0, k = -1: Python's indexing made node -1 the last node, N, with weight 0.
     """
     t32 = torch.as_tensor(t, dtype=torch.float32).detach().cpu().reshape(())
     u = t32 * num_steps
-    k = int(u - 1) if model == 'RKHS' else int(u)
+    k = int(u - index_shift) if index_shift else int(u)
     if k >= num_steps:
         return num_steps, num_steps, 1.0, 0.0
     w0 = float((1 - u) + k)
@@ -172,21 +172,22 @@ def torchdiffeq_step_size_calls(num_steps: int, method: str) -> tuple[list, list
     return recorder.times, recorder.step_sizes
 
 
-def release_schedule(num_steps: int, method: str, model: str) -> TimeSchedule:
+def release_schedule(num_steps: int, method: str, index_shift: int) -> TimeSchedule:
     times, step_sizes = torchdiffeq_step_size_calls(num_steps, method)
-    coefficients = [release_coefficients(t, num_steps, model) for t in times]
+    coefficients = [release_coefficients(t, num_steps, index_shift) for t in times]
     return TimeSchedule(method, tuple(step_sizes), tuple(times),
                         tuple((c[0], c[1]) for c in coefficients),
                         tuple((c[2], c[3]) for c in coefficients))
 
 
-def build_schedule(num_steps: int, method: str, time_weights: str, model: str) -> TimeSchedule:
+def build_schedule(num_steps: int, method: str, time_weights: str, index_shift: int) -> TimeSchedule:
+    """The schedule of one solve; index_shift is the residual type's `release_index_shift`."""
     if method not in METHODS:
         raise ValueError(f'method must be one of {METHODS}, got {method!r}')
     if time_weights == 'linear':
         return linear_schedule(num_steps, method)
     if time_weights == 'release':
-        return release_schedule(num_steps, method, model)
+        return release_schedule(num_steps, method, index_shift)
     raise ValueError(f'time_weights must be one of {TIME_WEIGHTS}, got {time_weights!r}')
 
 
@@ -244,10 +245,31 @@ def random_feature_weight(out_channels: int, in_channels: int, variance: float) 
     return torch.randn(out_channels, in_channels, 3, 3) * math.sqrt(variance)
 
 
-class _TimeInterpolatedField(nn.Module):
-    """Shared machinery of the two residuals: time rule, evaluation counting, odeint interface."""
+class ResidualField(nn.Module):
+    """A residual type: the field f(t, x) of the ODE block, and the parts it brings elsewhere.
 
-    model_name = ''
+    A type is one subclass and one entry in RESIDUALS; nothing else names it. The subclass sets:
+
+      name                   its key in RESIDUALS and the value of --model.
+      release_index_shift    the release's node index rule, k = int(tN) - shift (RKHS 1, SHL 0;
+                             see release_coefficients).
+      __init__(dim, dim_int, num_steps, time_weights)
+                             builds its N+1 parameter nodes (call super().__init__ first).
+      reference(x, nodes)    the paper's formula, plainly: f at a time whose interpolation is
+                             `nodes`, a list of (node index, weight). The fast path is tested
+                             against it.
+      prepare(index, weight, slots) -> prepared
+                             the fast path, part 1: every evaluation's weights at once, from
+                             index and weight (E, 2) device tensors and, per evaluation, the
+                             `slots` (0, 1 or both) whose weight is not exactly 0.
+      evaluate(x, prepared, e)
+                             the fast path, part 2: f at evaluation e; calls count_evaluation().
+      cifar_first_conv(in_planes, planes, stride)
+                             (static) the first convolution of a CIFAR residual block of this type.
+    """
+
+    name = ''
+    release_index_shift = 0
 
     def __init__(self, dim: int, dim_int: int, num_steps: int, time_weights: str):
         super().__init__()
@@ -266,15 +288,15 @@ class _TimeInterpolatedField(nn.Module):
 
     def coefficients(self, t) -> tuple[int, int, float, float]:
         if self.time_weights == 'release':
-            return release_coefficients(t, self.num_steps, self.model_name)
+            return release_coefficients(t, self.num_steps, self.release_index_shift)
         return linear_coefficients(float(t), self.num_steps)
 
     def forward(self, t, x):
         """f(t, x) for torchdiffeq.odeint. Reads t on the host: the reference path, not the fast one."""
         i0, i1, w0, w1 = self.coefficients(t)
-        device = self.output_weight.device
-        index = torch.tensor([[i0, i1]], device=device)
-        weight = torch.tensor([[w0, w1]], dtype=self.output_weight.dtype, device=device)
+        like = next(self.parameters())
+        index = torch.tensor([[i0, i1]], device=like.device)
+        weight = torch.tensor([[w0, w1]], dtype=like.dtype, device=like.device)
         prepared = self.prepare(index, weight, (active_slots(w0, w1),))
         return self.evaluate(x, prepared, 0)
 
@@ -288,19 +310,29 @@ def active_slots(w0: float, w1: float) -> tuple:
     return (0, 1)
 
 
-class RKHSField(_TimeInterpolatedField):
+def conv3x3(x, weight):
+    return F.conv2d(x, weight, padding=1)
+
+
+class RKHSField(ResidualField):
     """f(t, x) = W(t) * ReLU(Omega * x): fixed random hidden layer, trained output layer.
 
     Omega: dim -> dim_int, N(0, 1/(3 dim_int)) entries, a buffer (never trained).
     W: N+1 nodes dim_int -> dim, zeros; tensor of shape (N+1, dim, dim_int, 3, 3).
+    Linear in W, so W(t) = w0 W_i0 + w1 W_i1 is formed first and applied in one convolution.
     """
 
-    model_name = 'RKHS'
+    name = 'RKHS'
+    release_index_shift = 1
 
     def __init__(self, dim: int, dim_int: int, num_steps: int, time_weights: str = 'release'):
         super().__init__(dim, dim_int, num_steps, time_weights)
         self.omega = FixedConv2d(random_feature_weight(dim_int, dim, 1.0 / (3 * dim_int)))
         self.output_weight = nn.Parameter(torch.zeros(num_steps + 1, dim, dim_int, 3, 3))
+
+    def reference(self, x, nodes):
+        output_weight = sum(w * self.output_weight[i] for i, w in nodes)
+        return conv3x3(F.relu(self.omega(x)), output_weight)
 
     def prepare(self, index: torch.Tensor, weight: torch.Tensor, slots):
         """W(t_e) = w0 W_i0 + w1 W_i1 for every evaluation e at once. index, weight: (E, 2)."""
@@ -309,19 +341,28 @@ class RKHSField(_TimeInterpolatedField):
 
     def evaluate(self, x, prepared, e):
         self.count_evaluation()
-        return F.conv2d(F.relu(self.omega(x)), prepared[e], padding=1)
+        return conv3x3(F.relu(self.omega(x)), prepared[e])
+
+    @staticmethod
+    def cifar_first_conv(in_planes: int, planes: int, stride: int) -> nn.Module:
+        """Fixed and random, N(0, 1/(9 in_planes)) entries."""
+        return FixedConv2d(random_feature_weight(planes, in_planes, 1.0 / (9 * in_planes)),
+                           stride=stride, padding=1)
 
 
-class SHLField(_TimeInterpolatedField):
+class SHLField(ResidualField):
     """f(t, x) = w0 V_i0 * ReLU(H_i0 * x) + w1 V_i1 * ReLU(H_i1 * x): both layers trained.
 
     H: N+1 nodes dim -> dim_int, PyTorch's default Conv2d initialisation.
     V: N+1 nodes dim_int -> dim, zeros.
-    Two nodes run as one convolution with stacked hidden weights and one with the weighted
-    output weights concatenated along input channels: the same sum, in 2 kernels instead of 4.
+    The ReLU makes interpolating outputs differ from interpolating weights, so the outputs of the
+    two nodes are blended, as in the paper (`reference`). The fast path computes the same sum in
+    2 convolutions instead of 4: the two hidden weights stacked along output channels, then the
+    weighted output weights side by side along input channels.
     """
 
-    model_name = 'SHL'
+    name = 'SHL'
+    release_index_shift = 0
 
     def __init__(self, dim: int, dim_int: int, num_steps: int, time_weights: str = 'release'):
         super().__init__(dim, dim_int, num_steps, time_weights)
@@ -329,6 +370,10 @@ class SHLField(_TimeInterpolatedField):
                   for _ in range(num_steps + 1)]
         self.hidden_weight = nn.Parameter(torch.stack(hidden))  # (N+1, dim_int, dim, 3, 3)
         self.output_weight = nn.Parameter(torch.zeros(num_steps + 1, dim, dim_int, 3, 3))
+
+    def reference(self, x, nodes):
+        return sum(w * conv3x3(F.relu(conv3x3(x, self.hidden_weight[i])), self.output_weight[i])
+                   for i, w in nodes)
 
     def prepare(self, index: torch.Tensor, weight: torch.Tensor, slots):
         num_eval = index.shape[0]
@@ -344,10 +389,22 @@ class SHLField(_TimeInterpolatedField):
     def evaluate(self, x, prepared, e):
         self.count_evaluation()
         hidden_w, output_w = prepared[e]
-        return F.conv2d(F.relu(F.conv2d(x, hidden_w, padding=1)), output_w, padding=1)
+        return conv3x3(F.relu(conv3x3(x, hidden_w)), output_w)
+
+    @staticmethod
+    def cifar_first_conv(in_planes: int, planes: int, stride: int) -> nn.Module:
+        """Trained, PyTorch's default initialisation."""
+        return nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
 
 
-FIELDS = {'RKHS': RKHSField, 'SHL': SHLField}
+# Every residual type, by --model name. A new type: one ResidualField subclass, one entry here.
+RESIDUALS = {'RKHS': RKHSField, 'SHL': SHLField}
+
+
+def residual_type(model: str) -> type[ResidualField]:
+    if model not in RESIDUALS:
+        raise ValueError(f'model must be one of {tuple(RESIDUALS)}, got {model!r}')
+    return RESIDUALS[model]
 
 
 class ResidualODEBlock(nn.Module):
@@ -361,16 +418,15 @@ class ResidualODEBlock(nn.Module):
     def __init__(self, model: str = 'RKHS', dim: int = 32, dim_int: int = 32, num_steps: int = 20,
                  method: str = 'midpoint', time_weights: str = 'release', integrator: str = 'fixed'):
         super().__init__()
-        if model not in MODELS:
-            raise ValueError(f'model must be one of {MODELS}, got {model!r}')
+        field_type = residual_type(model)
         if integrator not in INTEGRATORS:
             raise ValueError(f'integrator must be one of {INTEGRATORS}, got {integrator!r}')
         if num_steps < 1:
             raise ValueError(f'num_steps must be >= 1, got {num_steps}')
         self.model, self.method, self.integrator = model, method, integrator
         self.num_steps, self.time_weights = num_steps, time_weights
-        self.func = FIELDS[model](dim, dim_int, num_steps, time_weights)
-        self.schedule = build_schedule(num_steps, method, time_weights, model)
+        self.func = field_type(dim, dim_int, num_steps, time_weights)
+        self.schedule = build_schedule(num_steps, method, time_weights, field_type.release_index_shift)
         # Device copies of the schedule: buffers move with .to(device), so no host-to-device
         # copy (which would synchronise) happens during a forward pass.
         self.register_buffer('node_index', torch.tensor(self.schedule.node_pairs, dtype=torch.long),
@@ -472,19 +528,13 @@ class MNISTODENet(nn.Module):
 class ResidualBlock(nn.Module):
     """out = conv2(ReLU(conv1(x))) + shortcut(x); no BN inside, no ReLU after the sum.
 
-    RKHS: conv1 fixed, N(0, 1/(9 in_planes)) entries. SHL: conv1 trained, default init.
+    conv1 is the residual type's (`cifar_first_conv`): RKHS fixed and random, SHL trained.
     conv2 starts at zero in every block, so each block starts as its shortcut.
     """
 
     def __init__(self, in_planes: int, planes: int, stride: int, model: str):
         super().__init__()
-        if model == 'RKHS':
-            self.conv1 = FixedConv2d(random_feature_weight(planes, in_planes, 1.0 / (9 * in_planes)),
-                                     stride=stride, padding=1)
-        elif model == 'SHL':
-            self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        else:
-            raise ValueError(f'model must be one of {MODELS}, got {model!r}')
+        self.conv1 = residual_type(model).cifar_first_conv(in_planes, planes, stride)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         nn.init.zeros_(self.conv2.weight)
         self.shortcut = nn.Identity()

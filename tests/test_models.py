@@ -10,6 +10,7 @@ import torchdiffeq
 import models
 
 STAGES = {'euler': 1, 'midpoint': 2, 'rk4': 4}
+MODELS = ('RKHS', 'SHL')
 
 
 # --- parameter counts (the reference runs' numbers) -------------------------------------------
@@ -36,7 +37,7 @@ def test_cifar_parameter_count(model, layers, expected):
 
 # --- initialisation -----------------------------------------------------------------------------
 
-@pytest.mark.parametrize('model', models.MODELS)
+@pytest.mark.parametrize('model', MODELS)
 @pytest.mark.parametrize('method', models.METHODS)
 @pytest.mark.parametrize('time_weights', models.TIME_WEIGHTS)
 def test_block_is_identity_at_initialisation(model, method, time_weights):
@@ -85,13 +86,13 @@ def _set_nodes(module, generator):
             p.copy_(torch.randn(p.shape, generator=generator) * 0.3)
 
 
-def _rkhs_reference(func, t_nodes, x):
+def _rkhs_by_hand(func, t_nodes, x):
     """Blend the outputs of two convolutions: the release's way of computing the same maths."""
     hidden = F.relu(F.conv2d(x, func.omega.weight, padding=1))
     return sum(w * F.conv2d(hidden, func.output_weight[i], padding=1) for i, w in t_nodes)
 
 
-def _shl_reference(func, t_nodes, x):
+def _shl_by_hand(func, t_nodes, x):
     out = 0
     for i, w in t_nodes:
         out = out + w * F.conv2d(F.relu(F.conv2d(x, func.hidden_weight[i], padding=1)),
@@ -99,21 +100,32 @@ def _shl_reference(func, t_nodes, x):
     return out
 
 
-REFERENCE = {'RKHS': _rkhs_reference, 'SHL': _shl_reference}
+BY_HAND = {'RKHS': _rkhs_by_hand, 'SHL': _shl_by_hand}
 
 
-@pytest.mark.parametrize('model', models.MODELS)
+@pytest.mark.parametrize('model', MODELS)
+def test_reference_is_the_papers_formula(model):
+    """Each type's `reference` is its equation as written in the paper (models.py docstring)."""
+    func = models.RESIDUALS[model](3, 5, 4, 'linear')
+    _set_nodes(func, torch.Generator().manual_seed(4))
+    x = torch.randn(2, 3, 5, 5)
+    for nodes in ([(2, 1.0)], [(1, 0.25), (2, 0.75)], [(3, -0.5), (4, 1.5)]):
+        torch.testing.assert_close(func.reference(x, nodes), BY_HAND[model](func, nodes, x),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('model', MODELS)
 def test_linear_interpolation_at_nodes_and_mid_intervals(model):
     N = 4
-    func = models.FIELDS[model](3, 5, N, 'linear')
+    func = models.RESIDUALS[model](3, 5, N, 'linear')
     _set_nodes(func, torch.Generator().manual_seed(1))
     x = torch.randn(2, 3, 5, 5)
     for k in range(N + 1):  # at node times, f uses node k alone
-        expected = REFERENCE[model](func, [(k, 1.0)], x)
+        expected = func.reference(x, [(k, 1.0)])
         torch.testing.assert_close(func(torch.tensor(k / N), x), expected, rtol=1e-5, atol=1e-6)
     for k in range(N):
-        for s in (0.25, 0.5, 0.75):
-            expected = REFERENCE[model](func, [(k, 1 - s), (k + 1, s)], x)
+        for s in (0.25, 0.5, 0.75):  # the fast path (stacked kernels for SHL) against the formula
+            expected = func.reference(x, [(k, 1 - s), (k + 1, s)])
             torch.testing.assert_close(func(torch.tensor((k + s) / N), x), expected,
                                        rtol=1e-5, atol=1e-6)
 
@@ -124,7 +136,7 @@ def test_rkhs_release_extrapolates_at_half_steps():
     _set_nodes(func, torch.Generator().manual_seed(2))
     x = torch.randn(2, 3, 5, 5)
     t = torch.tensor(2.5 / N)  # t_2 + h/2: the release uses -1/2 W_1 + 3/2 W_2
-    expected = _rkhs_reference(func, [(1, -0.5), (2, 1.5)], x)
+    expected = func.reference(x, [(1, -0.5), (2, 1.5)])
     torch.testing.assert_close(func(t, x), expected, rtol=1e-5, atol=1e-6)
 
 
@@ -139,7 +151,7 @@ def _release_formula_float32(t, N, model):
     return k % (N + 1), k + 1, float(w0), float(w1)
 
 
-@pytest.mark.parametrize('model', models.MODELS)
+@pytest.mark.parametrize('model', MODELS)
 @pytest.mark.parametrize('method', models.METHODS)
 @pytest.mark.parametrize('N', [5, 20])
 def test_release_schedule_pinned_to_the_release_formula(model, method, N):
@@ -151,7 +163,7 @@ def test_release_schedule_pinned_to_the_release_formula(model, method, N):
 
     torchdiffeq.odeint(f, torch.zeros(()), torch.tensor([0.0, 1.0]), method=method,
                        options={'step_size': 1 / N})
-    schedule = models.build_schedule(N, method, 'release', model)
+    schedule = models.build_schedule(N, method, 'release', models.RESIDUALS[model].release_index_shift)
     assert list(schedule.times) == recorded
     for t, pair, weights in zip(recorded, schedule.node_pairs, schedule.node_weights):
         assert (*pair, *weights) == _release_formula_float32(t, N, model)
@@ -212,7 +224,7 @@ def test_torchdiffeq_step_size_grid_can_add_a_step():
     assert all(len(models.linear_schedule(N, 'euler').step_sizes) == N for N in extra)
 
 
-@pytest.mark.parametrize('model', models.MODELS)
+@pytest.mark.parametrize('model', MODELS)
 @pytest.mark.parametrize('method', models.METHODS)
 @pytest.mark.parametrize('time_weights', models.TIME_WEIGHTS)
 def test_fixed_integrator_matches_torchdiffeq_odeint(model, method, time_weights):
@@ -269,13 +281,13 @@ def test_mnist_network_shapes():
     assert net(torch.zeros(5, 1, 28, 28)).shape == (5, 10)
 
 
-@pytest.mark.parametrize('model', models.MODELS)
+@pytest.mark.parametrize('model', MODELS)
 def test_cifar_network_shapes(model):
     net = models.CifarResNet(model, 1)
     assert net(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
 
 
-@pytest.mark.parametrize('model', models.MODELS)
+@pytest.mark.parametrize('model', MODELS)
 def test_compiled_network_matches_eager_without_recompiling(model):
     """torch.compile (as --compile uses it) traces the network once and computes the same thing.
 
@@ -306,3 +318,56 @@ def test_compiled_network_matches_eager_without_recompiling(model):
             for g_compiled, g_eager in zip(grads_compiled, grads_eager):
                 torch.testing.assert_close(g_compiled, g_eager, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
+
+
+# --- the residual-type registry -----------------------------------------------------------------
+
+class LinearField(models.ResidualField):
+    """A third residual type, only for this test: f(t, x) = W(t) * x, no hidden layer."""
+
+    name = 'LIN'
+    release_index_shift = 0
+
+    def __init__(self, dim, dim_int, num_steps, time_weights='release'):
+        super().__init__(dim, dim_int, num_steps, time_weights)
+        self.output_weight = torch.nn.Parameter(torch.zeros(num_steps + 1, dim, dim, 3, 3))
+
+    def reference(self, x, nodes):
+        return models.conv3x3(x, sum(w * self.output_weight[i] for i, w in nodes))
+
+    def prepare(self, index, weight, slots):
+        return (self.output_weight[index] * weight[:, :, None, None, None, None]).sum(1)
+
+    def evaluate(self, x, prepared, e):
+        self.count_evaluation()
+        return models.conv3x3(x, prepared[e])
+
+    @staticmethod
+    def cifar_first_conv(in_planes, planes, stride):
+        return torch.nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+
+
+def test_a_new_residual_type_is_one_class_and_one_registry_entry(monkeypatch, tmp_path):
+    monkeypatch.setitem(models.RESIDUALS, 'LIN', LinearField)
+    block = models.ResidualODEBlock('LIN', 4, 4, 3, 'midpoint', 'release')
+    x = torch.randn(2, 4, 5, 5)
+    assert torch.equal(block(x), x)  # identity at initialisation, as the contract's zero nodes give
+    _set_nodes(block.func, torch.Generator().manual_seed(5))
+    t, options = block.odeint_times('cpu')
+    assert torch.equal(block(x), torchdiffeq.odeint(block.func, x, t, method='midpoint', options=options)[-1])
+    torch.testing.assert_close(block.func(torch.tensor(0.5), x),
+                               block.func.reference(x, [(1, 0.5), (2, 0.5)]), rtol=1e-5, atol=1e-6)
+    assert models.CifarResNet('LIN', 1)(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+    import MNIST_experiments  # the script offers it as --model LIN and trains it
+    monkeypatch.chdir(tmp_path)
+    args = MNIST_experiments.get_args_parser().parse_args(
+        ['--model', 'LIN', '--synthetic', '--subset', '64', '--layers', '2', '--in_channels', '4',
+         '--dim_int', '4', '--epochs', '1', '--batch_size', '32', '--seed', '0',
+         '--embedding_dir', 'none', '--save', 'lin.pkl'])
+    assert MNIST_experiments.main(args) == 0
+    import pickle
+    with open(tmp_path / 'MNIST_experiments' / 'lin.pkl', 'rb') as f:
+        results = pickle.load(f)
+    assert results['model'] == 'LIN' and results['num_parameters'] == 3 * 4 * 4 * 9
+    assert results['train_loss'].shape == (2,)
