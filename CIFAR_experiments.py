@@ -11,21 +11,25 @@ import sys
 
 import torch
 
+import cli
 import data
 import distributed
 import engine
 import models
+import runstate
 
 DATASET = 'CIFAR10'
 FOLDER_PREFIX = 'CIFAR'  # CIFAR_experiments/, CIFAR_checkpoint/, as in the release
 CIFAR_IMAGE_SHAPE = (3, 32, 32)
+# Evaluation batch caps per device type (results never depend on them).
+EVAL_CHUNK = {'cpu': 500, 'cuda': 2500}
 
 
 def get_args_parser():
-    parser = engine.OneLineArgumentParser(
+    parser = cli.OneLineArgumentParser(
         description='Train a ResNet18-layout network of RKHS or SHL blocks on CIFAR-10 (Figure 3).')
-    engine.add_common_arguments(parser, layers=10, epochs=300, lr_init=3e-3, decay_steps=[260],
-                                decay_rate=0.1, dataset=FOLDER_PREFIX)
+    cli.add_common_arguments(parser, layers=10, epochs=300, lr_init=3e-3, decay_steps=[260],
+                             decay_rate=0.1, folder_prefix=FOLDER_PREFIX)
     parser.add_argument('--channels_last', action='store_true',
                         help='channels_last memory format (a GPU speed option; same maths)')
     parser.add_argument('--amp', action='store_true',
@@ -40,6 +44,17 @@ def get_args_parser():
 def load_data(args, dist):
     return engine.load_datasets(args, dist, data.load_cifar10, CIFAR_IMAGE_SHAPE,
                                 (data.CIFAR_TRAIN_SIZE, data.CIFAR_TEST_SIZE))
+
+
+def random_training_images(train_set, transform):
+    """train_classif, as in the release: 10,000 training images drawn anew at each evaluation
+    and passed through the training augmentation."""
+    def sample(generator):
+        index = torch.randperm(len(train_set), device=train_set.labels.device, generator=generator)
+        index = index[:engine.TRAIN_EVAL_SIZE]
+        return transform.train_batch(train_set.images[index], generator), train_set.labels[index], \
+            (lambda images: images)
+    return sample
 
 
 def make_forward(net, args, device):
@@ -58,25 +73,25 @@ def evaluate_only(args) -> int:
     """--evaluate: rebuild the checkpoint's network, print its test error, write nothing."""
     checkpoint = engine.load_checkpoint(args.evaluate, DATASET)
     stored = checkpoint['args']
-    device = engine.pick_device(args)
+    device = cli.pick_device(args)
     _, test_set = load_data(args, distributed.SINGLE)
     net = models.CifarResNet(stored['model'], stored['layers']).to(device)
     transform = data.CifarTransform(device)
     return engine.evaluate_checkpoint(net, checkpoint, {'model': net}, test_set.to(device),
                                       transform.normalize,
-                                      engine.eval_chunk(DATASET, device, args.test_batch_size))
+                                      engine.eval_chunk(EVAL_CHUNK, device, args.test_batch_size))
 
 
-@engine.cli_errors
+@cli.cli_errors
 def main(args) -> int:
-    engine.validate_common_args(args, FOLDER_PREFIX)
+    cli.validate_common_args(args, FOLDER_PREFIX)
     if args.evaluate:
         return evaluate_only(args)
     args, paths, resume_state, device, dist = engine.start_run(args, FOLDER_PREFIX)
     try:
         train_set, test_set = load_data(args, dist)
         train_set, test_set = train_set.to(device), test_set.to(device)
-        engine.seed_everything(args.seed)
+        runstate.seed_everything(args.seed)
         net = models.CifarResNet(args.model, args.layers)
         if dist.world_size > 1 and args.sync_bn:
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
@@ -93,11 +108,9 @@ def main(args) -> int:
             parameters=[p for p in net.parameters() if p.requires_grad],
             train_set=train_set, test_set=test_set,
             train_transform=transform.train_batch, eval_transform=transform.normalize,
-            train_eval_random=True,
-            results={'model': args.model, 'num_layers': args.layers,
-                     'num_parameters': num_parameters, 'batch_size': args.batch_size},
-            extras={'subset': args.subset, 'synthetic': args.synthetic,
-                    'amp': args.amp, 'channels_last': args.channels_last},
+            train_eval_sample=random_training_images(train_set, transform),
+            eval_chunk=engine.eval_chunk(EVAL_CHUNK, device, args.test_batch_size),
+            facts={'num_parameters': num_parameters},
             training_forward=make_forward(wrapped, args, device))
         return engine.fit(experiment, args, paths, resume_state, dist)
     finally:

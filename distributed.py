@@ -11,6 +11,8 @@ import os
 import torch
 import torch.distributed as torch_dist
 
+from cli import UsageError
+
 
 class Single:
     rank, world_size, local_rank, is_main = 0, 1, 0, True
@@ -64,7 +66,6 @@ def setup(args, device: torch.device):
         return SINGLE
     world_size = int(os.environ['WORLD_SIZE'])
     if args.batch_size % world_size:
-        from engine import UsageError
         raise UsageError(f'--batch_size {args.batch_size} (global) must be divisible by the '
                          f'{world_size} processes')
     return Distributed(device)

@@ -30,11 +30,12 @@ import dataclasses
 import os
 import pickle
 import sys
-import tempfile
 import warnings
 from collections import OrderedDict, namedtuple
 
 import numpy as np
+
+import common
 
 DEFAULT_FOLDERS = ('MNIST_experiments', 'CIFAR_experiments')
 DEFAULT_OUT_DIR = 'figures'
@@ -311,35 +312,32 @@ def downsample_index(length, max_points=MAX_PLOT_POINTS):
 # Figures
 # ----------------------------------------------------------------------------
 
-def _mnist_curve(model, layers, channels, pretrain, label, style_value):
-    return CurveSpec('MNIST', model, layers, channels, channels, pretrain,
-                     label, style_value)
+def _spec(config):
+    return CurveSpec(config.dataset, config.model, config.layers, config.channels, config.channels,
+                     config.pretrain, config.label, config.style)
 
 
 def figure_curves(figure, groups):
-    """The curves a figure expects, and the title parts describing them."""
+    """The curves a figure expects (common.figure_grid), and the title describing them."""
+    grid = common.figure_grid('figure' + figure)
     if figure in ('1a', '1b'):
-        pretrain = 0 if figure == '1a' else 3
-        curves = [_mnist_curve(model, layers, 32, pretrain, f'{model} L={layers}', layers)
-                  for model in ('RKHS', 'SHL') for layers in (5, 10, 20)]
-        return curves, f'MNIST, {pretrain} pretraining pass(es), 32 channels'
+        return [_spec(config) for config in grid], \
+            f'MNIST, {grid[0].pretrain} pretraining pass(es), 32 channels'
     if figure == '2':
-        curves = [_mnist_curve('RKHS', 20, channels, 0, f'RKHS C={channels}', channels)
-                  for channels in (32, 8, 4)]
-        return curves, 'MNIST, RKHS, L=20, no pretraining, channels C = in_channels = dim_int'
-    if figure == '3':
-        # Plot whatever depths were run; the release had L = 1, 10, 20 (and
-        # L = 5 for some SHL runs), so those are the ones reported missing.
-        expected = {(model, layers) for model in ('RKHS', 'SHL') for layers in (1, 10, 20)}
-        present = {(cfg.model, cfg.num_layers) for cfg in groups
-                   if cfg.dataset == 'CIFAR10' and cfg.model in ('RKHS', 'SHL')}
-        model_order = {'RKHS': 0, 'SHL': 1}
-        pairs = sorted(expected | present,
-                       key=lambda pair: (model_order[pair[0]], _sort_value(pair[1])))
-        curves = [CurveSpec('CIFAR10', model, layers, None, None, None,
-                            f'{model} L={layers}', layers) for model, layers in pairs]
-        return curves, 'CIFAR10'
-    raise ValueError(f'unknown figure {figure!r}')
+        return [_spec(config) for config in grid], \
+            'MNIST, RKHS, L=20, no pretraining, channels C = in_channels = dim_int'
+    # Figure 3: the grid's depths (the release's stored L = 1, 10, 20), plus any other depth
+    # that was run (the release's README also ran SHL at L = 5).
+    expected = [_spec(config) for config in grid]
+    known = {(spec.model, spec.num_layers) for spec in expected}
+    extra = sorted({(cfg.model, cfg.num_layers) for cfg in groups if cfg.dataset == 'CIFAR10'
+                    and cfg.model in ('RKHS', 'SHL') and (cfg.model, cfg.num_layers) not in known},
+                   key=lambda pair: (pair[0], _sort_value(pair[1])))
+    extra_specs = [CurveSpec('CIFAR10', model, layers, None, None, None, f'{model} L={layers}', layers)
+                   for model, layers in extra]
+    model_order = {'RKHS': 0, 'SHL': 1}
+    return sorted(expected + extra_specs,
+                  key=lambda spec: (model_order[spec.model], _sort_value(spec.num_layers))), 'CIFAR10'
 
 
 def _matches(spec, config):
@@ -387,29 +385,9 @@ def _style(value, table, used):
     return style
 
 
-def _current_umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def _atomic_savefig(fig, path, fmt):
-    """Save ``fig`` to ``path`` via a temporary file and os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.',
-                                        suffix='.tmp')
-    os.close(handle)
-    try:
-        # mkstemp creates the file private (0600); give it the usual
-        # permissions of a new file instead.
-        os.chmod(tmp_path, 0o666 & ~_current_umask())
-        fig.savefig(tmp_path, format=fmt, dpi=DPI)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    """Save ``fig`` to ``path`` atomically, with a new file's usual permissions."""
+    common.atomic_write(path, lambda handle: fig.savefig(handle, format=fmt, dpi=DPI))
 
 
 def _minor_percent_label(value, _position):

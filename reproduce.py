@@ -30,17 +30,17 @@ import shlex
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 
+import common
 import embeddings
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 # Folder of MNIST_experiments.py and CIFAR_experiments.py (tests point it at
 # stand-in scripts).
 SCRIPT_DIR = REPO_DIR
-FIGURES = ('figure1a', 'figure1b', 'figure2', 'figure3')
+FIGURES = common.FIGURES
 
 # Exit codes of the experiment scripts.
 EXIT_OK = 0
@@ -96,29 +96,8 @@ class Run:
 
 
 def figure_settings(figure):
-    """Dataset, results folder names and per-configuration flags of a figure.
-
-    Returns (dataset, tag, configs) where each config is (name prefix, flags).
-    """
-    tag = figure.replace('figure', 'fig')
-    if figure in ('figure1a', 'figure1b'):
-        pretrain = 0 if figure == 'figure1a' else 3
-        configs = [(f'{model}_l{layers}_p{pretrain}',
-                    ['--model', model, '--layers', str(layers), '--pretrain', str(pretrain),
-                     '--in_channels', '32', '--dim_int', '32'])
-                   for model in ('RKHS', 'SHL') for layers in (5, 10, 20)]
-        return 'MNIST', tag, configs
-    if figure == 'figure2':
-        configs = [(f'RKHS_l20_c{channels}',
-                    ['--model', 'RKHS', '--layers', '20', '--pretrain', '0',
-                     '--in_channels', str(channels), '--dim_int', str(channels)])
-                   for channels in (32, 8, 4)]
-        return 'MNIST', tag, configs
-    if figure == 'figure3':
-        configs = [(f'{model}_l{layers}', ['--model', model, '--layers', str(layers)])
-                   for model in ('RKHS', 'SHL') for layers in (1, 10, 20)]
-        return 'CIFAR', tag, configs
-    raise ValueError(f'unknown figure {figure!r}')
+    """Dataset folder prefix, results folder tag and configurations (common.figure_grid)."""
+    return common.figure_folder_prefix(figure), common.figure_tag(figure), common.figure_grid(figure)
 
 
 def _embedding_dir(args):
@@ -127,17 +106,10 @@ def _embedding_dir(args):
     return os.path.abspath(args.embedding_dir)
 
 
-def _embedding_pairs(figure):
-    """(channels, pretraining passes) of each configuration of an MNIST figure."""
-    _, _, configs = figure_settings(figure)
-    return [(int(flags[flags.index('--in_channels') + 1]), int(flags[flags.index('--pretrain') + 1]))
-            for _, flags in configs]
-
-
 def describe_embedding(figures, args):
     """Which MNIST configurations load the release's files and which draw from a seed."""
-    pairs = list(dict.fromkeys(pair for figure in figures if figure != 'figure3'
-                               for pair in _embedding_pairs(figure)))
+    pairs = list(dict.fromkeys((config.channels, config.pretrain) for figure in figures
+                               for config in common.figure_grid(figure) if config.dataset == 'MNIST'))
     directory = _embedding_dir(args)
     found = [pair for pair in pairs if embeddings.find(directory, *pair)]
     drawn = [pair for pair in pairs if pair not in found]
@@ -165,11 +137,11 @@ def build_runs(figure, args):
     out_dir = os.path.join(f'{dataset}_experiments', tag)
     ckpt_dir = os.path.join(f'{dataset}_checkpoint', tag)
     runs = []
-    for prefix, flags in configs:
+    for config in configs:
         for seed in range(args.seed_start, args.seed_start + args.seeds):
-            name = f'{prefix}_s{seed}'
+            name = f'{config.name}_s{seed}'
             epochs, decay_step, decay_rate = PROTOCOLS[args.protocol][dataset]
-            run_args = list(flags) + [
+            run_args = config.flags() + [
                 '--epochs', epochs, '--decay_steps', decay_step, '--decay_rate', decay_rate,
                 '--seed', str(seed),
                 '--results_dir', out_dir,
@@ -199,21 +171,8 @@ def build_runs(figure, args):
 # ----------------------------------------------------------------------------
 
 def _atomic_write_json(path, data):
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix='.sweep.', suffix='.tmp')
-    try:
-        with os.fdopen(handle, 'w') as stream:
-            json.dump(data, stream, indent=1)
-            stream.write('\n')
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp_path, 0o666 & ~mask)  # mkstemp files are private by default
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    common.atomic_write(path, lambda stream: (json.dump(data, stream, indent=1), stream.write('\n')),
+                        binary=False)
 
 
 def write_manifest(root, figure, runs, args, started, finished=None):

@@ -13,6 +13,7 @@ import MNIST_experiments  # noqa: E402
 import data  # noqa: E402
 import distributed  # noqa: E402
 import engine  # noqa: E402
+import runstate  # noqa: E402
 
 GLOBAL_BATCH = 64
 
@@ -33,12 +34,13 @@ def main(out_path):
         dataset='MNIST', model=net, parts={}, parameters=list(net.ode_block.parameters()),
         train_set=train, test_set=test,
         train_transform=lambda images, generator: data.mnist_to_float(images),
-        eval_transform=data.mnist_to_float, train_eval_random=False, results={},
-        training_forward=dist.wrap(net))
+        eval_transform=data.mnist_to_float,
+        train_eval_sample=MNIST_experiments.first_training_images(train), eval_chunk=16,
+        facts={}, training_forward=dist.wrap(net))
     # lr 0 keeps the weights, so the gradient is the first step's, on the one global batch.
     optimizer = torch.optim.SGD(exp.parameters, lr=0.0)
     generator = torch.Generator().manual_seed(0)
-    with engine.StopRequest() as stop:
+    with runstate.StopRequest() as stop:
         outcome = engine.train_one_epoch(exp, optimizer, generator, GLOBAL_BATCH, dist, stop, 'step')
     if dist.is_main:
         torch.save({'grads': [p.grad for p in exp.parameters], 'loss': outcome.losses}, out_path)

@@ -56,7 +56,7 @@ def test_release_embedding_gives_the_stored_runs_starting_error(tmp_path, extra,
     assert results['embedding_sha256'] == [embeddings.RELEASE_SHA256[n] for n in results['embedding_files']]
     assert results['embedding_seed'] is None
     checkpoint = torch.load(tmp_path / 'MNIST_checkpoint' / 'e0.pth', weights_only=True)
-    assert checkpoint['extras']['embedding_sha256'] == results['embedding_sha256']
+    assert checkpoint['facts']['embedding_sha256'] == results['embedding_sha256']
 
 
 def test_files_are_loaded_instead_of_drawn_and_not_pretrained(tmp_path):
