@@ -1,233 +1,181 @@
-"""A release-style training pipeline, written for the speed benchmarks (the baseline, not used
-by the project).
-
-It does what the paper's public release did, in the way it did it:
-  * data: torchvision datasets (one PIL image per sample, per-image transforms) through a torch
-    DataLoader, batches copied to the device every step;
-  * ODE: torchdiffeq.odeint(f, x, t=[0, 1], method, options={'step_size': 1/N}), where f reads
-    the time t at every call, derives the release's node pair and weights from it
-    (models.release_coefficients, so the time rule is the release's to the bit) and BLENDS
-    outputs: RKHS  w0 * conv(h, W[i0]) + w1 * conv(h, W[i1]) with h = relu(conv(x, Omega));
-              SHL   w0 * V[i0] * relu(H[i0] * x) + w1 * V[i1] * relu(H[i1] * x);
-    and node N alone (one residual) once k >= N;
-  * training: plain SGD, loss.item() every step; evaluation through DataLoaders.
-
-The parameters have the project's names and shapes (ode_block.func.omega.weight,
-ode_block.func.output_weight, ode_block.func.hidden_weight, input_net.*, output_net.*), so a
-project model's state_dict loads into `ReleaseStyleMNISTNet` unchanged and both compute with the
-same weights.
+"""The benchmarks' baseline (pipeline a), training the way the paper's release did: torchvision
+datasets (a PIL image per sample) through DataLoaders; torchdiffeq.odeint(f, x, t=[0, 1],
+options={'step_size': 1/N}), f reading t at every call and blending outputs per node; plain SGD
+reading loss.item() every step. As a script (`python benchmarks/release_style.py --epochs 1 ...`), the
+baseline of `bench_mnist.py --whole_process`: data load, evaluation, then per epoch training and evaluation.
 """
-from __future__ import annotations
-
-import math
+import argparse
+import copy
+import itertools
+import os
+import sys
+from functools import partial
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+import torchdiffeq
 from PIL import Image
 
-from benchmarks.common import ROOT  # noqa: F401  (puts the project root on sys.path)
-import models
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-# ---------------------------------------------------------------------------------------------
-# ODE functions f(t, x) as the release wrote them: time read at each call, outputs blended
-# ---------------------------------------------------------------------------------------------
+import cli  # noqa: E402
+import distributed  # noqa: E402
+import engine  # noqa: E402
+import models  # noqa: E402
+import MNIST_experiments  # noqa: E402
 
 
-class _Weight(nn.Module):
-    """Holds a fixed conv weight as a buffer named `weight` (the project's `omega.weight`)."""
+class ReleaseStyleODEBlock(torch.nn.Module):
+    """The release's ODE block around a project block's field (its parameters, under its names)."""
 
-    def __init__(self, weight):
+    def __init__(self, block: models.ResidualODEBlock):
         super().__init__()
-        self.register_buffer('weight', weight)
+        self.func, self.method, self.num_steps, self.nfe = block.func, block.method, block.num_steps, 0
+        self.index_shift = models.RESIDUALS[block.model].release_index_shift
 
-
-class ReleaseStyleRKHSField(nn.Module):
-    model_name = 'RKHS'
-
-    def __init__(self, dim: int, dim_int: int, num_steps: int):
-        super().__init__()
-        self.num_steps = num_steps
-        self.omega = _Weight(torch.randn(dim_int, dim, 3, 3) / math.sqrt(3 * dim_int))
-        self.output_weight = nn.Parameter(torch.zeros(num_steps + 1, dim, dim_int, 3, 3))
-        self.nfe = 0
-
-    def forward(self, t, x):
+    def field(self, t, x):
         self.nfe += 1
-        i0, i1, w0, w1 = models.release_coefficients(t, self.num_steps, self.model_name)
-        h = F.relu(F.conv2d(x, self.omega.weight, padding=1))
-        if i0 == i1:  # k >= N: node N alone
-            return F.conv2d(h, self.output_weight[i0], padding=1)
-        return (w0 * F.conv2d(h, self.output_weight[i0], padding=1)
-                + w1 * F.conv2d(h, self.output_weight[i1], padding=1))
-
-
-class ReleaseStyleSHLField(nn.Module):
-    model_name = 'SHL'
-
-    def __init__(self, dim: int, dim_int: int, num_steps: int):
-        super().__init__()
-        self.num_steps = num_steps
-        hidden = torch.empty(num_steps + 1, dim_int, dim, 3, 3)
-        for node in hidden:  # nn.Conv2d's default initialisation
-            nn.init.kaiming_uniform_(node, a=math.sqrt(5))
-        self.hidden_weight = nn.Parameter(hidden)
-        self.output_weight = nn.Parameter(torch.zeros(num_steps + 1, dim, dim_int, 3, 3))
-        self.nfe = 0
-
-    def residual(self, x, i):
-        h = F.relu(F.conv2d(x, self.hidden_weight[i], padding=1))
-        return F.conv2d(h, self.output_weight[i], padding=1)
-
-    def forward(self, t, x):
-        self.nfe += 1
-        i0, i1, w0, w1 = models.release_coefficients(t, self.num_steps, self.model_name)
-        if i0 == i1:  # k >= N: node N alone
-            return self.residual(x, i0)
-        return w0 * self.residual(x, i0) + w1 * self.residual(x, i1)
-
-
-RELEASE_FIELDS = {'RKHS': ReleaseStyleRKHSField, 'SHL': ReleaseStyleSHLField}
-
-
-class ReleaseStyleODEBlock(nn.Module):
-    def __init__(self, model='RKHS', dim=32, dim_int=32, num_steps=20, method='midpoint'):
-        super().__init__()
-        self.method, self.num_steps = method, num_steps
-        self.func = RELEASE_FIELDS[model](dim, dim_int, num_steps)
+        i0, i1, w0, w1 = models.release_coefficients(t, self.num_steps, self.index_shift)
+        nodes = [(i0, w0)] if i0 == i1 else [(i0, w0), (i1, w1)]  # i0 == i1: node N alone, w0 = 1
+        if isinstance(self.func, models.RKHSField):
+            # Not RKHSField.reference, which interpolates W for one convolution: the release ran
+            # w0 * conv(h, W[i0]) + w1 * conv(h, W[i1]), part of what made it slower.
+            h = F.relu(self.func.omega(x))
+            return sum(w * models.conv3x3(h, self.func.output_weight[i]) for i, w in nodes)
+        return self.func.reference(x, nodes)  # SHL: the outputs of two whole residuals, blended
 
     def forward(self, x):
-        import torchdiffeq
-
         t = torch.tensor([0.0, 1.0], device=x.device)
-        return torchdiffeq.odeint(self.func, x, t, method=self.method,
+        return torchdiffeq.odeint(self.field, x, t, method=self.method,
                                   options={'step_size': 1 / self.num_steps})[-1]
 
 
-class ReleaseStyleMNISTNet(nn.Module):
-    """B(odeint(f, A(image))) with A and B frozen, as the project's MNISTODENet."""
-
-    def __init__(self, model='RKHS', in_channels=32, dim_int=32, layers=20, method='midpoint'):
-        super().__init__()
-        self.input_net = models.mnist_input_network(in_channels)
-        self.ode_block = ReleaseStyleODEBlock(model, in_channels, dim_int, layers, method)
-        self.output_net = models.mnist_output_network(in_channels)
-        for net in (self.input_net, self.output_net):
-            net.requires_grad_(False)
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.input_net.eval()
-        self.output_net.eval()
-        return self
-
-    def forward(self, images):
-        return self.output_net(self.ode_block(self.input_net(images)))
+def release_net_from(project_net: models.MNISTODENet) -> models.MNISTODENet:
+    """A release-style network holding a copy of the project network's weights."""
+    net = copy.deepcopy(project_net)
+    net.ode_block = ReleaseStyleODEBlock(net.ode_block)
+    return net
 
 
-def release_net_from(project_net: models.MNISTODENet) -> ReleaseStyleMNISTNet:
-    """A release-style network holding exactly the project network's weights."""
-    block = project_net.ode_block
-    func = block.func
-    net = ReleaseStyleMNISTNet(block.model, func.dim, func.dim_int, block.num_steps, block.method)
-    net.load_state_dict(project_net.state_dict())
-    device = next(project_net.parameters()).device
-    return net.to(device)
+def project_mnist_net(args, device) -> models.MNISTODENet:
+    """The project's network as MNIST_experiments.py builds it for --seed (no embedding files)."""
+    torch.manual_seed(args.seed)
+    net, _ = MNIST_experiments.build_model(argparse.Namespace(**{
+        **vars(args), 'time_weights': 'release', 'integrator': 'fixed', 'embedding_seed': args.seed,
+        'embedding_dir': 'none', 'pretrain': 0}))
+    net.to(device).freeze_embedding()
+    return net
 
 
-# ---------------------------------------------------------------------------------------------
-# Data: one PIL image per sample, as torchvision's MNIST and CIFAR10 datasets hand them out
-# ---------------------------------------------------------------------------------------------
+def add_arguments(p, layers: int, lr: float, mnist: bool):
+    """The flags of this script and the benchmarks, with the training scripts' defaults."""
+    p.add_argument('--model', default='RKHS', choices=list(models.RESIDUALS))
+    integers = {'layers': layers, 'batch_size': 256, 'seed': 0}
+    if mnist:
+        integers.update(in_channels=32, dim_int=32)
+        p.add_argument('--method', default='midpoint', choices=models.METHODS)
+    for name, default in integers.items():
+        p.add_argument(f'--{name}', type=int, default=default, help=f'(default {default})')
+    p.add_argument('--lr', '--lr_init', type=float, default=lr, help=f'SGD rate (default {lr})')
+    p.add_argument('--data_root', default='data', help='dataset folder (default data)')
+    p.add_argument('--synthetic', action='store_true', help='the project\'s synthetic images instead')
+    p.add_argument('--subset', type=int, default=None, help='first N training and N test images')
+    p.add_argument('--device', default=None, help='default cuda if available, else cpu')
 
-class PILImageDataset(torch.utils.data.Dataset):
-    """uint8 images -> PIL image per __getitem__ -> transform, like torchvision's MNIST/CIFAR10.
 
-    images: (N, H, W) grey or (N, 3, H, W) colour uint8; kept as a numpy array, HWC for colour
-    (the layout of torchvision's CIFAR10.data).
-    """
+class PILImages(torch.utils.data.Dataset):
+    """A uint8 DeviceDataset served one PIL image at a time through `transform`, as torchvision's
+    MNIST and CIFAR10 serve theirs (images kept in numpy, HWC, as CIFAR10.data)."""
 
-    def __init__(self, images_u8: torch.Tensor, labels: torch.Tensor, transform):
-        images = images_u8.cpu()
-        if images.dim() == 4:
-            images = images.permute(0, 2, 3, 1)
-        self.data = np.ascontiguousarray(images.numpy())
-        self.targets = [int(y) for y in labels.cpu()]
-        self.transform = transform
+    def __init__(self, dataset, transform):
+        images = dataset.images.cpu()  # (N, H, W) grey or (N, 3, H, W) colour
+        images = images if images.dim() == 3 else images.permute(0, 2, 3, 1)
+        self.images = np.ascontiguousarray(images.numpy())
+        self.labels, self.transform = dataset.labels.tolist(), transform
 
     def __len__(self):
-        return len(self.targets)
+        return len(self.labels)
 
     def __getitem__(self, index):
-        image = Image.fromarray(self.data[index])  # 'L' for (H, W), 'RGB' for (H, W, 3)
-        return self.transform(image), self.targets[index]
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
 
 
-def loader(dataset, batch_size, shuffle, workers, device):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                                       num_workers=workers, pin_memory=device.type == 'cuda',
-                                       persistent_workers=False)
+def head(dataset, n):
+    return torch.utils.data.Subset(dataset, range(min(n, len(dataset))))
 
 
-# ---------------------------------------------------------------------------------------------
-# Training and evaluation, release style
-# ---------------------------------------------------------------------------------------------
+class ReleasePipeline:
+    """Pipeline a. make_net() makes the initial network; train_eval() gives the dataset of the
+    training error (CIFAR: drawn anew at each call). prepare(warmup_steps) -> (train an epoch,
+    evaluate) a new network, self.net; a warm-up: that many steps and evaluations on a few images."""
 
-def train_epoch(net, train_loader, optimizer, device, max_steps=None) -> list[float]:
-    """One epoch of plain SGD; the loss is read back (loss.item()) at every step."""
-    net.train()
-    losses = []
-    for step, (images, labels) in enumerate(train_loader):
-        if max_steps is not None and step >= max_steps:
-            break
-        images = images.to(device, non_blocking=True)
-        labels = labels.to(device, non_blocking=True)
-        optimizer.zero_grad()
-        loss = F.cross_entropy(net(images), labels)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
-    return losses
+    def __init__(self, args, device, make_net, train, test, train_eval, eval_batch):
+        self.args, self.device, self.make_net, self.net = args, device, make_net, make_net()
+        self.train, self.test, self.train_eval, self.eval_batch = train, test, train_eval, eval_batch
+        cuda = device.type == 'cuda'
+        self.loader = partial(torch.utils.data.DataLoader, num_workers=2 if cuda else 0, pin_memory=cuda)
+        self.describe = f'DataLoader workers {2 if cuda else 0}, evaluation batch {eval_batch}'
+
+    def prepare(self, warmup_steps):
+        net = self.net = self.make_net()
+        device, n = self.device, warmup_steps * self.args.batch_size
+        optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=self.args.lr)
+        batches = self.loader(self.train, self.args.batch_size, shuffle=True)
+
+        def train_epoch():
+            net.train()
+            losses = []
+            for images, labels in itertools.islice(batches, warmup_steps or None):
+                optimizer.zero_grad()
+                loss = F.cross_entropy(net(images.to(device)), labels.to(device))
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+            return losses
+
+        @torch.no_grad()
+        def evaluate():  # (train error, test error)
+            net.eval()
+            sets = [head(d, n) if n else d for d in (self.train_eval(), self.test)]
+            return [sum(int((net(images.to(device)).argmax(1) != labels.to(device)).sum())
+                        for images, labels in self.loader(d, self.eval_batch)) / len(d) for d in sets]
+        return train_epoch, evaluate
 
 
-@torch.no_grad()
-def error_rate(net, data_loader, device, max_batches=None) -> float:
-    net.eval()
-    wrong = seen = 0
-    for batch, (images, labels) in enumerate(data_loader):
-        if max_batches is not None and batch >= max_batches:
-            break
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        wrong += int((net(images).argmax(1) != labels).sum().item())
-        seen += labels.shape[0]
-    return wrong / max(seen, 1)
-
-
-TRAIN_EVAL_SIZE = 10_000  # the training error is measured on the first 10,000 training images
-
-
-def mnist_datasets(root, synthetic=False, subset=None):
-    """(train, first 10,000 of train, test) as torchvision-style datasets giving ToTensor images.
-
-    Real MNIST: torchvision.datasets.MNIST (no download). Synthetic: the project's synthetic
-    images (data.synthetic_dataset, the same ones the project path gets) served one PIL image at
-    a time. --subset keeps the first N training and N test images, as the project's scripts do.
-    """
-    import data
+def mnist_pipeline(args, device) -> ReleasePipeline:
+    """On torchvision's MNIST (--synthetic: the project's images) with ToTensor, cut to --subset."""
     from torchvision import datasets, transforms
-
-    to_tensor = transforms.ToTensor()
-    if synthetic:
-        n_train = min(subset or data.MNIST_TRAIN_SIZE, data.MNIST_TRAIN_SIZE)
-        n_test = min(subset or data.MNIST_TEST_SIZE, data.MNIST_TEST_SIZE)
-        train_u8, test_u8 = data.synthetic_dataset((28, 28), n_train, n_test)
-        train = PILImageDataset(train_u8.images, train_u8.labels, to_tensor)
-        test = PILImageDataset(test_u8.images, test_u8.labels, to_tensor)
+    if args.synthetic:
+        sets = [PILImages(d, transforms.ToTensor())
+                for d in MNIST_experiments.load_data(args, distributed.SINGLE)]
     else:
-        train = datasets.MNIST(root, train=True, transform=to_tensor, download=False)
-        test = datasets.MNIST(root, train=False, transform=to_tensor, download=False)
-        if subset:
-            train = torch.utils.data.Subset(train, range(min(subset, len(train))))
-            test = torch.utils.data.Subset(test, range(min(subset, len(test))))
-    train_eval = torch.utils.data.Subset(train, range(min(TRAIN_EVAL_SIZE, len(train))))
-    return train, train_eval, test
+        sets = [datasets.MNIST(args.data_root, train, transforms.ToTensor()) for train in (True, False)]
+        sets = [head(d, args.subset) if args.subset else d for d in sets]
+    return ReleasePipeline(args, device, lambda: release_net_from(project_mnist_net(args, device)), *sets,
+                           lambda: head(sets[0], engine.TRAIN_EVAL_SIZE),
+                           engine.eval_chunk(MNIST_experiments.EVAL_CHUNK, device, 10**9))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='A whole release-style MNIST run.')
+    add_arguments(p, layers=20, lr=0.5, mnist=True)
+    p.add_argument('--epochs', type=int, default=1)
+    p.add_argument('--out', default=None, help='file for the curves and final weights')
+    args = p.parse_args(argv)
+    pipeline = mnist_pipeline(args, cli.pick_device(args))
+    train, evaluate = pipeline.prepare(warmup_steps=0)
+    curves = {'train_loss': [], 'train_classif': [], 'test_classif': []}
+    for epoch in range(args.epochs + 1):  # epoch 0: the evaluation before training
+        curves['train_loss'] += train() if epoch else []
+        for name, error in zip(('train_classif', 'test_classif'), evaluate()):
+            curves[name].append(error)
+        print(f'epoch {epoch}/{args.epochs}: train error {100 * curves["train_classif"][-1]:.2f}%, '
+              f'test error {100 * curves["test_classif"][-1]:.2f}%', flush=True)
+    if args.out:
+        torch.save({'curves': curves, 'weights': pipeline.net.state_dict()}, args.out)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
