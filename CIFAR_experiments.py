@@ -82,39 +82,40 @@ def evaluate_only(args) -> int:
                                       engine.eval_chunk(EVAL_CHUNK, device, args.test_batch_size))
 
 
+def build_experiment(started: engine.Started) -> engine.Experiment:
+    """Data on the device, the network (with the optional GPU speed options), and its record."""
+    args, device, dist = started.args, started.device, started.dist
+    train_set, test_set = load_data(args, dist)
+    train_set, test_set = train_set.to(device), test_set.to(device)
+    runstate.seed_everything(args.seed)
+    net = models.CifarResNet(args.model, args.layers)
+    if dist.world_size > 1 and args.sync_bn:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net = net.to(device)
+    if args.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    num_parameters = models.count_trainable_parameters(net)
+    dist.print(f'{args.model} ResNet, stages [2, 2, {args.layers}, 2], {num_parameters:,} '
+               f'trainable parameters; seed {args.seed}, device {device}')
+    transform = data.CifarTransform(device)
+    return engine.Experiment(
+        dataset=DATASET, model=net, parts={'model': net},
+        parameters=[p for p in net.parameters() if p.requires_grad],
+        train_set=train_set, test_set=test_set,
+        train_transform=transform.train_batch, eval_transform=transform.normalize,
+        train_eval_sample=random_training_images(train_set, transform),
+        eval_chunk=engine.eval_chunk(EVAL_CHUNK, device, args.test_batch_size),
+        facts={'num_parameters': num_parameters},
+        training_forward=make_forward(dist.wrap(net, args.compile), args, device))
+
+
 @cli.cli_errors
 def main(args) -> int:
-    cli.validate_common_args(args, FOLDER_PREFIX)
+    cli.validate_common_args(args, FOLDER_PREFIX, data.CIFAR_TRAIN_SIZE)
     if args.evaluate:
         return evaluate_only(args)
-    args, paths, resume_state, device, dist = engine.start_run(args, FOLDER_PREFIX)
-    try:
-        train_set, test_set = load_data(args, dist)
-        train_set, test_set = train_set.to(device), test_set.to(device)
-        runstate.seed_everything(args.seed)
-        net = models.CifarResNet(args.model, args.layers)
-        if dist.world_size > 1 and args.sync_bn:
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        net = net.to(device)
-        if args.channels_last:
-            net = net.to(memory_format=torch.channels_last)
-        num_parameters = models.count_trainable_parameters(net)
-        dist.print(f'{args.model} ResNet, stages [2, 2, {args.layers}, 2], {num_parameters:,} '
-                   f'trainable parameters; seed {args.seed}, device {device}')
-        transform = data.CifarTransform(device)
-        wrapped = dist.wrap(net, args.compile)
-        experiment = engine.Experiment(
-            dataset=DATASET, model=net, parts={'model': net},
-            parameters=[p for p in net.parameters() if p.requires_grad],
-            train_set=train_set, test_set=test_set,
-            train_transform=transform.train_batch, eval_transform=transform.normalize,
-            train_eval_sample=random_training_images(train_set, transform),
-            eval_chunk=engine.eval_chunk(EVAL_CHUNK, device, args.test_batch_size),
-            facts={'num_parameters': num_parameters},
-            training_forward=make_forward(wrapped, args, device))
-        return engine.fit(experiment, args, paths, resume_state, dist)
-    finally:
-        dist.close()
+    with engine.start_run(args, FOLDER_PREFIX) as started:
+        return engine.fit(build_experiment(started), started)
 
 
 if __name__ == '__main__':

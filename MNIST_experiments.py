@@ -65,7 +65,7 @@ def get_args_parser():
 
 
 def validate_args(args):
-    cli.validate_common_args(args, DATASET)
+    cli.validate_common_args(args, DATASET, data.MNIST_TRAIN_SIZE)
     for name in ('in_channels', 'dim_int'):
         if getattr(args, name) < 1:
             raise cli.UsageError(f'--{name} must be >= 1, got {getattr(args, name)}')
@@ -128,12 +128,20 @@ def build_model(args) -> tuple[models.MNISTODENet, dict]:
     return models.MNISTODENet(*block_args, input_net=input_net, output_net=output_net), record
 
 
-class PretrainingDiverged(Exception):
-    pass
+class PretrainingStopped(Exception):
+    """Pretraining diverged (exit 3) or was interrupted (130/143); nothing was written."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
 
 
-def pretrain(net: models.MNISTODENet, train_set, args, dist):
-    """Train A followed by B (no ODE block) with plain SGD at a constant rate, then freeze them."""
+def pretrain(net: models.MNISTODENet, train_set, args, dist, stop: runstate.StopRequest):
+    """Train A followed by B (no ODE block) with plain SGD at a constant rate, then freeze them.
+
+    Pretraining is not resumable: a few passes of two small networks, cheaper to redo than to
+    save. On SIGINT/SIGTERM it stops after the current batch and says that nothing was saved.
+    """
     device = train_set.labels.device
     embedding = nn.Sequential(net.input_net, net.output_net)
     optimizer = torch.optim.SGD(embedding.parameters(), lr=args.pretrain_lr)
@@ -150,10 +158,15 @@ def pretrain(net: models.MNISTODENet, train_set, args, dist):
             loss.backward()
             optimizer.step()
             finite &= torch.isfinite(loss)
+            runstate.fault_point('pretraining')
+            if stop.requested:
+                raise PretrainingStopped(
+                    f'interrupted by {stop.name} during pretraining pass {epoch + 1}: nothing was '
+                    f'saved (pretraining is not resumable); rerun the same command', stop.exit_status)
         if not bool(finite):  # one sync per pass
-            raise PretrainingDiverged(
-                f'pretraining diverged (non-finite loss) in pass {epoch + 1} at --pretrain_lr '
-                f'{args.pretrain_lr}; lower it. Nothing was written')
+            raise PretrainingStopped(
+                f'error: pretraining diverged (non-finite loss) in pass {epoch + 1} at --pretrain_lr '
+                f'{args.pretrain_lr}; lower it. Nothing was written', cli.EXIT_DIVERGED)
         dist.print(f'pretraining pass {epoch + 1}/{args.pretrain} done')
     # Every rank pretrained the same way; rank 0's result is made the one truth all the same.
     dist.broadcast_module(embedding)
@@ -173,50 +186,54 @@ def evaluate_only(args) -> int:
                                       engine.eval_chunk(EVAL_CHUNK, device, args.test_batch_size))
 
 
+def build_experiment(started: engine.Started) -> engine.Experiment:
+    """Data on the device, the network (A and B from the release's files, drawn, or pretrained;
+    on --resume, from the resume state), and what the run's record states."""
+    args, device, dist = started.args, started.device, started.dist
+    if args.embedding_seed is None:
+        args.embedding_seed = args.seed
+    train_set, test_set = load_data(args, dist)
+    train_set, test_set = train_set.to(device), test_set.to(device)
+    runstate.seed_everything(args.seed)
+    if started.resume_state is None:
+        net, embedding = build_model(args)
+        dist.print(describe_embedding(args, embedding))
+        if embedding['embedding_files'] is None and args.pretrain > 0:
+            pretrain(net.to(device), train_set, args, dist, started.stop)
+    else:  # A, B and the record of their origin come from the resume state
+        net = models.MNISTODENet(args.model, args.in_channels, args.dim_int, args.layers,
+                                 args.method, args.time_weights, args.integrator)
+        embedding = {key: value for key, value in started.resume_state['facts'].items()
+                     if key.startswith('embedding_')}
+    net = net.to(device)
+    net.freeze_embedding()
+    block = net.ode_block
+    num_parameters = models.count_trainable_parameters(block)
+    dist.print(f'{args.model} ODE block: {args.layers} steps of {args.method}, '
+               f'{args.time_weights} time weights, {num_parameters:,} trainable parameters; '
+               f'seed {args.seed}, device {device}')
+    return engine.Experiment(
+        dataset=DATASET, model=net,
+        parts={'input_net': net.input_net, 'ode_block': block, 'output_net': net.output_net},
+        parameters=list(block.parameters()), train_set=train_set, test_set=test_set,
+        train_transform=lambda images, generator: data.mnist_to_float(images),
+        eval_transform=data.mnist_to_float, train_eval_sample=first_training_images(train_set),
+        eval_chunk=engine.eval_chunk(EVAL_CHUNK, device, args.test_batch_size),
+        facts={'num_parameters': num_parameters, **embedding},
+        training_forward=dist.wrap(net, args.compile))
+
+
 @cli.cli_errors
 def main(args) -> int:
     validate_args(args)
     if args.evaluate:
         return evaluate_only(args)
-    args, paths, resume_state, device, dist = engine.start_run(args, DATASET)
     try:
-        if args.embedding_seed is None:
-            args.embedding_seed = args.seed
-        train_set, test_set = load_data(args, dist)
-        train_set, test_set = train_set.to(device), test_set.to(device)
-        runstate.seed_everything(args.seed)
-        if resume_state is None:
-            net, embedding = build_model(args)
-            dist.print(describe_embedding(args, embedding))
-            if embedding['embedding_files'] is None and args.pretrain > 0:
-                pretrain(net.to(device), train_set, args, dist)
-        else:  # A, B and the record of their origin come from the resume state
-            net = models.MNISTODENet(args.model, args.in_channels, args.dim_int, args.layers,
-                                     args.method, args.time_weights, args.integrator)
-            embedding = {key: value for key, value in resume_state['facts'].items()
-                         if key.startswith('embedding_')}
-        net = net.to(device)
-        net.freeze_embedding()
-        block = net.ode_block
-        num_parameters = models.count_trainable_parameters(block)
-        dist.print(f'{args.model} ODE block: {args.layers} steps of {args.method}, '
-                   f'{args.time_weights} time weights, {num_parameters:,} trainable parameters; '
-                   f'seed {args.seed}, device {device}')
-        experiment = engine.Experiment(
-            dataset=DATASET, model=net,
-            parts={'input_net': net.input_net, 'ode_block': block, 'output_net': net.output_net},
-            parameters=list(block.parameters()), train_set=train_set, test_set=test_set,
-            train_transform=lambda images, generator: data.mnist_to_float(images),
-            eval_transform=data.mnist_to_float, train_eval_sample=first_training_images(train_set),
-            eval_chunk=engine.eval_chunk(EVAL_CHUNK, device, args.test_batch_size),
-            facts={'num_parameters': num_parameters, **embedding},
-            training_forward=dist.wrap(net, args.compile))
-        return engine.fit(experiment, args, paths, resume_state, dist)
-    except PretrainingDiverged as exc:
-        print(f'error: {exc}', file=sys.stderr)
-        return cli.EXIT_DIVERGED
-    finally:
-        dist.close()
+        with engine.start_run(args, DATASET) as started:
+            return engine.fit(build_experiment(started), started)
+    except PretrainingStopped as exc:  # the claim has removed what it created: nothing is left
+        print(exc, file=sys.stderr if exc.status == cli.EXIT_DIVERGED else sys.stdout)
+        return exc.status
 
 
 if __name__ == '__main__':

@@ -27,11 +27,34 @@ class UsageError(Exception):
     """Bad command line or a refusal: one line on stderr, exit status 2, nothing written."""
 
 
+_NOT_GIVEN = object()
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse prints its whole usage block on an error; a bad flag gets one line here."""
+    """argparse prints its whole usage block on an error; a bad flag gets one line here.
+
+    It also records which flags the command line gave (in any spelling: long, short or
+    abbreviated) as `args._given`, so that --resume can refuse flags that differ from the run's.
+    """
 
     def error(self, message):
         self.exit(EXIT_USAGE, f'{self.prog}: error: {message} (see --help)\n')
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        # argparse leaves an attribute that is already set alone, so a second parse over
+        # placeholders shows which destinations the command line itself set.
+        probe = argparse.Namespace(**{action.dest: _NOT_GIVEN for action in self._actions
+                                      if action.dest != argparse.SUPPRESS})
+        super().parse_known_args(args, probe)
+        parsed._given = frozenset(dest for dest, value in vars(probe).items()
+                                  if value is not _NOT_GIVEN and not dest.startswith('_'))
+        return parsed, extras
+
+
+def given_flags(args) -> frozenset:
+    """The destinations the command line set explicitly (empty for a hand-made Namespace)."""
+    return getattr(args, '_given', frozenset())
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, layers: int, epochs: int,
@@ -111,9 +134,51 @@ def _check_writable_folder(flag, folder):
 
 def _check_save_name(save: str):
     if (os.path.basename(save) != save or '/' in save or '\\' in save or save.startswith('.')
-            or not save.endswith('.pkl') or len(save) <= len('.pkl')):
-        raise UsageError(f'--save must be a plain file name ending in .pkl (no folders, no ..), '
-                         f'got {save!r}')
+            or not save.endswith('.pkl') or len(save) <= len('.pkl')
+            or any(ord(c) < 32 or ord(c) == 127 for c in save)):
+        raise UsageError(f'--save must be a plain file name ending in .pkl (no folders, no .., no '
+                         f'control characters), got {save!r}')
+
+
+# An atomic write's temporary file is named '.<name>.<8 random characters>.tmp' (mkstemp).
+TEMPORARY_NAME_EXTRA = len('.') + len('.') + 8 + len('.tmp')
+
+
+def derived_names(args, folder_prefix: str) -> list[str]:
+    """Every file name a run writes: results, resume state, lock, checkpoint."""
+    stem = os.path.splitext(args.save)[0]
+    return [args.save, f'{stem}.resume.pt', f'.{stem}.lock',
+            os.path.basename(checkpoint_path(args, folder_prefix))]
+
+
+def _check_name_lengths(args, folder_prefix: str):
+    """Refuse a --save or --checkpoint whose files the file system could not create."""
+    limit = _name_max(args.results_dir)
+    longest = max(derived_names(args, folder_prefix), key=len)
+    if len(longest) + TEMPORARY_NAME_EXTRA > limit:
+        raise UsageError(f'--save/--checkpoint: the file name {longest[:40]}... is too long '
+                         f'({len(longest)} characters; this file system allows '
+                         f'{limit - TEMPORARY_NAME_EXTRA} here)')
+
+
+def _name_max(folder) -> int:
+    path = os.path.abspath(folder or '.')
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return os.pathconf(path, 'PC_NAME_MAX')
+    except (OSError, ValueError, AttributeError):
+        return 255
+
+
+def _check_decay_steps(steps):
+    if any(step < 1 for step in steps):
+        raise UsageError(f'--decay_steps are epochs >= 1 (a decay at 0 would act before training), '
+                         f'got {steps}')
+    repeated = sorted({step for step in steps if steps.count(step) > 1})
+    if repeated:
+        raise UsageError(f'--decay_steps lists epoch {repeated[0]} more than once (each listing '
+                         f'multiplies the rate again), got {steps}')
 
 
 def _check_device(name):
@@ -127,15 +192,19 @@ def _check_device(name):
         raise UsageError(f'--device must be cpu or cuda[:N], got {name!r}')
 
 
-def validate_common_args(args, folder_prefix: str):
-    """Every rule that can be checked before touching data or building a model."""
+def validate_common_args(args, folder_prefix: str, train_size: int):
+    """Every rule that can be checked before touching data or building a model.
+
+    train_size: the full training set's size, the most --subset can take.
+    """
     for name in ('layers', 'batch_size', 'test_batch_size', 'subset'):
         _at_least(name, getattr(args, name), 1)
+    if args.subset is not None and args.subset > train_size:
+        raise UsageError(f'--subset {args.subset} is more than the {train_size:,} training images')
     _at_least('epochs', args.epochs, 0)
     _positive_finite('lr_init', args.lr_init)
     _positive_finite('decay_rate', args.decay_rate)
-    if any(step < 0 for step in args.decay_steps):
-        raise UsageError(f'--decay_steps must be non-negative epochs, got {args.decay_steps}')
+    _check_decay_steps(args.decay_steps)
     if args.seed is not None and not 0 <= args.seed < 2 ** 63:
         raise UsageError(f'--seed must be in [0, 2^63), got {args.seed}')
     _check_save_name(args.save)
@@ -146,6 +215,17 @@ def validate_common_args(args, folder_prefix: str):
         return
     _check_writable_folder('--results_dir', args.results_dir)
     _check_writable_folder('--checkpoint', os.path.dirname(checkpoint_path(args, folder_prefix)))
+    _check_name_lengths(args, folder_prefix)
+
+
+def decay_warning(args) -> str | None:
+    """A decay at or after the last epoch never acts: worth a warning, not a refusal (a shortened
+    run of a longer protocol, such as --epochs 1 of the 40-epoch one, is a normal thing to do)."""
+    late = [step for step in args.decay_steps if step >= args.epochs]
+    if args.epochs == 0 or not late:
+        return None
+    return (f'warning: --decay_steps {" ".join(map(str, late))} at or after --epochs {args.epochs}: '
+            f'{"that decay never happens" if len(late) == 1 else "those decays never happen"}')
 
 
 def pick_device(args) -> torch.device:

@@ -49,8 +49,61 @@ def atomic_write(path: str, write: Callable, binary: bool = True) -> None:
         os.close(dir_fd)
 
 
+def missing_ancestors(path: str) -> list[str]:
+    """`path` and each of its parents that does not exist yet, outermost first: what creating
+    `path` would create, and so what a failed attempt must remove."""
+    path = os.path.abspath(path)
+    missing = []
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing[::-1]
+
+
 def save_pickle(obj, path: str) -> None:
     atomic_write(path, lambda f: pickle.dump(obj, f, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading results pickles without running code
+# ---------------------------------------------------------------------------------------------
+
+# The only globals a results pickle needs: numpy's array and scalar rebuilders (both spellings:
+# numpy 1 wrote numpy.core, numpy 2 writes numpy._core; protocol 5 pickles use _frombuffer).
+# This project's pickles and the release's 335 stored ones (dicts of str, int, float, lists and
+# numpy arrays made by tensor.numpy()) need nothing else.
+RESULTS_GLOBALS = {
+    ('numpy', 'ndarray'), ('numpy', 'dtype'),
+    ('numpy.core.multiarray', '_reconstruct'), ('numpy._core.multiarray', '_reconstruct'),
+    ('numpy.core.multiarray', 'scalar'), ('numpy._core.multiarray', 'scalar'),
+    ('numpy.core.numeric', '_frombuffer'), ('numpy._core.numeric', '_frombuffer'),
+}
+
+
+class UnsafePickle(pickle.UnpicklingError):
+    """A pickle that asks for something a results file never holds (it could run code)."""
+
+
+class _ResultsUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) not in RESULTS_GLOBALS:
+            raise UnsafePickle(f'it asks for {module}.{name}, which a results file never holds')
+        import importlib
+
+        # numpy 2 still answers to numpy.core, with a deprecation warning: go to the new name.
+        for candidate in (module.replace('numpy.core', 'numpy._core'), module):
+            try:
+                return getattr(importlib.import_module(candidate), name)
+            except (ImportError, AttributeError):
+                continue
+        raise UnsafePickle(f'{module}.{name} is not available in this numpy')
+
+
+def load_results(path: str):
+    """A results pickle, read with an unpickler that can only rebuild numpy arrays and plain
+    values: a crafted file raises UnsafePickle instead of running its code."""
+    with open(path, 'rb') as f:
+        return _ResultsUnpickler(f).load()
 
 
 # ---------------------------------------------------------------------------------------------

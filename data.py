@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
+from common import missing_ancestors
+
 
 class DataError(Exception):
     """A dataset that is missing, unreachable or corrupt; the message says how to fix it."""
@@ -65,15 +67,42 @@ class DeviceDataset:
 # Loading
 # ---------------------------------------------------------------------------------------------
 
+# The idx header of each file: magic number (2051 images, 2049 labels), count, and for images
+# the 28 x 28 size, as big-endian 32-bit integers.
+MNIST_HEADERS = {
+    'train-images-idx3-ubyte': (2051, MNIST_TRAIN_SIZE, 28, 28),
+    'train-labels-idx1-ubyte': (2049, MNIST_TRAIN_SIZE),
+    't10k-images-idx3-ubyte': (2051, MNIST_TEST_SIZE, 28, 28),
+    't10k-labels-idx1-ubyte': (2049, MNIST_TEST_SIZE),
+}
+FIX_MNIST = 'delete it and let the script download MNIST again, or copy a good copy there'
+
+
 def _check_mnist_files(raw_folder: str):
-    """Name any raw file whose size is wrong: torchvision would fail on it with a bare traceback."""
+    """Name any raw file of the wrong size or with a wrong header: torchvision would fail on it
+    with a bare traceback or a message that blames something else."""
     for name, size in MNIST_RAW_FILES.items():
         path = os.path.join(raw_folder, name)
-        if os.path.exists(path) and os.path.getsize(path) != size:
-            raise DataError(
-                f'{path} is truncated or corrupt ({os.path.getsize(path):,} bytes, expected '
-                f'{size:,}); delete it and let the script download MNIST again, or copy a good copy '
-                f'there')
+        if not os.path.exists(path):
+            continue
+        if os.path.getsize(path) != size:
+            raise DataError(f'{path} is truncated or corrupt ({os.path.getsize(path):,} bytes, '
+                            f'expected {size:,}); {FIX_MNIST}')
+        expected = MNIST_HEADERS[name]
+        with open(path, 'rb') as f:
+            header = tuple(int.from_bytes(f.read(4), 'big') for _ in expected)
+        if header != expected:
+            raise DataError(f'{path} has a corrupt header ({" ".join(map(str, header))}, expected '
+                            f'{" ".join(map(str, expected))}: magic number, count, size); {FIX_MNIST}')
+
+
+def _check_labels(labels: torch.Tensor, path: str):
+    """Labels must be classes 0..9: a corrupt byte would otherwise crash training mid-run."""
+    bad = ((labels < 0) | (labels >= NUM_CLASSES)).nonzero()
+    if bad.numel():
+        index = int(bad[0])
+        raise DataError(f'{path} holds label {int(labels[index])} at image {index}, outside '
+                        f'0..{NUM_CLASSES - 1}: the file is corrupt')
 
 
 def load_mnist(root: str) -> tuple[DeviceDataset, DeviceDataset]:
@@ -83,7 +112,7 @@ def load_mnist(root: str) -> tuple[DeviceDataset, DeviceDataset]:
     raw_folder = os.path.join(root, 'MNIST', 'raw')
     _check_mnist_files(raw_folder)
     try:
-        with _removed_if_failed([root, os.path.join(root, 'MNIST'), raw_folder]):
+        with _removed_if_failed([*missing_ancestors(root), os.path.join(root, 'MNIST'), raw_folder]):
             train = datasets.MNIST(root, train=True, download=True)
             test = datasets.MNIST(root, train=False, download=True)
     except Exception as exc:  # no network, a blocked host, a half-written archive...
@@ -92,7 +121,10 @@ def load_mnist(root: str) -> tuple[DeviceDataset, DeviceDataset]:
             f'MNIST is not in {raw_folder}/ and could not be downloaded ({type(exc).__name__}: '
             f'{_first_line(exc)}). Put the four files ({expected}) in {raw_folder}/, '
             f'or pass --data_root pointing at the folder that holds MNIST/raw/') from None
-    return _to_dataset(train.data, train.targets), _to_dataset(test.data, test.targets)
+    train, test = _to_dataset(train.data, train.targets), _to_dataset(test.data, test.targets)
+    _check_labels(train.labels, os.path.join(raw_folder, 'train-labels-idx1-ubyte'))
+    _check_labels(test.labels, os.path.join(raw_folder, 't10k-labels-idx1-ubyte'))
+    return train, test
 
 
 def load_cifar10(root: str) -> tuple[DeviceDataset, DeviceDataset]:
@@ -101,7 +133,7 @@ def load_cifar10(root: str) -> tuple[DeviceDataset, DeviceDataset]:
 
     folder = os.path.join(root, CIFAR_FOLDER)
     try:
-        with _removed_if_failed([root, folder, os.path.join(root, CIFAR_ARCHIVE)]):
+        with _removed_if_failed([*missing_ancestors(root), folder, os.path.join(root, CIFAR_ARCHIVE)]):
             train = datasets.CIFAR10(root, train=True, download=True)
             test = datasets.CIFAR10(root, train=False, download=True)
     except Exception as exc:
@@ -110,8 +142,11 @@ def load_cifar10(root: str) -> tuple[DeviceDataset, DeviceDataset]:
             f'({type(exc).__name__}: {_first_line(exc)}). Download {CIFAR_ARCHIVE} from '
             f'https://www.cs.toronto.edu/~kriz/cifar.html, extract it into {root}/ so that '
             f'{folder}/ holds {", ".join(CIFAR_FILES)}, or pass --data_root') from None
-    return (_to_dataset(torch.as_tensor(train.data).permute(0, 3, 1, 2), train.targets),
-            _to_dataset(torch.as_tensor(test.data).permute(0, 3, 1, 2), test.targets))
+    train = _to_dataset(torch.as_tensor(train.data).permute(0, 3, 1, 2), train.targets)
+    test = _to_dataset(torch.as_tensor(test.data).permute(0, 3, 1, 2), test.targets)
+    _check_labels(train.labels, os.path.join(folder, 'data_batch_*'))
+    _check_labels(test.labels, os.path.join(folder, 'test_batch'))
+    return train, test
 
 
 @contextlib.contextmanager

@@ -28,6 +28,8 @@ import sys
 import tempfile
 import urllib.request
 
+from common import missing_ancestors
+
 DEFAULT_DIR = 'MNIST_pretrained_models'
 NO_EMBEDDING_DIR = 'none'  # --embedding_dir none: never load files
 # The folder exists at this commit of the authors' repository and is deleted at its newest one.
@@ -197,7 +199,7 @@ def download(directory: str, base_url: str = DOWNLOAD_URL, log=print) -> int:
     missing = [name for name in RELEASE_SHA256 if name not in present]
     if not missing:
         return 0
-    created = _missing_ancestors(os.path.abspath(directory))
+    created = missing_ancestors(directory)
     try:
         os.makedirs(directory, exist_ok=True)
         staging = tempfile.mkdtemp(prefix='.download-', dir=directory)
@@ -214,18 +216,6 @@ def download(directory: str, base_url: str = DOWNLOAD_URL, log=print) -> int:
             shutil.rmtree(folder, ignore_errors=True)
         raise
     return len(missing)
-
-
-def _missing_ancestors(path: str) -> list[str]:
-    """`path` and each of its parents that does not exist yet, outermost first."""
-    missing = []
-    while not os.path.exists(path):
-        missing.append(path)
-        parent = os.path.dirname(path)
-        if parent == path:
-            break
-        path = parent
-    return missing[::-1]
 
 
 def _fetch(url: str, path: str, expected_sha256: str):

@@ -11,9 +11,11 @@ The engine knows no dataset or residual type by name: a script describes its run
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
+import sys
 import random
 import time
 from dataclasses import dataclass, field
@@ -25,11 +27,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import distributed
-from cli import EXIT_DIVERGED, EXIT_OK, UsageError, pick_device
+from cli import EXIT_DIVERGED, EXIT_OK, UsageError, decay_warning, pick_device
 from common import save_pickle
 from data import DeviceDataset
-from runstate import (CHECKPOINT_FORMAT, RESUME_FORMAT, StopRequest, fault_point, load_torch,
-                      plain_args, prepare_run, rng_state, save_torch, set_rng_state)
+from runstate import (CHECKPOINT_FORMAT, RESUME_FORMAT, RunClaim, RunPaths, StopRequest, fault_point,
+                      load_torch, plain_args, prepare_run, rng_state, save_torch, set_rng_state)
 
 TRAIN_EVAL_SIZE = 10_000  # train_classif is measured on 10,000 training images, as in the release
 # On CUDA, reading the loss forces a host-device sync; do it every this many steps (for the
@@ -272,41 +274,43 @@ class Run:
         return EXIT_OK if diverged_epoch is None else EXIT_DIVERGED
 
 
-def fit(exp: Experiment, args, paths, resume_state: Optional[dict], dist=None) -> int:
+def fit(exp: Experiment, started: Started) -> int:
     """Train, evaluate, checkpoint and pickle one run. Returns the exit status."""
-    dist = dist or distributed.SINGLE
-    run = Run(exp, args, paths, dist)
+    args, resume_state, dist, stop = started.args, started.resume_state, started.dist, started.stop
+    run = Run(exp, args, started.paths, dist)
     position = run.restore(resume_state) if resume_state is not None else None
-    with StopRequest() as stop:
-        if resume_state is None:
-            run.evaluate()  # epoch 0: the model before training
-            run.save_resume()
+    if decay_warning(args):
+        dist.print(decay_warning(args), file=sys.stderr)
+    # SIGINT/SIGTERM are recorded by `stop` from start_run on: a step finishes, the state is saved.
+    if resume_state is None:
+        run.evaluate()  # epoch 0: the model before training
+        run.save_resume()
+        run.save_checkpoint()
+    elif position is None and run.progress.best_epoch == run.progress.epoch:
+        # The restored model is the best so far; a kill may have come between the resume
+        # state and the checkpoint, so write the checkpoint again (same content).
+        run.save_checkpoint()
+    for epoch in range(run.progress.epoch, args.epochs):
+        epoch_start = time.perf_counter()
+        outcome = train_one_epoch(exp, run.optimizer, run.generator, args.batch_size, dist, stop,
+                                  f'epoch {epoch + 1}/{args.epochs}', position)
+        position = None
+        if outcome.status == 'interrupted':
+            run.save_resume(outcome.position)
+            return run.interrupted(stop)
+        run.progress.train_loss.extend(outcome.losses.tolist())
+        if outcome.status == 'diverged':
+            return run.finish(diverged_epoch=epoch + 1)
+        run.scheduler.step()
+        dist.sync_buffers(exp.model)  # BatchNorm statistics of rank 0, so ranks evaluate alike
+        run.progress.epoch = epoch + 1
+        is_best = run.evaluate(epoch_start)
+        run.save_resume()
+        if is_best:
             run.save_checkpoint()
-        elif position is None and run.progress.best_epoch == run.progress.epoch:
-            # The restored model is the best so far; a kill may have come between the resume
-            # state and the checkpoint, so write the checkpoint again (same content).
-            run.save_checkpoint()
-        for epoch in range(run.progress.epoch, args.epochs):
-            epoch_start = time.perf_counter()
-            outcome = train_one_epoch(exp, run.optimizer, run.generator, args.batch_size, dist, stop,
-                                      f'epoch {epoch + 1}/{args.epochs}', position)
-            position = None
-            if outcome.status == 'interrupted':
-                run.save_resume(outcome.position)
-                return run.interrupted(stop)
-            run.progress.train_loss.extend(outcome.losses.tolist())
-            if outcome.status == 'diverged':
-                return run.finish(diverged_epoch=epoch + 1)
-            run.scheduler.step()
-            dist.sync_buffers(exp.model)  # BatchNorm statistics of rank 0, so ranks evaluate alike
-            run.progress.epoch = epoch + 1
-            is_best = run.evaluate(epoch_start)
-            run.save_resume()
-            if is_best:
-                run.save_checkpoint()
-            if dist.any(stop.requested) and epoch + 1 < args.epochs:
-                return run.interrupted(stop)
-        return run.finish()
+        if dist.any(stop.requested) and epoch + 1 < args.epochs:
+            return run.interrupted(stop)
+    return run.finish()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,19 +367,44 @@ def _torchvision_version():
 # Starting a run, its data, and --evaluate
 # ---------------------------------------------------------------------------------------------
 
-def start_run(args, folder_prefix: str):
-    """The existing-file rules, the device, the process group and the seed, in that order.
+@dataclass
+class Started:
+    """A run that has claimed its files: its (possibly stored) arguments, paths, resume state,
+    device, process group, and the record of SIGINT/SIGTERM, active from the start."""
+    args: object
+    paths: RunPaths
+    resume_state: Optional[dict]
+    device: torch.device
+    dist: object
+    stop: StopRequest
 
-    Returns (args, paths, resume_state, device, dist); the caller closes dist when done.
+
+@contextlib.contextmanager
+def start_run(args, folder_prefix: str):
+    """Claim the run's files, apply the existing-file rules, join the process group, draw the seed.
+
+    The claim (lock and folders) comes before any work, so that a second process with the same
+    --save, or a folder that cannot be written, is refused at once. If the run then fails (a
+    refusal, missing data, any exception), what the claim created is removed again.
     """
-    args, paths, resume_state = prepare_run(args, folder_prefix)
-    device = pick_device(args)
-    dist = distributed.setup(args, device)
-    if dist.world_size > 1:
-        device = dist.device
-    if args.seed is None:  # drawn once, on rank 0, and recorded in the pickle
-        args.seed = dist.broadcast_int(random.SystemRandom().randrange(2 ** 31))
-    return args, paths, resume_state, device, dist
+    claim = RunClaim()
+    failed = True
+    with StopRequest() as stop:
+        try:
+            claim.lock(os.path.join(args.results_dir, args.save), f'--save {args.save}')
+            args, paths, resume_state = prepare_run(args, folder_prefix)
+            claim.make_folders(paths)
+            dist = distributed.setup(args, pick_device(args))
+            try:
+                if args.seed is None:  # drawn once, on rank 0, and recorded in the pickle
+                    args.seed = dist.broadcast_int(random.SystemRandom().randrange(2 ** 31))
+                device = dist.device if dist.world_size > 1 else pick_device(args)
+                yield Started(args, paths, resume_state, device, dist, stop)
+                failed = False
+            finally:
+                dist.close()
+        finally:
+            claim.release(failed)
 
 
 def load_datasets(args, dist, load_real: Callable, image_shape: tuple, full_sizes: tuple):

@@ -2,7 +2,7 @@
 
 Every ``*.pkl`` file found (recursively) under the given folders -- by default
 ``MNIST_experiments/`` and ``CIFAR_experiments/`` -- is read as one training
-run. Both the pickles written by this project's experiment scripts and the 340
+run. Both the pickles written by this project's experiment scripts and the 335
 pickles of the paper's public release are understood: the release lacks the
 optional keys (``dataset``, ``method``, ``epochs``, ``seed``, ``diverged``,
 ``epoch_times``, ...) and this script falls back on the other keys then.
@@ -15,8 +15,9 @@ panels: the smoothed training loss per iteration (log scale) and the test error
 seeds. Runs of unequal length (diverged runs stop early) are averaged over the
 runs that reach each index.
 
-Security note: unpickling can execute arbitrary code, so only read pickles that
-come from a trusted source (your own runs, the authors' release).
+Pickles are read with a restricted unpickler (common.load_results) that can only
+rebuild numpy arrays and plain values, so a crafted pickle is skipped with a
+warning and never runs code.
 
 Usage::
 
@@ -28,7 +29,6 @@ Usage::
 import argparse
 import dataclasses
 import os
-import pickle
 import sys
 import warnings
 from collections import OrderedDict, namedtuple
@@ -163,8 +163,10 @@ def _seconds_per_epoch(data, test_classif):
 def read_run(path):
     """Read one results pickle; return a :class:`Run`, or None (with a warning)."""
     try:
-        with open(path, 'rb') as handle:
-            data = pickle.load(handle)
+        data = common.load_results(path)
+    except common.UnsafePickle as exc:
+        _warn(f'skipping {path}: refused to unpickle it: {exc} (a crafted file?)')
+        return None
     except Exception as exc:  # any unreadable file is skipped, not fatal
         _warn(f'skipping unreadable pickle {path}: {type(exc).__name__}: {exc}')
         return None

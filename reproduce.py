@@ -52,8 +52,8 @@ EXIT_INTERRUPTED = 130
 RESUME_SUFFIX = '.resume.pt'
 
 # Flags that reproduce.py sets for each run and that must not be passed through.
-MANAGED_FLAGS = ('--seed', '--results_dir', '--save', '--checkpoint', '--embedding_seed',
-                 '--embedding_dir', '--resume')
+MANAGED_FLAGS = ('seed', 'results_dir', 'save', 'checkpoint', 'embedding_seed', 'embedding_dir',
+                 'resume')
 
 # Training protocols: (epochs, decay epoch, decay factor) per dataset.
 # 'stored' is what the release's stored runs used: its scripts' defaults for MNIST (its pickles
@@ -423,15 +423,40 @@ def _check_args(args):
         problems.append('--jobs must be >= 1')
     if args.per_gpu < 1:
         problems.append('--per_gpu must be >= 1')
-    # Overriding these per-run flags would break resuming (the pickle would
-    # not be where we look) or the fixed embedding.
-    for token in args.passthrough:
-        flag = token.split('=', 1)[0]
-        if flag in MANAGED_FLAGS:
-            problems.append(f'{flag} is set per run by reproduce.py; it cannot be passed '
-                            'after "--"' + (' (use --embedding_seed / --vary_embedding '
-                                            'before "--")' if flag == '--embedding_seed' else ''))
     return problems
+
+
+def _passthrough_problems(args, figures):
+    """Flags after '--' that would contradict the sweep: a grid flag (say --layers 2 would
+    make the runs named RKHS_l5, _l10 and _l20 all 2-layer runs) or a flag that reproduce.py
+    sets per run (moving the pickle from where a rerun looks, or the shared embedding).
+
+    The flags are read by the experiment script's own parser, so that every spelling counts:
+    --layers, -l, an abbreviation like --lay, --layers=2.
+    """
+    if not args.passthrough:
+        return []
+    import importlib
+
+    import cli  # imports torch: only when something follows '--'
+    if REPO_DIR not in sys.path:
+        sys.path.insert(0, REPO_DIR)
+    problems = []
+    for prefix in sorted({common.figure_folder_prefix(figure) for figure in figures}):
+        parser = importlib.import_module(f'{prefix}_experiments').get_args_parser()
+        try:
+            given = cli.given_flags(parser.parse_args(args.passthrough))
+        except SystemExit:  # the parser has printed its own one-line error
+            return [f'the flags after "--" are not valid for {prefix}_experiments.py']
+        for dest in sorted(given & set(common.GRID_DESTS)):
+            problems.append(f'--{dest} is set for each configuration by the figure\'s grid; it '
+                            f'cannot be passed after "--"')
+        for dest in sorted(given & set(MANAGED_FLAGS)):
+            problems.append(f'--{dest} is set per run by reproduce.py; it cannot be passed after '
+                            f'"--"' + (' (use reproduce.py\'s own --embedding_seed, --embedding_dir or '
+                                       '--vary_embedding, before "--")' if dest.startswith('embedding')
+                                       else ''))
+    return list(dict.fromkeys(problems))
 
 
 def _plot(figure, root, pdf):
@@ -449,14 +474,14 @@ def _plot(figure, root, pdf):
 
 def main(args):
     """Run (or print, with --dry_run) the sweep, then plot; return an exit status."""
-    problems = _check_args(args)
+    figures = FIGURES if args.figure == 'all' else (args.figure,)
+    problems = _check_args(args) or _passthrough_problems(args, figures)
     if problems:
         for problem in problems:
             print('error: ' + problem, file=sys.stderr)
         return 2
     sweep_start = time.time()
     root = os.path.abspath(args.results_root)
-    figures = FIGURES if args.figure == 'all' else (args.figure,)
     runs_by_figure = {figure: build_runs(figure, args) for figure in figures}
     all_runs = [run for figure in figures for run in runs_by_figure[figure]]
 

@@ -56,7 +56,7 @@ def pretrain_on_every_rank(out_prefix):
     dist = distributed.setup(args, torch.device('cpu'))
     train, _ = data.synthetic_dataset(MNIST_experiments.MNIST_IMAGE_SHAPE, 4 * GLOBAL_BATCH, 16)
     net, _ = MNIST_experiments.build_model(args)
-    MNIST_experiments.pretrain(net, train, args, dist)
+    MNIST_experiments.pretrain(net, train, args, dist, runstate.StopRequest())
     net.freeze_embedding()
     torch.save({'input_net': net.input_net.state_dict(), 'output_net': net.output_net.state_dict()},
                f'{out_prefix}{dist.rank}.pt')

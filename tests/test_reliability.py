@@ -66,6 +66,8 @@ BAD_COMMAND_LINES = [
     ['--time_weights', 'cubic'], ['--save', '../escape.pkl'], ['--save', 'sub/dir.pkl'],
     ['--save', 'results.txt'], ['--save', '..'], ['--seed', '-1'], ['--device', 'tpu'],
     ['--evaluate', 'missing.pth'], ['--results_dir', 'blocker/inside'], ['--no_such_flag'],
+    ['--decay_steps', '0'], ['--decay_steps', '3', '3'], ['--subset', '60001'], ['--save', 'a\nb.pkl'],
+    ['--save', 'x' * 250 + '.pkl'],
 ]
 
 

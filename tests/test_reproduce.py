@@ -131,6 +131,25 @@ def test_embedding_dir_passed_to_mnist_runs_and_reported(capsys, tmp_path):
     assert '--embedding_seed 0 for 32 channels/0 passes, 4 channels/0 passes' in line
 
 
+@pytest.mark.parametrize('figure, passthrough, flag', [
+    ('figure1a', ['--layers', '2'], '--layers'),
+    ('figure1a', ['-l', '2', '--epochs', '1'], '--layers'),       # the release's short alias
+    ('figure1a', ['--lay', '2'], '--layers'),                     # an abbreviation argparse accepts
+    ('figure1b', ['--model=SHL'], '--model'),
+    ('figure2', ['--in_channels', '8'], '--in_channels'),
+    ('figure1a', ['-p', '1'], '--pretrain'),
+    ('figure3', ['--layers', '5'], '--layers'),
+    ('figure1a', ['--embedding_dir', 'x'], '--embedding_dir'),
+])
+def test_grid_flags_after_the_double_dash_are_refused(capsys, tmp_path, figure, passthrough, flag):
+    status = reproduce.main(reproduce.parse_args([figure, '--dry_run', '--results_root', str(tmp_path),
+                                                  '--', *passthrough]))
+    captured = capsys.readouterr()
+    assert status == 2 and captured.out == ''
+    assert f'error: {flag} is set' in captured.err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_dry_run_skips_existing(capsys, tmp_path):
     done = tmp_path / 'MNIST_experiments' / 'fig1a'
     done.mkdir(parents=True)
@@ -242,7 +261,7 @@ def test_sweep_with_fake_script(capsys, tmp_path, monkeypatch):
     assert statuses['SHL_l10_p0_s0'] == 'diverged' and statuses['SHL_l20_p0_s0'] == 'failed'
 
     # Rerun: finished and diverged runs are skipped, only the failed ones run again.
-    status = reproduce.main(reproduce.parse_args(argv + ['--no_plot']))
+    status = reproduce.main(reproduce.parse_args(argv[:1] + ['--no_plot'] + argv[1:]))
     out = capsys.readouterr().out
     assert status == 1
     assert out.count('# skip') == 10
@@ -274,7 +293,7 @@ def test_tiny_real_sweep(capsys, tmp_path):
     assert len(run['test_classif']) == 2  # before training + 1 epoch
     assert run.get('embedding_seed', 0) == 0
 
-    status = reproduce.main(reproduce.parse_args(argv + ['--no_plot']))
+    status = reproduce.main(reproduce.parse_args(argv[:1] + ['--no_plot'] + argv[1:]))
     out = capsys.readouterr().out
     assert status == 0
     assert out.count('# skip') == 6
