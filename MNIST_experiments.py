@@ -57,10 +57,15 @@ def get_args_parser():
                              '{input,output}_embedding.pt; when both exist, A and B are loaded from '
                              'them and not pretrained; "none" never loads them (default '
                              f'{embeddings.DEFAULT_DIR}; python embeddings.py --download fetches them)')
+    parser.add_argument('--seeds', type=int, nargs='+', default=None, metavar='S',
+                        help='train these K seeds at once, as one batched model: member k is the '
+                             'run --seed Sk would make (its own block, data order, curves, '
+                             'checkpoint and pickle <save stem>_s<Sk>.pkl); A and B are shared. '
+                             'Excludes --seed')
     parser.add_argument('--embedding_seed', type=int, default=None,
                         help='seed of the input/output networks\' initialisation and pretraining '
-                             'when no release files are loaded (default: --seed); runs sharing it '
-                             'share their embedding')
+                             'when no release files are loaded (default: --seed, or the first of '
+                             '--seeds); runs sharing it share their embedding')
     return parser
 
 
@@ -75,6 +80,21 @@ def validate_args(args):
         raise cli.UsageError(f'--pretrain_lr must be positive and finite, got {args.pretrain_lr}')
     if args.embedding_seed is not None and not 0 <= args.embedding_seed < 2 ** 63:
         raise cli.UsageError(f'--embedding_seed must be in [0, 2^63), got {args.embedding_seed}')
+    if args.seeds is not None:
+        _validate_seeds(args)
+
+
+def _validate_seeds(args):
+    if args.seed is not None:
+        raise cli.UsageError('--seeds and --seed exclude each other: give the one seed as --seeds S, '
+                             'or train it alone with --seed S')
+    if any(not 0 <= seed < 2 ** 63 for seed in args.seeds):
+        raise cli.UsageError(f'--seeds must be in [0, 2^63), got {args.seeds}')
+    if len(set(args.seeds)) != len(args.seeds):
+        raise cli.UsageError(f'--seeds lists a seed more than once: {args.seeds}')
+    if distributed.launched_by_torchrun():
+        raise cli.UsageError('--seeds is for one process; under torchrun give each process its own '
+                             'run, or use reproduce.py')
 
 
 def load_data(args, dist) -> tuple[data.DeviceDataset, data.DeviceDataset]:
@@ -118,14 +138,6 @@ def describe_embedding(args, record) -> str:
              f'{args.embedding_dir}/')
     passes = f', then {args.pretrain} pretraining pass(es)' if args.pretrain else ''
     return f'embedding: drawn from --embedding_seed {record["embedding_seed"]}{passes} ({where})'
-
-
-def build_model(args) -> tuple[models.MNISTODENet, dict]:
-    """The ODE block from the global RNG (seeded by --seed), then A and B (see build_embedding)."""
-    block_args = (args.model, args.in_channels, args.dim_int, args.layers, args.method,
-                  args.time_weights, args.integrator)
-    input_net, output_net, record = build_embedding(args)
-    return models.MNISTODENet(*block_args, input_net=input_net, output_net=output_net), record
 
 
 class PretrainingStopped(Exception):
@@ -186,32 +198,52 @@ def evaluate_only(args) -> int:
                                       engine.eval_chunk(EVAL_CHUNK, device, args.test_batch_size))
 
 
+def build_network(args, resume_state) -> tuple[models.MNISTODENet, dict]:
+    """The ODE block of each seed (with several, stacked side by side), then A and B.
+
+    Each seed's block is drawn first after seeding with it, exactly as the single run of that
+    seed draws it. On --resume, A, B, the blocks and the record of A and B's origin come from
+    the resume state instead.
+    """
+    seeds = args.seeds or [args.seed]
+    blocks = []
+    for seed in seeds:
+        runstate.seed_everything(seed)
+        blocks.append(models.ResidualODEBlock(args.model, args.in_channels, args.dim_int, args.layers,
+                                              args.method, args.time_weights, args.integrator))
+    if resume_state is None:
+        input_net, output_net, embedding = build_embedding(args)
+    else:
+        input_net, output_net = None, None  # drawn, then overwritten by the resume state
+        embedding = {key: value for key, value in resume_state['facts'].items()
+                     if key.startswith('embedding_')}
+    block = blocks[0] if len(blocks) == 1 else models.stack_members(blocks)
+    net = models.MNISTODENet(args.model, args.in_channels, args.dim_int, args.layers, args.method,
+                             args.time_weights, args.integrator, input_net, output_net, block)
+    return net, embedding
+
+
 def build_experiment(started: engine.Started) -> engine.Experiment:
-    """Data on the device, the network (A and B from the release's files, drawn, or pretrained;
-    on --resume, from the resume state), and what the run's record states."""
+    """Data on the device, the network (A and B from the release's files, drawn, or pretrained),
+    and what the run's record states."""
     args, device, dist = started.args, started.device, started.dist
     if args.embedding_seed is None:
-        args.embedding_seed = args.seed
+        args.embedding_seed = args.seeds[0] if args.seeds else args.seed
     train_set, test_set = load_data(args, dist)
     train_set, test_set = train_set.to(device), test_set.to(device)
-    runstate.seed_everything(args.seed)
+    net, embedding = build_network(args, started.resume_state)
     if started.resume_state is None:
-        net, embedding = build_model(args)
         dist.print(describe_embedding(args, embedding))
         if embedding['embedding_files'] is None and args.pretrain > 0:
             pretrain(net.to(device), train_set, args, dist, started.stop)
-    else:  # A, B and the record of their origin come from the resume state
-        net = models.MNISTODENet(args.model, args.in_channels, args.dim_int, args.layers,
-                                 args.method, args.time_weights, args.integrator)
-        embedding = {key: value for key, value in started.resume_state['facts'].items()
-                     if key.startswith('embedding_')}
     net = net.to(device)
     net.freeze_embedding()
-    block = net.ode_block
-    num_parameters = models.count_trainable_parameters(block)
+    block, members = net.ode_block, len(started.members)
+    num_parameters = models.count_trainable_parameters(block) // members  # per member
+    seeds = f'seeds {" ".join(map(str, args.seeds))} side by side' if args.seeds else f'seed {args.seed}'
     dist.print(f'{args.model} ODE block: {args.layers} steps of {args.method}, '
                f'{args.time_weights} time weights, {num_parameters:,} trainable parameters; '
-               f'seed {args.seed}, device {device}')
+               f'{seeds}, device {device}')
     return engine.Experiment(
         dataset=DATASET, model=net,
         parts={'input_net': net.input_net, 'ode_block': block, 'output_net': net.output_net},
@@ -219,8 +251,13 @@ def build_experiment(started: engine.Started) -> engine.Experiment:
         train_transform=lambda images, generator: data.mnist_to_float(images),
         eval_transform=data.mnist_to_float, train_eval_sample=first_training_images(train_set),
         eval_chunk=engine.eval_chunk(EVAL_CHUNK, device, args.test_batch_size),
-        facts={'num_parameters': num_parameters, **embedding},
-        training_forward=dist.wrap(net, args.compile))
+        facts={'num_parameters': num_parameters, **embedding,
+               **({'batched_with': members} if args.seeds else {})},
+        training_forward=dist.wrap(net, args.compile), members=members,
+        member_parts=lambda k: {'input_net': net.input_net.state_dict(),
+                                'ode_block': models.member_state_dict(block, k),
+                                'output_net': net.output_net.state_dict()},
+        freeze_members=lambda ks: models.zero_member_gradients(block, ks))
 
 
 @cli.cli_errors

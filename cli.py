@@ -145,10 +145,17 @@ TEMPORARY_NAME_EXTRA = len('.') + len('.') + 8 + len('.tmp')
 
 
 def derived_names(args, folder_prefix: str) -> list[str]:
-    """Every file name a run writes: results, resume state, lock, checkpoint."""
+    """Every file name a run writes: results, resume state, lock, checkpoint; with --seeds, those
+    of each member (<stem>_s<S>) and the batch's resume state (<stem>_s<S1>-...-<SK>)."""
     stem = os.path.splitext(args.save)[0]
-    return [args.save, f'{stem}.resume.pt', f'.{stem}.lock',
-            os.path.basename(checkpoint_path(args, folder_prefix))]
+    checkpoint = os.path.splitext(os.path.basename(checkpoint_path(args, folder_prefix)))[0]
+    seeds = getattr(args, 'seeds', None)
+    if not seeds:
+        return [args.save, f'{stem}.resume.pt', f'.{stem}.lock', f'{checkpoint}.pth']
+    names = [f'{stem}_s{"-".join(map(str, seeds))}.resume.pt']
+    for seed in seeds:
+        names += [f'{stem}_s{seed}.pkl', f'.{stem}_s{seed}.lock', f'{checkpoint}_s{seed}.pth']
+    return names
 
 
 def _check_name_lengths(args, folder_prefix: str):

@@ -6,6 +6,11 @@ end write the results pickle in the release's schema (`results_record`). On SIGI
 finishes the current step, saves the resume state and exits 130/143; a non-finite loss ends the
 run with its curves so far (exit 3).
 
+A run may train several seeds at once as one model (MNIST's --seeds): its *members*. Each
+member has its own data order, curves, best checkpoint and pickle, exactly those of the single
+run of its seed; a member whose loss becomes non-finite stops updating and the others go on.
+A single run is the case of one member.
+
 The engine knows no dataset or residual type by name: a script describes its run in an
 `Experiment` (network, data, transforms, evaluation chunk, how the training error is sampled).
 """
@@ -15,8 +20,8 @@ import contextlib
 import math
 import os
 import platform
-import sys
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -49,11 +54,14 @@ def eval_chunk(caps: dict, device: torch.device, test_batch_size: int) -> int:
 class Experiment:
     """What a script hands to `fit`: the network, its data, and what its records say.
 
-    model: float images -> logits; `parts` are the modules saved in checkpoints (by name),
+    model: float images -> logits; with K members, (K*B, ...) -> (K*B, classes), member k's batch
+    the k-th block of B. `parts` are the modules saved in the resume state (by name),
     `parameters` the trained ones. train_transform(images_u8, generator) makes a training batch,
     eval_transform(images_u8) an evaluation batch. train_eval_sample(generator) returns
     (images, labels, transform) for train_classif. facts: what the run's record states beyond
     its arguments (num_parameters; for MNIST, where A and B came from).
+    With K > 1 members: member_parts(k) gives member k's checkpoint content (part name -> state
+    dict) and freeze_members(ks) sets those members' gradients to zero.
     """
     dataset: str
     model: nn.Module
@@ -67,6 +75,9 @@ class Experiment:
     eval_chunk: int
     facts: dict
     training_forward: Optional[Callable] = None  # e.g. a compiled model; defaults to model
+    members: int = 1
+    member_parts: Optional[Callable] = None
+    freeze_members: Optional[Callable] = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -74,81 +85,109 @@ class Experiment:
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def count_errors(model, images_u8, labels, transform, chunk) -> torch.Tensor:
-    """Number of misclassified images, as a device tensor (no host sync)."""
-    wrong = torch.zeros((), dtype=torch.long, device=labels.device)
+def count_errors(model, images_u8, labels, transform, chunk, members: int = 1) -> torch.Tensor:
+    """Misclassified images per member, a (members,) device tensor (no host sync). Every member
+    sees the same images."""
+    wrong = torch.zeros(members, dtype=torch.long, device=labels.device)
     for start in range(0, labels.shape[0], chunk):
-        logits = model(transform(images_u8[start:start + chunk]))
-        wrong += (logits.argmax(1) != labels[start:start + chunk]).sum()
+        images = transform(images_u8[start:start + chunk])
+        if members > 1:
+            images = images.repeat(members, *([1] * (images.dim() - 1)))
+        logits = model(images).unflatten(0, (members, -1))
+        wrong += (logits.argmax(-1) != labels[start:start + chunk]).sum(-1)
     return wrong
 
 
-def evaluate(exp: Experiment, generator, dist) -> tuple[float, float]:
-    """(train error, test error) in [0, 1], in eval mode. One host sync for both."""
+def evaluate(exp: Experiment, generator, dist) -> tuple[list, list]:
+    """Each member's (train error, test error) in [0, 1], in eval mode. One host sync for all."""
     exp.model.eval()
     images, labels, transform = exp.train_eval_sample(generator)
     test = exp.test_set
     wrong_train = count_errors(exp.model, dist.shard(images), dist.shard(labels), transform,
-                               exp.eval_chunk)
+                               exp.eval_chunk, exp.members)
     fault_point('evaluation')
     wrong_test = count_errors(exp.model, dist.shard(test.images), dist.shard(test.labels),
-                              exp.eval_transform, exp.eval_chunk)
+                              exp.eval_transform, exp.eval_chunk, exp.members)
     wrong_train, wrong_test = dist.all_reduce_sum(torch.stack([wrong_train, wrong_test])).tolist()
-    return wrong_train / labels.shape[0], wrong_test / len(test)
+    return [w / labels.shape[0] for w in wrong_train], [w / len(test) for w in wrong_test]
 
 
 @dataclass
 class EpochOutcome:
-    losses: torch.Tensor        # (steps run,) device tensor, global batch means
-    status: str                 # 'done' | 'diverged' | 'interrupted'
+    losses: torch.Tensor        # (members, steps run) device tensor, global batch means
+    status: str                 # 'done' | 'diverged' (every member) | 'interrupted'
     position: Optional[dict] = None  # where an interrupted epoch stopped (resume state)
+    diverged: dict = field(default_factory=dict)  # member -> losses kept, for members that diverged
 
 
-def train_one_epoch(exp, optimizer, generator, batch_size, dist, stop: StopRequest,
-                    desc: str, position: Optional[dict] = None) -> EpochOutcome:
-    """One pass of SGD over a fresh permutation (or the rest of an interrupted one).
+def train_one_epoch(exp, optimizer, generators, batch_size, dist, stop: StopRequest, desc: str,
+                    position: Optional[dict] = None, frozen=()) -> EpochOutcome:
+    """One pass of SGD, each member over a fresh permutation from its own generator (or the rest
+    of an interrupted pass).
 
     Each rank takes its share of every global batch; the loss is scaled so that DDP's gradient
-    average equals the gradient of the global batch mean, whatever the shares' sizes.
+    average equals the gradient of the global batch mean, whatever the shares' sizes. The members
+    listed in `frozen` diverged earlier: carried along, never updated. A member whose loss turns
+    non-finite joins them; the epoch ends early only when no member is left.
     """
-    train = exp.train_set
-    device = train.labels.device
-    num_steps = math.ceil(len(train) / batch_size)
-    losses = torch.full((num_steps,), float('nan'), device=device)
+    train, members = exp.train_set, len(generators)
+    device, num_steps = train.labels.device, math.ceil(len(train) / batch_size)
+    losses = torch.full((members, num_steps), float('nan'), device=device)
     if position is None:
-        permutation, start = torch.randperm(len(train), device=device, generator=generator), 0
+        permutations = torch.stack([torch.randperm(len(train), device=device, generator=g)
+                                    for g in generators])
+        start, diverged = 0, {}
     else:
-        permutation, start = position['permutation'].to(device), position['step']
-        losses[:start] = position['losses'].to(device)
+        permutations, start = position['permutation'].to(device), position['step']
+        losses[:, :start] = position['losses'].to(device)
+        diverged = dict(position['diverged'])
+    frozen = set(frozen) | set(diverged)
     # 'is None', not 'or': a compiled module's truth test calls len() on the model, which fails.
     forward = exp.model if exp.training_forward is None else exp.training_forward
     exp.model.train()
     sync_every, checked = (1 if device.type == 'cpu' else CUDA_SYNC_EVERY), start
     progress = _progress(range(start, num_steps), desc, dist)
     for step in progress:
-        batch = permutation[step * batch_size:(step + 1) * batch_size]
+        batch = permutations[:, step * batch_size:(step + 1) * batch_size]  # (members, b)
         # The whole global batch is transformed on every rank, so that every rank draws the same
         # augmentation numbers and the shared generator stays in step across ranks.
-        images = dist.shard(exp.train_transform(train.images[batch], generator))
-        loss_sum = F.cross_entropy(forward(images), dist.shard(train.labels[batch]), reduction='sum')
+        images = dist.shard(exp.train_transform(train.images[batch.flatten()], generators[0]))
+        labels = dist.shard(train.labels[batch.flatten()]).unflatten(0, (members, -1))
+        logits = forward(images).unflatten(0, (members, -1))
+        loss_sums = torch.stack([F.cross_entropy(logits[k], labels[k], reduction='sum')
+                                 for k in range(members)])
         optimizer.zero_grad(set_to_none=True)
-        (loss_sum * (dist.world_size / batch.shape[0])).backward()
+        (loss_sums.sum() * (dist.world_size / batch.shape[1])).backward()
+        if frozen:
+            exp.freeze_members(sorted(frozen))
         optimizer.step()
         fault_point('step')
-        losses[step] = dist.all_reduce_sum(loss_sum.detach()) / batch.shape[0]
+        losses[:, step] = dist.all_reduce_sum(loss_sums.detach()) / batch.shape[1]
         at_sync = (step + 1 - checked) >= sync_every or step + 1 == num_steps
         if at_sync:
-            finite = torch.isfinite(losses[checked:step + 1])
-            if not bool(finite.all()):
-                return EpochOutcome(losses[:checked + int((~finite).nonzero()[0]) + 1], 'diverged')
+            newly = _first_non_finite(losses[:, checked:step + 1], frozen, checked)
+            diverged.update(newly)
+            frozen |= set(newly)
+            if len(frozen) == members:
+                return EpochOutcome(losses[:, :step + 1], 'diverged', None, diverged)
             checked = step + 1
-            _show(progress, losses[step], optimizer)
+            _show(progress, losses[sorted(set(range(members)) - frozen)[0], step], optimizer)
         # One process reads its own flag every step; ranks agree on stopping at sync points.
         if stop.requested if dist.world_size == 1 else at_sync and dist.any(stop.requested):
-            return EpochOutcome(losses[:step + 1], 'interrupted',
-                                {'step': step + 1, 'losses': losses[:step + 1].cpu(),
-                                 'permutation': permutation.cpu()})
-    return EpochOutcome(losses, 'done')
+            return EpochOutcome(losses[:, :step + 1], 'interrupted',
+                                {'step': step + 1, 'losses': losses[:, :step + 1].cpu(),
+                                 'permutation': permutations.cpu(), 'diverged': diverged}, diverged)
+    return EpochOutcome(losses, 'done', None, diverged)
+
+
+def _first_non_finite(window, frozen, offset) -> dict:
+    """Members not yet frozen with a non-finite loss in `window` -> losses to keep (through the
+    first non-finite one). One host sync when all is well."""
+    finite = torch.isfinite(window)
+    if bool(finite.all()):
+        return {}
+    return {k: offset + int((~finite[k]).nonzero()[0]) + 1 for k in range(window.shape[0])
+            if k not in frozen and not bool(finite[k].all())}
 
 
 def _progress(iterable, desc, dist):
@@ -171,34 +210,48 @@ def _show(progress, loss, optimizer):
 
 @dataclass
 class Progress:
-    """What a run has measured so far (saved in the resume state). index 0 of the error curves is
-    before training; `epoch` counts the epochs done."""
+    """What a member has measured so far (saved in the resume state). Index 0 of the error
+    curves is before training."""
     train_loss: list = field(default_factory=list)
     train_classif: list = field(default_factory=list)
     test_classif: list = field(default_factory=list)
     epoch_times: list = field(default_factory=list)
     best_error: float = math.inf
     best_epoch: Optional[int] = None
-    epoch: int = 0
-    elapsed: float = 0.0  # seconds spent before this process (earlier segments of a resumed run)
+    diverged_epoch: Optional[int] = None
+
+
+@dataclass
+class Member:
+    """One seed of a run: the arguments and files the single run of that seed has, its progress."""
+    args: object
+    paths: RunPaths
+    progress: Progress = field(default_factory=Progress)
 
 
 class Run:
-    """The moving parts of one run: optimiser, learning-rate schedule, data-order generator,
-    progress, and the files it writes."""
+    """The moving parts of one run: optimiser, learning-rate schedule, each member's data-order
+    generator and progress, and the files it writes."""
 
-    def __init__(self, exp: Experiment, args, paths, dist):
-        self.exp, self.args, self.paths, self.dist = exp, args, paths, dist
-        self.optimizer = torch.optim.SGD(exp.parameters, lr=args.lr_init)  # plain SGD, as the release
+    def __init__(self, exp: Experiment, started: 'Started'):
+        self.exp, self.args, self.dist = exp, started.args, started.dist
+        self.resume_path = started.resume_path
+        self.members = [Member(args, paths) for args, paths in started.members]
+        self.optimizer = torch.optim.SGD(exp.parameters, lr=self.args.lr_init)  # plain SGD, as the release
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(
-            self.optimizer, milestones=list(args.decay_steps), gamma=args.decay_rate)
-        self.generator = torch.Generator(device=exp.train_set.labels.device)
-        self.generator.manual_seed(args.seed)
-        self.progress = Progress()
-        self.started = time.perf_counter()
+            self.optimizer, milestones=list(self.args.decay_steps), gamma=self.args.decay_rate)
+        self.generators = [torch.Generator(device=exp.train_set.labels.device).manual_seed(m.args.seed)
+                           for m in self.members]
+        self.epoch, self.elapsed, self.started = 0, 0.0, time.perf_counter()  # epochs done
 
     def seconds(self) -> float:
-        return self.progress.elapsed + time.perf_counter() - self.started
+        return self.elapsed + time.perf_counter() - self.started
+
+    def live(self) -> list[int]:
+        return [k for k, m in enumerate(self.members) if m.progress.diverged_epoch is None]
+
+    def named(self, k: int, text: str) -> str:
+        return text if len(self.members) == 1 else f'seed {self.members[k].args.seed}: {text}'
 
     def restore(self, state: dict) -> Optional[dict]:
         """Continue from a resume state; returns where an interrupted epoch stopped, if it did."""
@@ -206,11 +259,14 @@ class Run:
             module.load_state_dict(state['parts'][name])
         self.optimizer.load_state_dict(state['optimizer'])
         self.scheduler.load_state_dict(state['scheduler'])
-        self.generator.set_state(state['data_generator'].to(self.generator.get_state().device))
+        for generator, saved in zip(self.generators, state['data_generators']):
+            generator.set_state(saved.to(generator.get_state().device))
         set_rng_state(state['rng'])
-        self.progress = Progress(**state['progress'])
-        position = state['position']
-        self.dist.print(f'resuming {self.paths.results} at epoch {self.progress.epoch + 1}'
+        for member, saved in zip(self.members, state['progress']):
+            member.progress = Progress(**saved)
+        self.epoch, self.elapsed, position = state['epoch'], state['elapsed'], state['position']
+        what = self.members[0].paths.results if len(self.members) == 1 else self.resume_path
+        self.dist.print(f'resuming {what} at epoch {self.epoch + 1}'
                         + (f', step {position["step"]}' if position else ''))
         return position
 
@@ -220,94 +276,117 @@ class Run:
                 'format': RESUME_FORMAT, 'args': plain_args(self.args), 'facts': self.exp.facts,
                 'parts': {name: m.state_dict() for name, m in self.exp.parts.items()},
                 'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
-                'data_generator': self.generator.get_state(), 'rng': rng_state(),
-                'progress': dict(vars(self.progress), elapsed=self.seconds()), 'position': position,
-            }, self.paths.resume)
+                'data_generators': [g.get_state() for g in self.generators], 'rng': rng_state(),
+                'progress': [vars(m.progress) for m in self.members], 'epoch': self.epoch,
+                'elapsed': self.seconds(), 'position': position,
+            }, self.resume_path)
             fault_point('resume')
 
-    def save_checkpoint(self):
-        if self.dist.is_main:
+    def save_checkpoints(self, members: list[int]):
+        for k in members if self.dist.is_main else ():
+            member, exp = self.members[k], self.exp
+            parts = (exp.member_parts(k) if exp.member_parts is not None
+                     else {name: m.state_dict() for name, m in exp.parts.items()})
             save_torch({
-                'format': CHECKPOINT_FORMAT, 'dataset': self.exp.dataset, 'args': plain_args(self.args),
-                'epoch': self.progress.best_epoch, 'test_error': self.progress.best_error,
-                'results_file': self.paths.results, 'facts': self.exp.facts,
-                **{name: m.state_dict() for name, m in self.exp.parts.items()},
-            }, self.paths.checkpoint)
+                'format': CHECKPOINT_FORMAT, 'dataset': exp.dataset, 'args': plain_args(member.args),
+                'epoch': member.progress.best_epoch, 'test_error': member.progress.best_error,
+                'results_file': member.paths.results, 'facts': exp.facts, **parts,
+            }, member.paths.checkpoint)
             fault_point('checkpoint')
 
-    def evaluate(self, epoch_start: Optional[float] = None) -> bool:
-        """Evaluate, record and log the model after `progress.epoch` epochs; True if it is the
-        best so far (strictly lower test error; epoch 0 is the first best). An epoch's time,
+    def evaluate(self, epoch_start: Optional[float] = None) -> list[int]:
+        """Evaluate, record and log the live members after `self.epoch` epochs; returns those at
+        their best so far (strictly lower test error; epoch 0 is the first best). An epoch's time,
         from epoch_start, includes its evaluations."""
-        progress, epoch = self.progress, self.progress.epoch
-        train_error, test_error = evaluate(self.exp, self.generator, self.dist)
-        progress.train_classif.append(train_error)
-        progress.test_classif.append(test_error)
-        is_best = test_error < progress.best_error
-        if is_best:
-            progress.best_error, progress.best_epoch = test_error, epoch
-        message = f'epoch {epoch}/{self.args.epochs}: train error {100 * train_error:.2f}%, ' \
-                  f'test error {100 * test_error:.2f}%'
-        if epoch_start is None:
-            self.dist.print(f'{message} (before training)')
-        else:
-            progress.epoch_times.append(time.perf_counter() - epoch_start)
-            self.dist.print(f'{message}, best {100 * progress.best_error:.2f}% '
-                            f'({progress.epoch_times[-1]:.1f} s)')
-        return is_best
+        train_errors, test_errors = evaluate(self.exp, self.generators[0], self.dist)
+        seconds = None if epoch_start is None else time.perf_counter() - epoch_start
+        improved = []
+        for k in self.live():
+            progress = self.members[k].progress
+            progress.train_classif.append(train_errors[k])
+            progress.test_classif.append(test_errors[k])
+            if test_errors[k] < progress.best_error:
+                progress.best_error, progress.best_epoch = test_errors[k], self.epoch
+                improved.append(k)
+            if seconds is not None:
+                progress.epoch_times.append(seconds)
+        self.dist.print(self._evaluation_line(train_errors, test_errors, seconds))
+        return improved
+
+    def _evaluation_line(self, train_errors, test_errors, seconds) -> str:
+        head = f'epoch {self.epoch}/{self.args.epochs}: '
+        tail = '(before training)' if seconds is None else f'({seconds:.1f} s)'
+        if len(self.members) == 1:
+            progress = self.members[0].progress
+            best = '' if seconds is None else f', best {100 * progress.best_error:.2f}%'
+            return (f'{head}train error {100 * train_errors[0]:.2f}%, test error '
+                    f'{100 * test_errors[0]:.2f}%{best} {tail}')
+        errors = ', '.join(f's{self.members[k].args.seed} {100 * test_errors[k]:.2f}%' for k in self.live())
+        return f'{head}test error {errors} {tail}'
+
+    def record_losses(self, outcome: EpochOutcome, epoch: int):
+        """Append the epoch's losses of each live member; mark those that diverged in it."""
+        for k in self.live():
+            keep = outcome.diverged.get(k)
+            self.members[k].progress.train_loss.extend(outcome.losses[k, :keep].tolist())
+            if keep is not None:
+                self.members[k].progress.diverged_epoch = epoch + 1
+                self.dist.print(self.named(k, f'training diverged (non-finite loss) in epoch '
+                                              f'{epoch + 1}; curves so far are kept, the best '
+                                              f'checkpoint is from epoch '
+                                              f'{self.members[k].progress.best_epoch}'))
 
     def interrupted(self, stop: StopRequest) -> int:
-        self.dist.print(f'interrupted by {stop.name}: resume state saved to {self.paths.resume}; '
+        self.dist.print(f'interrupted by {stop.name}: resume state saved to {self.resume_path}; '
                         f'continue with --resume')
         return stop.exit_status
 
-    def finish(self, diverged_epoch: Optional[int] = None) -> int:
-        """Write the results pickle (rank 0), remove the resume state; the exit status."""
-        if diverged_epoch is not None:
-            self.dist.print(f'training diverged (non-finite loss) in epoch {diverged_epoch}; curves '
-                            f'so far are kept, the best checkpoint is from epoch {self.progress.best_epoch}')
-        if self.dist.is_main:
-            save_pickle(results_record(self, diverged_epoch), self.paths.results)
-            if os.path.exists(self.paths.resume):
-                os.remove(self.paths.resume)
-        self.dist.print(f'results written to {self.paths.results}')
-        return EXIT_OK if diverged_epoch is None else EXIT_DIVERGED
+    def finish(self) -> int:
+        """Write each member's results pickle (rank 0), remove the resume state; the exit status
+        (3 if any member diverged)."""
+        for member in self.members:
+            if self.dist.is_main:
+                save_pickle(results_record(self, member), member.paths.results)
+            self.dist.print(f'results written to {member.paths.results}')
+        if self.dist.is_main and os.path.exists(self.resume_path):
+            os.remove(self.resume_path)
+        return EXIT_OK if len(self.live()) == len(self.members) else EXIT_DIVERGED
 
 
-def fit(exp: Experiment, started: Started) -> int:
+def fit(exp: Experiment, started: 'Started') -> int:
     """Train, evaluate, checkpoint and pickle one run. Returns the exit status."""
     args, resume_state, dist, stop = started.args, started.resume_state, started.dist, started.stop
-    run = Run(exp, args, started.paths, dist)
+    run = Run(exp, started)
     position = run.restore(resume_state) if resume_state is not None else None
     if decay_warning(args):
         dist.print(decay_warning(args), file=sys.stderr)
     # SIGINT/SIGTERM are recorded by `stop` from start_run on: a step finishes, the state is saved.
     if resume_state is None:
-        run.evaluate()  # epoch 0: the model before training
+        improved = run.evaluate()  # epoch 0: the model before training, every member's first best
         run.save_resume()
-        run.save_checkpoint()
-    elif position is None and run.progress.best_epoch == run.progress.epoch:
-        # The restored model is the best so far; a kill may have come between the resume
-        # state and the checkpoint, so write the checkpoint again (same content).
-        run.save_checkpoint()
-    for epoch in range(run.progress.epoch, args.epochs):
+        run.save_checkpoints(improved)
+    elif position is None:
+        # A kill may have come between the resume state and the checkpoints it was followed by:
+        # write again the checkpoints of the members at their best now (same content).
+        run.save_checkpoints([k for k in run.live() if run.members[k].progress.best_epoch == run.epoch])
+    for epoch in range(run.epoch, args.epochs):
         epoch_start = time.perf_counter()
-        outcome = train_one_epoch(exp, run.optimizer, run.generator, args.batch_size, dist, stop,
-                                  f'epoch {epoch + 1}/{args.epochs}', position)
+        diverged = [k for k in range(len(run.members)) if k not in run.live()]
+        outcome = train_one_epoch(exp, run.optimizer, run.generators, args.batch_size, dist, stop,
+                                  f'epoch {epoch + 1}/{args.epochs}', position, diverged)
         position = None
         if outcome.status == 'interrupted':
             run.save_resume(outcome.position)
             return run.interrupted(stop)
-        run.progress.train_loss.extend(outcome.losses.tolist())
-        if outcome.status == 'diverged':
-            return run.finish(diverged_epoch=epoch + 1)
+        run.record_losses(outcome, epoch)
+        if not run.live():
+            return run.finish()
         run.scheduler.step()
         dist.sync_buffers(exp.model)  # BatchNorm statistics of rank 0, so ranks evaluate alike
-        run.progress.epoch = epoch + 1
-        is_best = run.evaluate(epoch_start)
+        run.epoch = epoch + 1
+        improved = run.evaluate(epoch_start)
         run.save_resume()
-        if is_best:
-            run.save_checkpoint()
+        run.save_checkpoints(improved)
         if dist.any(stop.requested) and epoch + 1 < args.epochs:
             return run.interrupted(stop)
     return run.finish()
@@ -326,15 +405,16 @@ EXTRA_KEYS_FROM_ARGS = ('method', 'time_weights', 'integrator', 'pretrain_lr', '
                         'amp', 'channels_last', 'epochs', 'lr_init', 'decay_steps', 'decay_rate', 'seed')
 
 
-def results_record(run: Run, diverged_epoch: Optional[int]) -> dict:
-    """Every key of the results pickle: the release's schema, then this project's additions.
+def results_record(run: Run, member: Member) -> dict:
+    """Every key of a member's results pickle: the release's schema, then this project's additions.
 
     The release's: model, num_layers, (MNIST) in_channels, dim_int, pretrain_pass, batch_size,
     train_loss (per iteration), train_classif and test_classif (index 0 before training),
     computation_time (s), num_parameters. Plain numpy arrays and Python values only, so the
-    pickle loads without torch.
+    pickle loads without torch. A member's record is its seed's single run's, plus the facts
+    (batched_with: how many members trained together, when there were several).
     """
-    args, progress, exp = run.args, run.progress, run.exp
+    args, progress, exp = member.args, member.progress, run.exp
     record = {key: getattr(args, name) for key, name in RELEASE_KEYS_FROM_ARGS if hasattr(args, name)}
     record.update(
         train_loss=np.asarray(progress.train_loss, dtype=np.float32),
@@ -345,10 +425,10 @@ def results_record(run: Run, diverged_epoch: Optional[int]) -> dict:
     record['decay_steps'] = list(args.decay_steps)
     record.update({key: value for key, value in exp.facts.items() if key != 'num_parameters'})
     record.update(
-        dataset=exp.dataset, diverged=diverged_epoch is not None, diverged_epoch=diverged_epoch,
-        epoch_times=[float(t) for t in progress.epoch_times],
+        dataset=exp.dataset, diverged=progress.diverged_epoch is not None,
+        diverged_epoch=progress.diverged_epoch, epoch_times=[float(t) for t in progress.epoch_times],
         best_test_classif=float(progress.best_error) if math.isfinite(progress.best_error) else None,
-        best_epoch=progress.best_epoch, checkpoint=run.paths.checkpoint,
+        best_epoch=progress.best_epoch, checkpoint=member.paths.checkpoint,
         device=str(exp.train_set.labels.device), world_size=run.dist.world_size,
         torch_version=str(torch.__version__), torchvision_version=_torchvision_version(),
         python_version=platform.python_version())
@@ -369,10 +449,12 @@ def _torchvision_version():
 
 @dataclass
 class Started:
-    """A run that has claimed its files: its (possibly stored) arguments, paths, resume state,
-    device, process group, and the record of SIGINT/SIGTERM, active from the start."""
+    """A run that has claimed its files: its (possibly stored) arguments, its members (each a
+    single run's arguments and paths), its resume state, device, process group, and the record of
+    SIGINT/SIGTERM, active from the start."""
     args: object
-    paths: RunPaths
+    members: list
+    resume_path: str
     resume_state: Optional[dict]
     device: torch.device
     dist: object
@@ -383,7 +465,7 @@ class Started:
 def start_run(args, folder_prefix: str):
     """Claim the run's files, apply the existing-file rules, join the process group, draw the seed.
 
-    The claim (lock and folders) comes before any work, so that a second process with the same
+    The claim (locks and folders) comes before any work, so that a second process with the same
     --save, or a folder that cannot be written, is refused at once. If the run then fails (a
     refusal, missing data, any exception), what the claim created is removed again.
     """
@@ -391,15 +473,14 @@ def start_run(args, folder_prefix: str):
     failed = True
     with StopRequest() as stop:
         try:
-            claim.lock(os.path.join(args.results_dir, args.save), f'--save {args.save}')
-            args, paths, resume_state = prepare_run(args, folder_prefix)
-            claim.make_folders(paths)
+            args, members, resume_path, resume_state = prepare_run(args, folder_prefix, claim)
             dist = distributed.setup(args, pick_device(args))
             try:
-                if args.seed is None:  # drawn once, on rank 0, and recorded in the pickle
+                if args.seed is None and len(members) == 1 and not getattr(args, 'seeds', None):
+                    # drawn once, on rank 0, and recorded in the pickle
                     args.seed = dist.broadcast_int(random.SystemRandom().randrange(2 ** 31))
                 device = dist.device if dist.world_size > 1 else pick_device(args)
-                yield Started(args, paths, resume_state, device, dist, stop)
+                yield Started(args, members, resume_path, resume_state, device, dist, stop)
                 failed = False
             finally:
                 dist.close()

@@ -235,9 +235,10 @@ class FixedConv2d(nn.Module):
         super().__init__()
         self.register_buffer('weight', weight)
         self.stride, self.padding = stride, padding
+        self.groups = 1  # K when K members are stacked side by side (stack_members)
 
     def forward(self, x):
-        return F.conv2d(x, self.weight, stride=self.stride, padding=self.padding)
+        return F.conv2d(x, self.weight, stride=self.stride, padding=self.padding, groups=self.groups)
 
 
 def random_feature_weight(out_channels: int, in_channels: int, variance: float) -> torch.Tensor:
@@ -266,10 +267,17 @@ class ResidualField(nn.Module):
                              the fast path, part 2: f at evaluation e; calls count_evaluation().
       cifar_first_conv(in_planes, planes, stride)
                              (static) the first convolution of a CIFAR residual block of this type.
+
+    The fast path also serves K fields trained side by side (stack_members, for several seeds
+    in one process): then `members` = K, every parameter and buffer holds the K members' tensors
+    concatenated along its output-channel axis (MEMBER_AXIS), and each convolution is grouped K
+    ways, so the members never mix. A type whose tensors are convolution weights, possibly with
+    a leading node axis, and whose convolutions pass groups=self.members, supports this as is.
     """
 
     name = ''
     release_index_shift = 0
+    members = 1
 
     def __init__(self, dim: int, dim_int: int, num_steps: int, time_weights: str):
         super().__init__()
@@ -310,8 +318,8 @@ def active_slots(w0: float, w1: float) -> tuple:
     return (0, 1)
 
 
-def conv3x3(x, weight):
-    return F.conv2d(x, weight, padding=1)
+def conv3x3(x, weight, groups=1):
+    return F.conv2d(x, weight, padding=1, groups=groups)
 
 
 class RKHSField(ResidualField):
@@ -341,7 +349,7 @@ class RKHSField(ResidualField):
 
     def evaluate(self, x, prepared, e):
         self.count_evaluation()
-        return conv3x3(F.relu(self.omega(x)), prepared[e])
+        return conv3x3(F.relu(self.omega(x)), prepared[e], self.members)
 
     @staticmethod
     def cifar_first_conv(in_planes: int, planes: int, stride: int) -> nn.Module:
@@ -376,20 +384,24 @@ class SHLField(ResidualField):
                    for i, w in nodes)
 
     def prepare(self, index: torch.Tensor, weight: torch.Tensor, slots):
-        num_eval = index.shape[0]
-        hidden = self.hidden_weight[index]  # (E, 2, dim_int, dim, 3, 3)
+        num_eval, k = index.shape[0], self.members
+        hidden = self.hidden_weight[index]  # (E, 2, K dim_int, dim, 3, 3)
         output = self.output_weight[index] * weight[:, :, None, None, None, None]
         stacked_hidden = stacked_output = None
         if any(len(s) == 2 for s in slots):
-            stacked_hidden = hidden.reshape(num_eval, 2 * self.dim_int, self.dim, 3, 3)
-            stacked_output = output.transpose(1, 2).reshape(num_eval, self.dim, 2 * self.dim_int, 3, 3)
+            # Per member: its two hidden weights one after the other along output channels, and
+            # its two weighted output weights side by side along input channels.
+            stacked_hidden = hidden.unflatten(2, (k, self.dim_int)).transpose(1, 2) \
+                .reshape(num_eval, k * 2 * self.dim_int, self.dim, 3, 3)
+            stacked_output = output.unflatten(2, (k, self.dim)).permute(0, 2, 3, 1, 4, 5, 6) \
+                .reshape(num_eval, k * self.dim, 2 * self.dim_int, 3, 3)
         return [(hidden[e, s[0]], output[e, s[0]]) if len(s) == 1
                 else (stacked_hidden[e], stacked_output[e]) for e, s in enumerate(slots)]
 
     def evaluate(self, x, prepared, e):
         self.count_evaluation()
         hidden_w, output_w = prepared[e]
-        return conv3x3(F.relu(conv3x3(x, hidden_w)), output_w)
+        return conv3x3(F.relu(conv3x3(x, hidden_w, self.members)), output_w, self.members)
 
     @staticmethod
     def cifar_first_conv(in_planes: int, planes: int, stride: int) -> nn.Module:
@@ -461,6 +473,72 @@ class ResidualODEBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# Several seeds side by side: K blocks as one, for one process that trains K seeds at once
+# ----------------------------------------------------------------------------------------------
+
+# Members are stacked along the output-channel axis of every tensor of a field: axis 0 of a
+# convolution weight (out, in, kh, kw), axis 1 of a node-stacked one (N+1, out, in, kh, kw).
+MEMBER_AXIS = -4
+
+
+def stack_members(blocks: list[ResidualODEBlock]) -> ResidualODEBlock:
+    """One block that computes K independent blocks side by side.
+
+    Its state is (batch, K*dim, H, W): member k's channels are the k-th block of dim channels
+    (`side_by_side`). Each tensor of the field is the K blocks' tensors concatenated along
+    MEMBER_AXIS and each convolution is grouped K ways, so member k's output and gradients are
+    member k's alone. The blocks must share every setting but their weights.
+    """
+    import copy
+
+    stacked = copy.deepcopy(blocks[0])
+    members = len(blocks)
+    for name, tensor in blocks[0].func.state_dict(keep_vars=True).items():
+        joined = torch.cat([block.func.get_parameter(name) if isinstance(tensor, nn.Parameter)
+                            else block.func.get_buffer(name) for block in blocks], dim=MEMBER_AXIS)
+        owner_name, _, leaf = name.rpartition('.')
+        owner = stacked.func.get_submodule(owner_name)
+        if isinstance(tensor, nn.Parameter):
+            owner._parameters[leaf] = nn.Parameter(joined.detach().clone(), tensor.requires_grad)
+        else:
+            owner._buffers[leaf] = joined.detach().clone()
+    stacked.func.members = members
+    for module in stacked.func.modules():
+        if isinstance(module, FixedConv2d):
+            module.groups = members
+    return stacked
+
+
+def member_state_dict(block: ResidualODEBlock, member: int) -> dict:
+    """Member `member`'s weights as the state dict of a single block (a single run's checkpoint)."""
+    state = {}
+    for name, tensor in block.state_dict().items():
+        axis = tensor.dim() + MEMBER_AXIS
+        state[name] = tensor.unflatten(axis, (block.func.members, -1)).select(axis, member).clone()
+    return state
+
+
+def zero_member_gradients(block: ResidualODEBlock, members: list[int]):
+    """Set these members' gradients to exactly 0, so that plain SGD leaves their weights alone
+    (multiplying by a mask would not: 0 * NaN is NaN)."""
+    for parameter in block.parameters():
+        if parameter.grad is not None:
+            axis = parameter.grad.dim() + MEMBER_AXIS
+            index = torch.tensor(members, device=parameter.grad.device)
+            parameter.grad.unflatten(axis, (block.func.members, -1)).index_fill_(axis, index, 0.0)
+
+
+def side_by_side(x: torch.Tensor, members: int) -> torch.Tensor:
+    """(K*B, C, H, W), member after member -> (B, K*C, H, W), members side by side in channels."""
+    return x.unflatten(0, (members, -1)).transpose(0, 1).flatten(1, 2)
+
+
+def one_after_another(x: torch.Tensor, members: int) -> torch.Tensor:
+    """The inverse of side_by_side."""
+    return x.unflatten(1, (members, -1)).transpose(0, 1).flatten(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------
 # MNIST input network A and output network B (frozen around the ODE block)
 # ----------------------------------------------------------------------------------------------
 
@@ -492,12 +570,14 @@ class MNISTODENet(nn.Module):
     """B(ODE block(A(image))): the model of Figures 1 and 2. Only the ODE block is trained."""
 
     def __init__(self, model='RKHS', in_channels=32, dim_int=32, layers=20, method='midpoint',
-                 time_weights='release', integrator='fixed', input_net=None, output_net=None):
+                 time_weights='release', integrator='fixed', input_net=None, output_net=None,
+                 ode_block=None):
         super().__init__()
         # The ODE block is drawn first, so that its initialisation depends on the global RNG's
         # seed alone, whether A and B are drawn here, given, or loaded from files.
-        ode_block = ResidualODEBlock(model, in_channels, dim_int, layers, method, time_weights,
-                                     integrator)
+        if ode_block is None:
+            ode_block = ResidualODEBlock(model, in_channels, dim_int, layers, method, time_weights,
+                                         integrator)
         self.input_net = input_net if input_net is not None else mnist_input_network(in_channels)
         self.ode_block = ode_block
         self.output_net = output_net if output_net is not None else mnist_output_network(in_channels)
@@ -518,7 +598,13 @@ class MNISTODENet(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.output_net(self.ode_block(self.input_net(images)))
+        """(B, 1, 28, 28) -> (B, 10). With K stacked members (stack_members): (K*B, 1, 28, 28),
+        member k's images the k-th block of B, -> (K*B, 10) in the same order."""
+        members = self.ode_block.func.members
+        if members == 1:
+            return self.output_net(self.ode_block(self.input_net(images)))
+        states = side_by_side(self.input_net(images), members)
+        return self.output_net(one_after_another(self.ode_block(states), members))
 
 
 # ----------------------------------------------------------------------------------------------

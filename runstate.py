@@ -22,7 +22,7 @@ import torch
 
 import distributed
 from cli import EXIT_FOR_SIGNAL, UsageError, checkpoint_path, given_flags
-from common import atomic_write, missing_ancestors
+from common import atomic_write, missing_ancestors, torch_load_failure
 
 RESUME_FORMAT = 2  # 2: progress and facts saved as dicts
 CHECKPOINT_FORMAT = 1
@@ -70,29 +70,16 @@ def load_torch(path: str, what: str):
 
 
 def _why_unloadable(path: str, what: str, exc: Exception) -> str:
-    text = str(exc)
-    marker = 'Unsupported global: GLOBAL '
-    if marker in text:
-        name = text.split(marker, 1)[1].split()[0]
-        return (f'refusing to load {what} {path}: it needs {name}, which a checkpoint of this '
+    kind, detail = torch_load_failure(path, exc)
+    if kind == 'global':
+        return (f'refusing to load {what} {path}: it needs {detail}, which a checkpoint of this '
                 f'project never holds (weights_only loading); nothing of it was run')
-    start = _first_bytes(path)
-    if not start.startswith(ZIP_MAGIC):  # torch.save writes a zip archive
-        kind = 'a plain pickle, such as a results file' if start[:1] == b'\x80' else 'unknown format'
-        return f'{what} {path} is not a torch.save file ({kind})'
-    if 'Weights only load failed' in text:
+    if kind == 'not_torch':
+        return f'{what} {path} is not a torch.save file ({detail})'
+    if kind == 'refused':
         return (f'refusing to load {what} {path}: it holds objects that weights_only loading does '
                 f'not allow; nothing of it was run')
-    first = text.strip().splitlines()[0][:120] if text.strip() else type(exc).__name__
-    return f'{what} {path} is truncated or corrupt ({type(exc).__name__}: {first})'
-
-
-ZIP_MAGIC = b'PK\x03\x04'  # a zip archive's first bytes; a pickle of protocol >= 2 starts with 0x80
-
-
-def _first_bytes(path: str) -> bytes:
-    with open(path, 'rb') as f:
-        return f.read(4)
+    return f'{what} {path} is truncated or corrupt ({detail})'
 
 
 def plain_args(args) -> dict:
@@ -119,33 +106,68 @@ def run_paths(args, folder_prefix: str) -> RunPaths:
                     resume=os.path.join(args.results_dir, f'{stem}.resume.pt'))
 
 
-def prepare_run(args, folder_prefix: str):
-    """Apply the existing-file rules; on --resume, load the resume state and its arguments.
+def member_runs(args, folder_prefix: str) -> list[tuple[argparse.Namespace, RunPaths]]:
+    """The single runs a command line makes: itself, or with --seeds S1 .. SK one per seed, with
+    the arguments and files that `--seed Sk --save <stem>_s<Sk>.pkl` would have had."""
+    seeds = getattr(args, 'seeds', None)
+    if not seeds:
+        return [(args, run_paths(args, folder_prefix))]
+    stem = os.path.splitext(args.save)[0]
+    checkpoint_stem = os.path.splitext(checkpoint_path(args, folder_prefix))[0]
+    members = []
+    for seed in seeds:
+        member = argparse.Namespace(**vars(args))
+        member.seed, member.seeds = seed, None
+        member.save, member.checkpoint = f'{stem}_s{seed}.pkl', f'{checkpoint_stem}_s{seed}.pth'
+        members.append((member, run_paths(member, folder_prefix)))
+    return members
 
-    Returns (args, paths, resume_state or None). Raises UsageError before anything is written.
+
+def resume_path(args) -> str:
+    """The resume state of a run; with --seeds, of the batch of these seeds."""
+    stem = os.path.splitext(args.save)[0]
+    seeds = getattr(args, 'seeds', None)
+    if seeds:
+        stem = f'{stem}_s{"-".join(map(str, seeds))}'
+    return os.path.join(args.results_dir, f'{stem}.resume.pt')
+
+
+def prepare_run(args, folder_prefix: str, claim: 'RunClaim'):
+    """Claim the run's files, apply the existing-file rules; on --resume, load the resume state
+    and take the run's arguments from it.
+
+    Returns (args, members, resume path, resume_state or None). Raises UsageError before anything
+    is written.
     """
-    paths = run_paths(args, folder_prefix)
-    if os.path.exists(paths.results):
-        raise UsageError(f'{paths.results} exists; results are never overwritten: choose another '
-                         f'--save or move the file')
+    members = member_runs(args, folder_prefix)
+    claim.lock([paths.results for _, paths in members], f'--save {args.save}')
+    resume = resume_path(args)
+    for _, paths in members:
+        if os.path.exists(paths.results):
+            raise UsageError(f'{paths.results} exists; results are never overwritten: choose '
+                             f'another --save or move the file')
     if not args.resume:
-        if os.path.exists(paths.resume):
-            raise UsageError(f'{paths.resume} holds an interrupted run of --save {args.save}; '
-                             f'continue it with --resume, or delete it to start over')
-        if os.path.exists(paths.checkpoint):
-            raise UsageError(f'checkpoint {paths.checkpoint} exists and belongs to another run; '
-                             f'pass another --checkpoint or move it')
-        return args, paths, None
-    if not os.path.exists(paths.resume):
-        raise UsageError(f'--resume: no resume state {paths.resume} for --save {args.save}')
-    state = load_torch(paths.resume, 'resume state')
+        if os.path.exists(resume):
+            raise UsageError(f'{resume} holds an interrupted run of --save {args.save}; continue '
+                             f'it with --resume, or delete it to start over')
+        for _, paths in members:
+            if os.path.exists(paths.checkpoint):
+                raise UsageError(f'checkpoint {paths.checkpoint} exists and belongs to another '
+                                 f'run; pass another --checkpoint or move it')
+        claim.make_folders([paths for _, paths in members])
+        return args, members, resume, None
+    if not os.path.exists(resume):
+        raise UsageError(f'--resume: no resume state {resume} for --save {args.save}')
+    state = load_torch(resume, 'resume state')
     if not isinstance(state, dict) or state.get('format') != RESUME_FORMAT:
-        raise UsageError(f'{paths.resume} is not a resume state of this version')
+        raise UsageError(f'{resume} is not a resume state of this version')
     _check_resume_flags(args, state['args'])
     stored = argparse.Namespace(**state['args'])
     for key in RESUME_MAY_CHANGE:
         setattr(stored, key, getattr(args, key))
-    return stored, run_paths(stored, folder_prefix), state
+    members = member_runs(stored, folder_prefix)
+    claim.make_folders([paths for _, paths in members])
+    return stored, members, resume, state
 
 
 def _check_resume_flags(args, stored: dict):
@@ -171,69 +193,71 @@ def _shown(value) -> str:
 class RunClaim:
     """A run's hold on its files while it runs, taken before any work (rank 0 only).
 
-    lock(): an exclusive lock on '<results_dir>/.<save stem>.lock', so that a second process with
-    the same --save is refused at once instead of silently overwriting the first one's files.
-    The kernel drops the lock when the process ends, however it ends.
+    lock(): an exclusive lock on '<results_dir>/.<save stem>.lock' for each results file, so
+    that a second process with the same --save (or the same member of a --seeds run) is refused
+    at once instead of silently overwriting the first one's files. The kernel drops the locks
+    when the process ends, however it ends.
     make_folders(): creates the results and checkpoint folders and writes a probe file in each,
     so that a place that cannot be written is refused before the data is even loaded.
-    release(failed): removes the lock file, and after a refusal also what the claim created.
+    release(failed): removes the lock files, and after a refusal also what the claim created.
     """
 
     def __init__(self):
         self.active = not distributed.launched_by_torchrun() or int(os.environ['RANK']) == 0
-        self.created, self.lock_path, self.lock_fd, self.lock_created = [], None, None, False
+        self.created, self.locks = [], []  # folders made; (path, fd, created by this run)
 
-    def lock(self, results_path: str, flag_text: str):
-        if not self.active:
-            return
-        folder = os.path.dirname(results_path) or '.'
-        self._make_folder(folder, '--results_dir')
-        stem = os.path.splitext(os.path.basename(results_path))[0]
-        self.lock_path = os.path.join(folder, f'.{stem}.lock')
-        for _ in range(10):  # the file can be removed by a holder finishing between open and lock
-            self.lock_created = not os.path.exists(self.lock_path)
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o666)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                self.lock_path = None
-                raise UsageError(f'another process is running {flag_text} (it holds '
-                                 f'{os.path.join(folder, f".{stem}.lock")}); wait for it to finish, '
-                                 f'or choose another --save') from None
-            if _same_file(fd, self.lock_path):
-                self.lock_fd = fd
-                return
-            os.close(fd)
-        raise UsageError(f'could not lock {self.lock_path}: it keeps being replaced')
+    def lock(self, results_paths: list[str], flag_text: str):
+        for results_path in results_paths if self.active else ():
+            folder = os.path.dirname(results_path) or '.'
+            self._make_folder(folder, '--results_dir')
+            stem = os.path.splitext(os.path.basename(results_path))[0]
+            self.locks.append(_locked(os.path.join(folder, f'.{stem}.lock'), flag_text))
 
-    def make_folders(self, paths: 'RunPaths'):
-        if self.active:
-            self._make_folder(os.path.dirname(paths.results) or '.', '--results_dir')
-            self._make_folder(os.path.dirname(paths.checkpoint) or '.', '--checkpoint')
+    def make_folders(self, paths: list['RunPaths']):
+        folders = [(os.path.dirname(p.results) or '.', '--results_dir') for p in paths]
+        folders += [(os.path.dirname(p.checkpoint) or '.', '--checkpoint') for p in paths]
+        for folder, flag in dict.fromkeys(folders) if self.active else ():
+            self._make_folder(folder, flag)
 
     def _make_folder(self, folder: str, flag: str):
         missing = missing_ancestors(folder)
         try:
             os.makedirs(folder, exist_ok=True)
             self.created.extend(path for path in missing if path not in self.created)
-            os.remove(tempfile.mkstemp(prefix='.probe.', dir=folder)[1])
+            fd, probe = tempfile.mkstemp(prefix='.probe.', dir=folder)
+            os.close(fd)
+            os.remove(probe)
         except OSError as exc:
             raise UsageError(f'{flag}: cannot write in {folder} ({exc.strerror or exc})') from None
 
     def release(self, failed: bool):
-        if self.lock_fd is not None:
-            if failed and not self.lock_created:
-                pass  # the lock file was there before this run; leave it as it was
-            else:
+        for path, fd, created in self.locks:
+            if created or not failed:  # a lock file that was there before a refusal stays
                 with contextlib.suppress(OSError):
-                    os.remove(self.lock_path)
-            os.close(self.lock_fd)  # removed first, then unlocked: see lock()
-            self.lock_fd = None
+                    os.remove(path)
+            os.close(fd)  # removed first, then unlocked: see _locked
+        self.locks = []
         if failed:
             for folder in reversed(self.created):  # deepest first; only if still empty
                 with contextlib.suppress(OSError):
                     os.rmdir(folder)
+
+
+def _locked(path: str, flag_text: str) -> tuple[str, int, bool]:
+    """An exclusive, non-blocking flock on `path` (created if missing): (path, fd, created)."""
+    for _ in range(10):  # a holder that finishes removes the file between our open and our lock
+        created = not os.path.exists(path)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UsageError(f'another process is running {flag_text} (it holds {path}); wait for '
+                             f'it to finish, or choose another --save') from None
+        if _same_file(fd, path):
+            return path, fd, created
+        os.close(fd)
+    raise UsageError(f'could not lock {path}: it keeps being replaced')
 
 
 def _same_file(fd: int, path: str) -> bool:

@@ -77,12 +77,16 @@ class ProjectPipeline:
         generator.manual_seed(self.args.seed)
 
         def train_epoch():
-            outcome = engine.train_one_epoch(exp, optimizer, generator, batch, distributed.SINGLE,
+            outcome = engine.train_one_epoch(exp, optimizer, [generator], batch, distributed.SINGLE,
                                              runstate.StopRequest(), 'project epoch')
             if outcome.status != 'done':
                 raise RuntimeError(f'project epoch ended with status {outcome.status}')
-            return outcome.losses.tolist()
-        return train_epoch, lambda: engine.evaluate(exp, generator, distributed.SINGLE)
+            return outcome.losses[0].tolist()
+
+        def evaluate():  # the one member's (train error, test error)
+            train_errors, test_errors = engine.evaluate(exp, generator, distributed.SINGLE)
+            return train_errors[0], test_errors[0]
+        return train_epoch, evaluate
 
 
 def run_epoch(pipeline, device, warmup_steps=0) -> dict:
@@ -106,6 +110,11 @@ def run_epoch(pipeline, device, warmup_steps=0) -> dict:
     return dict(train_s=trained[0] - start[0], eval_s=end[0] - trained[0], total_s=end[0] - start[0],
                 cpu_s=end[1] - start[1], peak_mib=end[2], start_mib=start[2], last_loss=losses[-1],
                 train_error=train_error, test_error=test_error, load=os.getloadavg()[0])
+
+
+def synchronize(device):
+    if device.type == 'cuda':  # CUDA runs ahead of the host: time only finished work
+        torch.cuda.synchronize(device)
 
 
 def parse_args(p, argv, warmup_steps: int, c_options: tuple):

@@ -60,10 +60,9 @@ def release_net_from(project_net: models.MNISTODENet) -> models.MNISTODENet:
 
 def project_mnist_net(args, device) -> models.MNISTODENet:
     """The project's network as MNIST_experiments.py builds it for --seed (no embedding files)."""
-    torch.manual_seed(args.seed)
-    net, _ = MNIST_experiments.build_model(argparse.Namespace(**{
+    net, _ = MNIST_experiments.build_network(argparse.Namespace(**{
         **vars(args), 'time_weights': 'release', 'integrator': 'fixed', 'embedding_seed': args.seed,
-        'embedding_dir': 'none', 'pretrain': 0}))
+        'embedding_dir': 'none', 'pretrain': 0, 'seeds': None}), None)
     net.to(device).freeze_embedding()
     return net
 

@@ -25,8 +25,7 @@ def main(out_path):
     args.embedding_seed = 0
     dist = distributed.setup(args, torch.device('cpu'))
     train, test = data.synthetic_dataset(MNIST_experiments.MNIST_IMAGE_SHAPE, GLOBAL_BATCH, 16)
-    torch.manual_seed(0)
-    net, _ = MNIST_experiments.build_model(args)
+    net, _ = MNIST_experiments.build_network(args, None)
     net.freeze_embedding()
     with torch.no_grad():  # a non-zero start, so that every node gets a gradient
         net.ode_block.func.output_weight.normal_(0, 0.05)
@@ -41,7 +40,7 @@ def main(out_path):
     optimizer = torch.optim.SGD(exp.parameters, lr=0.0)
     generator = torch.Generator().manual_seed(0)
     with runstate.StopRequest() as stop:
-        outcome = engine.train_one_epoch(exp, optimizer, generator, GLOBAL_BATCH, dist, stop, 'step')
+        outcome = engine.train_one_epoch(exp, optimizer, [generator], GLOBAL_BATCH, dist, stop, 'step')
     if dist.is_main:
         torch.save({'grads': [p.grad for p in exp.parameters], 'loss': outcome.losses}, out_path)
     dist.close()
@@ -55,7 +54,7 @@ def pretrain_on_every_rank(out_prefix):
     args.embedding_seed = 0
     dist = distributed.setup(args, torch.device('cpu'))
     train, _ = data.synthetic_dataset(MNIST_experiments.MNIST_IMAGE_SHAPE, 4 * GLOBAL_BATCH, 16)
-    net, _ = MNIST_experiments.build_model(args)
+    net, _ = MNIST_experiments.build_network(args, None)
     MNIST_experiments.pretrain(net, train, args, dist, runstate.StopRequest())
     net.freeze_embedding()
     torch.save({'input_net': net.input_net.state_dict(), 'output_net': net.output_net.state_dict()},
