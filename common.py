@@ -106,6 +106,27 @@ def load_results(path: str):
         return _ResultsUnpickler(f).load()
 
 
+def torch_load_failure(path: str, exc: Exception) -> tuple[str, str]:
+    """Why torch.load(path, weights_only=True) raised `exc`, for a one-line message:
+    ('global', name): the file needs a class or function that weights_only loading refused;
+    ('not_torch', what it looks like): not a torch.save archive at all;
+    ('refused', ''): other content that weights_only loading refuses;
+    ('corrupt', detail): a torch.save archive that is truncated or damaged."""
+    text = str(exc)
+    marker = 'Unsupported global: GLOBAL '
+    if marker in text:
+        return 'global', text.split(marker, 1)[1].split()[0]
+    with open(path, 'rb') as f:
+        start = f.read(4)
+    if not start.startswith(b'PK\x03\x04'):  # torch.save writes a zip archive
+        # every pickle of protocol >= 2 starts with the PROTO opcode, 0x80
+        return 'not_torch', 'a plain pickle, such as a results file' if start[:1] == b'\x80' else 'unknown format'
+    if 'Weights only load failed' in text:
+        return 'refused', ''
+    first = text.strip().splitlines()[0][:120] if text.strip() else ''
+    return 'corrupt', f'{type(exc).__name__}: {first}'
+
+
 # ---------------------------------------------------------------------------------------------
 # The figure grid: which configurations make each figure
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import urllib.request
 
-from common import missing_ancestors
+from common import missing_ancestors, torch_load_failure
 
 DEFAULT_DIR = 'MNIST_pretrained_models'
 NO_EMBEDDING_DIR = 'none'  # --embedding_dir none: never load files
@@ -136,7 +136,7 @@ def load_state(path: str, expected: dict) -> dict:
             warnings.simplefilter('ignore')
             content = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as exc:
-        raise EmbeddingError(f'embedding file {path} {_load_failure(exc)}') from None
+        raise EmbeddingError(f'embedding file {path} {_load_failure(path, exc)}') from None
     model = content.get('model') if isinstance(content, dict) else None
     if not isinstance(model, nn.Sequential):
         raise EmbeddingError(f'embedding file {path} is not a release embedding '
@@ -152,19 +152,18 @@ def load_state(path: str, expected: dict) -> dict:
     return state
 
 
-def _load_failure(exc: Exception) -> str:
-    """What torch.load's exception says about the file, in a few words."""
-    text = str(exc)
-    marker = 'Unsupported global: GLOBAL '
-    if marker in text:
-        name = text.split(marker, 1)[1].split()[0]
-        return (f'needs {name}, which is not one of the six torch.nn classes a release '
+def _load_failure(path: str, exc: Exception) -> str:
+    """What is wrong with the file, in a few words."""
+    kind, detail = torch_load_failure(path, exc)
+    if kind == 'global':
+        return (f'needs {detail}, which is not one of the six torch.nn classes a release '
                 f'embedding holds: refused unread')
-    if 'Weights only load failed' in text:
+    if kind == 'refused':
         return ('holds something other than tensors and the six torch.nn classes a release '
                 'embedding holds: refused unread')
-    first = text.strip().splitlines()[0][:120] if text.strip() else type(exc).__name__
-    return f'is truncated or corrupt (torch.load: {first})'
+    if kind == 'not_torch':
+        return f'is not a torch.save file ({detail})'
+    return f'is truncated or corrupt ({detail})'
 
 
 def describe(paths: list[str]) -> dict:
