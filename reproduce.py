@@ -1,26 +1,27 @@
 """Run the seed sweeps behind Figures 1a, 1b, 2 and 3, then plot them.
 
-Each run (one configuration, one seed) is its own subprocess of
-``MNIST_experiments.py`` or ``CIFAR_experiments.py`` with its own results
-pickle, checkpoint and log file::
+Each process trains one configuration for one seed, or for several seeds side by side as one
+batched model (``--batch_seeds K``: ``MNIST_experiments.py --seeds``); either way every seed has
+its own results pickle, checkpoint and log::
 
     MNIST_experiments/fig1a/RKHS_l5_p0_s3.pkl      results (read by plot_figures.py)
-    MNIST_experiments/fig1a/logs/RKHS_l5_p0_s3.log stdout + stderr of the run
-    MNIST_checkpoint/fig1a/RKHS_l5_p0_s3.pth       checkpoint (resumes an interrupted run)
+    MNIST_experiments/fig1a/logs/RKHS_l5_p0_s3.log stdout + stderr of the process
+    MNIST_checkpoint/fig1a/RKHS_l5_p0_s3.pth       best checkpoint
     MNIST_experiments/fig1a/sweep.json             manifest: settings and commands
 
-The sweep is resumable: a run whose pickle exists is skipped, and a run that
-was interrupted (it left ``<name>.resume.pt`` next to its pickle) is continued
-with ``--resume``. All MNIST runs of
-a figure share one fixed random embedding (``--embedding_seed``, default 0)
-unless ``--vary_embedding`` is given, so that seeds only change the trained
-parameters' initialisation and the data order.
+The sweep is resumable: a process whose pickles exist is skipped, and one that was interrupted
+(it left ``<name>.resume.pt``) is continued with ``--resume``. The runs follow the release's
+stored protocol by default (``--protocol``); MNIST runs load the release's embedding files
+where they exist (``--embedding_dir``), and otherwise share one drawn embedding
+(``--embedding_seed``, default 0) unless ``--vary_embedding`` is given. ``--shard I/N`` runs
+one of N disjoint parts, for a job array over several machines.
 
 Examples::
 
-    python reproduce.py figure1a --seeds 5 --gpus 0,1 --per_gpu 4
+    python reproduce.py figure1a --seeds 20 --gpus 0            # 20 seeds per process on the GPU
     python reproduce.py all --dry_run
     python reproduce.py figure2 --seeds 2 --jobs 2 -- --epochs 3 --subset 2048
+    python reproduce.py all --seeds 20 --gpus 0 --shard 2/4     # machine 2 of 4
 """
 
 import argparse
@@ -52,8 +53,12 @@ EXIT_INTERRUPTED = 130
 RESUME_SUFFIX = '.resume.pt'
 
 # Flags that reproduce.py sets for each run and that must not be passed through.
-MANAGED_FLAGS = ('seed', 'results_dir', 'save', 'checkpoint', 'embedding_seed', 'embedding_dir',
-                 'resume')
+MANAGED_FLAGS = ('seed', 'seeds', 'results_dir', 'save', 'checkpoint', 'embedding_seed',
+                 'embedding_dir', 'resume')
+# Seeds per process on GPUs when --batch_seeds is not given: all seeds of a configuration up to
+# 20, the paper's count. Chosen for the GPU target (20 members fill a GPU far better than one);
+# not measured here, where no GPU was available (see README).
+DEFAULT_GPU_BATCH_SEEDS = 20
 
 # Training protocols: (epochs, decay epoch, decay factor) per dataset.
 # 'stored' is what the release's stored runs used: its scripts' defaults for MNIST (its pickles
@@ -72,23 +77,20 @@ TERMINATE_GRACE_SECONDS = 10  # on Ctrl-C, wait this long before SIGKILL
 
 @dataclass
 class Run:
-    """One subprocess of the sweep."""
+    """One subprocess of the sweep: one seed, or several trained side by side (--seeds)."""
     figure: str
-    name: str           # e.g. RKHS_l5_p0_s3
+    config: common.Configuration
+    seeds: list         # one, or the members of a batched run
+    name: str           # e.g. RKHS_l5_p0_s3, or RKHS_l5_p0_s0-1-2-3 for a batch
     script: str         # absolute path of the experiment script
     args: list          # arguments after the script path
-    pickle: str         # relative to results_root
+    pickles: list       # one per seed, relative to results_root
     log: str            # relative to results_root
-    checkpoint: str     # relative to results_root
+    resume_state: str   # where the script keeps an interrupted run's state, relative to results_root
     status: str = 'pending'
     returncode: object = None
     seconds: object = None
     extra: dict = field(default_factory=dict)
-
-    @property
-    def resume_state(self):
-        """Where the experiment scripts keep an interrupted run's state."""
-        return os.path.splitext(self.pickle)[0] + RESUME_SUFFIX
 
     def command(self):
         """Full argv of the run."""
@@ -130,40 +132,56 @@ def results_dir(figure):
     return os.path.join(f'{dataset}_experiments', tag)
 
 
+def seeds_per_process(figure, args):
+    """--batch_seeds, or its default: 1 on CPU, DEFAULT_GPU_BATCH_SEEDS with --gpus. Figure 3's
+    CIFAR script trains one seed per process."""
+    if common.figure_folder_prefix(figure) != 'MNIST':
+        return 1
+    if args.batch_seeds is not None:
+        return args.batch_seeds
+    return DEFAULT_GPU_BATCH_SEEDS if args.gpus else 1
+
+
 def build_runs(figure, args):
-    """All runs of one figure, in configuration-major, seed-minor order."""
-    dataset, tag, configs = figure_settings(figure)
-    script = os.path.join(SCRIPT_DIR, f'{dataset}_experiments.py')
+    """All runs of one figure, configuration-major: each configuration's seeds in groups of
+    seeds_per_process, one process per group. The groups depend on the full seed list only, so
+    that --shard splits the same list whatever has run already."""
+    seeds = list(range(args.seed_start, args.seed_start + args.seeds))
+    size = seeds_per_process(figure, args)
+    return [make_run(figure, config, seeds[start:start + size], args)
+            for config in common.figure_grid(figure) for start in range(0, len(seeds), size)]
+
+
+def make_run(figure, config, seeds, args):
+    """The subprocess that trains `seeds` of one configuration: `--seed S` alone, or `--seeds` for
+    several, whose member files have the same names as the single runs'."""
+    dataset, tag, _ = figure_settings(figure)
     out_dir = os.path.join(f'{dataset}_experiments', tag)
     ckpt_dir = os.path.join(f'{dataset}_checkpoint', tag)
-    runs = []
-    for config in configs:
-        for seed in range(args.seed_start, args.seed_start + args.seeds):
-            name = f'{config.name}_s{seed}'
-            epochs, decay_step, decay_rate = PROTOCOLS[args.protocol][dataset]
-            run_args = config.flags() + [
-                '--epochs', epochs, '--decay_steps', decay_step, '--decay_rate', decay_rate,
-                '--seed', str(seed),
-                '--results_dir', out_dir,
-                '--save', name + '.pkl',
-                '--checkpoint', os.path.join(ckpt_dir, name + '.pth'),
-            ]
-            # Only the MNIST model has an embedding: the release's files where they exist
-            # (as the release's stored runs), else one drawn from a seed shared by all runs.
-            if dataset == 'MNIST':
-                run_args += ['--embedding_dir', _embedding_dir(args)]
-                if not args.vary_embedding:
-                    run_args += ['--embedding_seed', str(args.embedding_seed)]
-            if args.gpus:
-                run_args += ['--device', 'cuda']
-            # Last, so that a pass-through flag overrides ours (argparse keeps
-            # the last occurrence).
-            run_args += list(args.passthrough)
-            runs.append(Run(figure=figure, name=name, script=script, args=run_args,
-                            pickle=os.path.join(out_dir, name + '.pkl'),
-                            log=os.path.join(out_dir, 'logs', name + '.log'),
-                            checkpoint=os.path.join(ckpt_dir, name + '.pth')))
-    return runs
+    name = f'{config.name}_s{"-".join(map(str, seeds))}'
+    stem, seed_flags = (name, ['--seed', str(seeds[0])]) if len(seeds) == 1 else \
+        (config.name, ['--seeds', *map(str, seeds)])
+    epochs, decay_step, decay_rate = PROTOCOLS[args.protocol][dataset]
+    run_args = config.flags() + [
+        '--epochs', epochs, '--decay_steps', decay_step, '--decay_rate', decay_rate, *seed_flags,
+        '--results_dir', out_dir, '--save', stem + '.pkl',
+        '--checkpoint', os.path.join(ckpt_dir, stem + '.pth'),
+    ]
+    # Only the MNIST model has an embedding: the release's files where they exist (as the
+    # release's stored runs), else one drawn from a seed shared by all runs.
+    if dataset == 'MNIST':
+        run_args += ['--embedding_dir', _embedding_dir(args)]
+        if not args.vary_embedding:
+            run_args += ['--embedding_seed', str(args.embedding_seed)]
+    if args.gpus:
+        run_args += ['--device', 'cuda']
+    # Last, so that a pass-through flag overrides ours (argparse keeps the last occurrence).
+    run_args += list(args.passthrough)
+    return Run(figure=figure, config=config, seeds=list(seeds), name=name,
+               script=os.path.join(SCRIPT_DIR, f'{dataset}_experiments.py'), args=run_args,
+               pickles=[os.path.join(out_dir, f'{config.name}_s{seed}.pkl') for seed in seeds],
+               log=os.path.join(out_dir, 'logs', name + '.log'),
+               resume_state=os.path.join(out_dir, name + RESUME_SUFFIX))
 
 
 # ----------------------------------------------------------------------------
@@ -199,10 +217,12 @@ def write_manifest(root, figure, runs, args, started, finished=None):
         'seeds': list(range(args.seed_start, args.seed_start + args.seeds)),
         'passthrough': list(args.passthrough),
         'gpus': args.gpus,
+        'batch_seeds': args.batch_seeds,
+        'shard': '/'.join(map(str, args.shard)) if args.shard else None,
         'cwd': root,
         'runs': [{'name': run.name, 'command': run.command(), 'status': run.status,
                   'returncode': run.returncode, 'seconds': run.seconds,
-                  'pickle': run.pickle, 'log': run.log} for run in runs],
+                  'pickles': run.pickles, 'log': run.log} for run in runs],
     }
     # This invocation's entry (written at its start) is replaced, not repeated.
     if history and history[-1].get('started_unix') == started:
@@ -229,9 +249,7 @@ def make_slots(args):
 
 def _launch(run, root, gpu):
     log_path = os.path.join(root, run.log)
-    for folder in (os.path.dirname(log_path), os.path.join(root, os.path.dirname(run.pickle)),
-                   os.path.join(root, os.path.dirname(run.checkpoint))):
-        os.makedirs(folder, exist_ok=True)
+    os.makedirs(os.path.dirname(log_path), exist_ok=True)
     env = dict(os.environ)
     env['PYTHONUNBUFFERED'] = '1'  # live logs
     if gpu is not None:
@@ -254,7 +272,7 @@ def _launch(run, root, gpu):
 def _finish(run, returncode, root, started):
     run.returncode = returncode
     run.seconds = round(time.time() - started, 2)
-    has_pickle = os.path.exists(os.path.join(root, run.pickle))
+    has_pickle = all(os.path.exists(os.path.join(root, path)) for path in run.pickles)
     if returncode == EXIT_OK and has_pickle:
         run.status = 'done'
     elif returncode == EXIT_DIVERGED and has_pickle:
@@ -262,7 +280,7 @@ def _finish(run, returncode, root, started):
     else:
         run.status = 'failed'
         if returncode in (EXIT_OK, EXIT_DIVERGED):
-            run.extra['reason'] = f'exit {returncode} but no pickle at {run.pickle}'
+            run.extra['reason'] = f'exit {returncode} but a pickle is missing: {", ".join(run.pickles)}'
 
 
 def run_all(runs, root, slots):
@@ -352,6 +370,16 @@ def _figure_name(text):
     return name
 
 
+def _shard(text):
+    try:
+        index, count = (int(part) for part in text.split('/'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected I/N such as 2/3, got {text!r}') from None
+    if not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(f'--shard I/N needs 1 <= I <= N, got {text!r}')
+    return index, count
+
+
 def _gpu_list(text):
     gpus = [item.strip() for item in text.split(',') if item.strip()]
     if not gpus or not all(item.isdigit() for item in gpus):
@@ -388,6 +416,14 @@ def get_args_parser():
                              '--device cuda')
     parser.add_argument('--per_gpu', type=int, default=4,
                         help='concurrent runs per GPU with --gpus (default: 4)')
+    parser.add_argument('--batch_seeds', type=int, default=None, metavar='K',
+                        help='MNIST seeds per process, trained side by side as one batched model '
+                             f'(MNIST_experiments.py --seeds); default 1 on CPU, '
+                             f'{DEFAULT_GPU_BATCH_SEEDS} with --gpus')
+    parser.add_argument('--shard', type=_shard, default=None, metavar='I/N',
+                        help='run only the I-th of N disjoint parts of the sweep (every N-th run '
+                             'from the I-th), e.g. one part per machine of a job array; any later '
+                             'run skips what exists and plots what is there')
     parser.add_argument('--jobs', type=int, default=1,
                         help='concurrent CPU runs without --gpus (default: 1)')
     parser.add_argument('--results_root', default=REPO_DIR,
@@ -423,6 +459,8 @@ def _check_args(args):
         problems.append('--jobs must be >= 1')
     if args.per_gpu < 1:
         problems.append('--per_gpu must be >= 1')
+    if args.batch_seeds is not None and args.batch_seeds < 1:
+        problems.append('--batch_seeds must be >= 1')
     return problems
 
 
@@ -472,6 +510,28 @@ def _plot(figure, root, pdf):
     return plot_figures.main(plot_figures.get_args_parser().parse_args(plot_args))
 
 
+def runs_to_do(all_runs, root, args):
+    """The runs still to do. A run whose pickles all exist is done (a diverged run writes one
+    too); a batched run with some of its members done runs the rest; a run that was interrupted
+    left a resume state, which the script refuses to overwrite: it continues with --resume."""
+    todo = []
+    for run in all_runs:
+        missing = [seed for seed, path in zip(run.seeds, run.pickles)
+                   if not os.path.exists(os.path.join(root, path))]
+        if not missing:
+            run.status = 'skipped'
+            print(f'# skip {run.name}: {", ".join(run.pickles)} exist{"s" * (len(run.pickles) == 1)}')
+            continue
+        if missing != run.seeds:
+            print(f'# {run.name}: only seed(s) {" ".join(map(str, missing))} still to do')
+            vars(run).update(vars(make_run(run.figure, run.config, missing, args)))
+        if os.path.exists(os.path.join(root, run.resume_state)):
+            run.args.append('--resume')
+            print(f'# resume {run.name}: {run.resume_state} exists')
+        todo.append(run)
+    return todo
+
+
 def main(args):
     """Run (or print, with --dry_run) the sweep, then plot; return an exit status."""
     figures = FIGURES if args.figure == 'all' else (args.figure,)
@@ -483,6 +543,12 @@ def main(args):
     sweep_start = time.time()
     root = os.path.abspath(args.results_root)
     runs_by_figure = {figure: build_runs(figure, args) for figure in figures}
+    if args.shard:  # this machine's share: every N-th run of the whole sweep, from the I-th on
+        index, count = args.shard
+        numbered = enumerate(run for figure in figures for run in runs_by_figure[figure])
+        mine = {id(run) for number, run in numbered if number % count == index - 1}
+        runs_by_figure = {figure: [run for run in runs if id(run) in mine]
+                          for figure, runs in runs_by_figure.items()}
     all_runs = [run for figure in figures for run in runs_by_figure[figure]]
 
     embedding = describe_embedding(figures, args)
@@ -493,19 +559,7 @@ def main(args):
         if args.gpus:
             print(f'# each run gets CUDA_VISIBLE_DEVICES set to one of {",".join(args.gpus)}')
 
-    # Resume: a run whose pickle exists is done (a diverged run writes one too).
-    # An interrupted run left a resume state, which the experiment script
-    # refuses to overwrite: continue it with --resume instead.
-    todo = []
-    for run in all_runs:
-        if os.path.exists(os.path.join(root, run.pickle)):
-            run.status = 'skipped'
-            print(f'# skip {run.name}: {run.pickle} exists')
-            continue
-        if os.path.exists(os.path.join(root, run.resume_state)):
-            run.args.append('--resume')
-            print(f'# resume {run.name}: {run.resume_state} exists')
-        todo.append(run)
+    todo = runs_to_do(all_runs, root, args)
 
     if args.dry_run:
         for run in todo:

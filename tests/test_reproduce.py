@@ -227,7 +227,7 @@ def test_sweep_with_fake_script(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, 'SCRIPT_DIR', str(scripts))
     root = tmp_path / 'root'
     argv = ['figure1a', '--seeds', '2', '--results_root', str(root), '--gpus', '0,1',
-            '--per_gpu', '2', '--', '--epochs', '3']
+            '--per_gpu', '2', '--batch_seeds', '1', '--', '--epochs', '3']
 
     status = reproduce.main(reproduce.parse_args(argv))
     out = capsys.readouterr().out
@@ -298,3 +298,73 @@ def test_tiny_real_sweep(capsys, tmp_path):
     assert status == 0
     assert out.count('# skip') == 6
     assert ' start ' not in out
+
+
+# --- several seeds per process, and shards ------------------------------------------------------
+
+def test_batch_seeds_groups_each_configurations_seeds(capsys, tmp_path):
+    _, commands, _ = _dry_run(capsys, ['figure1a', '--seeds', '5', '--batch_seeds', '4',
+                                       '--results_root', str(tmp_path)])
+    assert len(commands) == 6 * 2
+    for command in commands:
+        config = _flag(command, '--save')[:-len('.pkl')]
+        if '--seeds' in command:  # members write the single runs' names: <config>_s<seed>.pkl
+            assert command[command.index('--seeds') + 1:command.index('--seeds') + 5] == ['0', '1', '2', '3']
+            assert _flag(command, '--checkpoint') == f'MNIST_checkpoint/fig1a/{config}.pth'
+        else:
+            assert _flag(command, '--seed') == '4' and config.endswith('_s4')
+    _, commands, _ = _dry_run(capsys, ['figure1b', '--seeds', '5', '--gpus', '0', '--results_root', str(tmp_path)])
+    assert len(commands) == 6 and all(command.count('--seeds') == 1 for command in commands)
+    _, commands, _ = _dry_run(capsys, ['figure3', '--seeds', '2', '--batch_seeds', '2',
+                                       '--results_root', str(tmp_path)])
+    assert len(commands) == 12 and not any('--seeds' in command for command in commands)  # CIFAR: one seed
+
+
+def test_a_batch_skips_done_members_and_resumes_its_state(capsys, tmp_path):
+    done = tmp_path / 'MNIST_experiments' / 'fig2'
+    done.mkdir(parents=True)
+    for seed in (0, 1):
+        (done / f'RKHS_l20_c8_s{seed}.pkl').write_bytes(b'')
+    for seed in range(4):
+        (done / f'RKHS_l20_c4_s{seed}.pkl').write_bytes(b'')
+    (done / 'RKHS_l20_c32_s0-1-2-3.resume.pt').write_bytes(b'')
+    _, commands, comments = _dry_run(capsys, ['figure2', '--seeds', '4', '--batch_seeds', '4',
+                                              '--results_root', str(tmp_path)])
+    by_config = {_flag(c, '--save'): c for c in commands}
+    assert sorted(by_config) == ['RKHS_l20_c32.pkl', 'RKHS_l20_c8.pkl']
+    assert by_config['RKHS_l20_c32.pkl'][-1] == '--resume'
+    members = by_config['RKHS_l20_c8.pkl']
+    assert members[members.index('--seeds') + 1:members.index('--seeds') + 3] == ['2', '3']
+    assert any(line.startswith('# skip RKHS_l20_c4_s0-1-2-3') for line in comments)
+
+
+@pytest.mark.parametrize('count', [1, 3, 7])
+def test_shards_run_every_command_exactly_once(capsys, tmp_path, count):
+    base = ['all', '--seeds', '3', '--batch_seeds', '2', '--results_root', str(tmp_path)]
+    _, everything, _ = _dry_run(capsys, base)
+    parts = [_dry_run(capsys, base + ['--shard', f'{index}/{count}'])[1] for index in range(1, count + 1)]
+    assert sorted(map(shlex.join, everything)) == sorted(shlex.join(c) for part in parts for c in part)
+    assert all(len(part) >= len(everything) // count for part in parts)  # balanced
+
+
+def test_bad_shards_and_batch_sizes_are_refused():
+    for text in ('0/3', '4/3', '1-3', 'a/b'):
+        with pytest.raises(SystemExit):
+            reproduce.parse_args(['figure1a', '--shard', text])
+    assert reproduce.main(reproduce.parse_args(['figure1a', '--dry_run', '--batch_seeds', '0'])) == 2
+
+
+def test_tiny_batched_sweep(capsys, tmp_path):
+    argv = ['figure2', '--seeds', '2', '--batch_seeds', '2', '--results_root', str(tmp_path),
+            '--embedding_dir', 'none', '--', '--synthetic', '--subset', '128', '--epochs', '1']
+    status = reproduce.main(reproduce.parse_args(argv))
+    out = capsys.readouterr().out
+    assert status == 0, out
+    folder = tmp_path / 'MNIST_experiments' / 'fig2'
+    names = sorted(p.name for p in folder.glob('*.pkl'))
+    assert names == sorted(f'RKHS_l20_c{c}_s{s}.pkl' for c in (32, 8, 4) for s in (0, 1))
+    assert out.count(' start ') == 3  # one process per configuration
+    with open(folder / 'RKHS_l20_c8_s1.pkl', 'rb') as handle:
+        run = pickle.load(handle)
+    assert run['seed'] == 1 and run['batched_with'] == 2 and run['in_channels'] == 8
+    assert (tmp_path / 'figures' / 'figure2.png').stat().st_size > 10_000
