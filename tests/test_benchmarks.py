@@ -166,3 +166,18 @@ def test_conv_flop_count_matches_torch_flop_counter(which):
         # then Omega 2x (input gradient) and W 3x.
         per_image = input_net + 3 * conv + 5 * conv * (evaluations - 1)
         assert ours.total == 2 * per_image
+
+
+def test_seed_batching_benchmark_runs_and_reports_every_k():
+    proc = _run('bench_seeds.py', '--synthetic', '--subset', '256', '--layers', '1', '--in_channels', '4',
+                '--dim_int', '4', '--ks', '1,3')
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    rows = re.findall(r'^\| (\d+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+) \| ([0-9.]+)x \|$', out, re.M)
+    assert [row[0] for row in rows] == ['1', '3']
+    for k, batched_s, batched_rate, sequential_s, sequential_rate, ratio in rows:
+        # seconds are printed to 0.01 s: the rate must match them within that rounding
+        assert abs(int(k) - float(batched_rate) * float(batched_s)) <= 0.0051 * float(batched_rate) + 0.001
+        assert abs(int(k) - float(sequential_rate) * float(sequential_s)) <= 0.0051 * float(sequential_rate) + 0.001
+        assert float(ratio) > 0
+    assert re.search(r'single run, seed 2: [0-9.]+ s', out)  # K single runs for the largest K
