@@ -94,16 +94,14 @@ def plain_args(args) -> dict:
 
 @dataclass
 class RunPaths:
+    """A single run's results pickle and best checkpoint (its resume state: resume_path)."""
     results: str
     checkpoint: str
-    resume: str
 
 
 def run_paths(args, folder_prefix: str) -> RunPaths:
-    stem = os.path.splitext(args.save)[0]
     return RunPaths(results=os.path.join(args.results_dir, args.save),
-                    checkpoint=checkpoint_path(args, folder_prefix),
-                    resume=os.path.join(args.results_dir, f'{stem}.resume.pt'))
+                    checkpoint=checkpoint_path(args, folder_prefix))
 
 
 def member_runs(args, folder_prefix: str) -> list[tuple[argparse.Namespace, RunPaths]]:
