@@ -153,9 +153,7 @@ def train_one_epoch(exp, optimizer, generators, batch_size, dist, stop: StopRequ
         # augmentation numbers and the shared generator stays in step across ranks.
         images = dist.shard(exp.train_transform(train.images[batch.flatten()], generators[0]))
         labels = dist.shard(train.labels[batch.flatten()]).unflatten(0, (members, -1))
-        logits = forward(images).unflatten(0, (members, -1))
-        loss_sums = torch.stack([F.cross_entropy(logits[k], labels[k], reduction='sum')
-                                 for k in range(members)])
+        loss_sums = _member_loss_sums(forward(images), labels)
         optimizer.zero_grad(set_to_none=True)
         (loss_sums.sum() * (dist.world_size / batch.shape[1])).backward()
         if frozen:
@@ -178,6 +176,15 @@ def train_one_epoch(exp, optimizer, generators, batch_size, dist, stop: StopRequ
                                 {'step': step + 1, 'losses': losses[:, :step + 1].cpu(),
                                  'permutation': permutations.cpu(), 'diverged': diverged}, diverged)
     return EpochOutcome(losses, 'done', None, diverged)
+
+
+def _member_loss_sums(logits, labels) -> torch.Tensor:
+    """Each member's summed cross-entropy, (members,). One member: the plain reduction='sum'
+    (the single run's exact arithmetic); several: one kernel for all, then a sum per member."""
+    if labels.shape[0] == 1:
+        return F.cross_entropy(logits, labels[0], reduction='sum').unsqueeze(0)
+    per_image = F.cross_entropy(logits, labels.flatten(), reduction='none')
+    return per_image.unflatten(0, labels.shape).sum(1)
 
 
 def _first_non_finite(window, frozen, offset) -> dict:
