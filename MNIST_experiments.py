@@ -27,13 +27,26 @@ MNIST_IMAGE_SHAPE = (28, 28)
 # Evaluation batch caps per device type: on a 2-core CPU, chunks of ~2,000 images ran faster
 # than 10,000. Results never depend on them.
 EVAL_CHUNK = {'cpu': 2000, 'cuda': 10_000}
+# The release measured train_classif on the first batch of an unshuffled training loader whose
+# batch size was its --test_batch_size: 10,000 by its script's default, 1,000 in its stored runs
+# (every stored value is a multiple of 0.001, and equals this project's error on the first 1,000
+# images from the same embedding files).
+TRAIN_ERROR_IMAGES = 10_000
 
 
 def get_args_parser():
     parser = cli.OneLineArgumentParser(
         description='Train an RKHS or SHL residual ODE block on MNIST (Figures 1 and 2).')
     cli.add_common_arguments(parser, layers=20, epochs=30, lr_init=0.5, decay_steps=[25],
-                             decay_rate=0.1, folder_prefix=DATASET)
+                             decay_rate=0.1, folder_prefix=DATASET, release_tbs_is_test_batch_size=False)
+    parser.add_argument('--train_error_images', type=int, default=TRAIN_ERROR_IMAGES,
+                        help='train_classif is the error on the first N training images (default '
+                             f'{TRAIN_ERROR_IMAGES:,}, the release script\'s; its stored runs used '
+                             '1,000, which reproduce.py uses)')
+    parser.add_argument('-tbs', dest='release_tbs', type=int, default=None, metavar='N',
+                        help='the release\'s option, with its meaning: --test_batch_size N and '
+                             '--train_error_images N together (the release measured the training '
+                             'error on its first evaluation batch)')
     parser.add_argument('--in_channels', '-in', type=int, default=32,
                         help='channels C of the ODE state (C x 5 x 5) (default 32)')
     parser.add_argument('--dim_int', type=int, default=32,
@@ -52,11 +65,14 @@ def get_args_parser():
     parser.add_argument('--integrator', default='fixed', choices=models.INTEGRATORS,
                         help='fixed: precomputed-schedule loop (fast); torchdiffeq: plain odeint, as '
                              'the release (default fixed)')
-    parser.add_argument('--embedding_dir', default=embeddings.DEFAULT_DIR,
+    parser.add_argument('--embedding_dir', default=embeddings.DEFAULT_PATH,
                         help='folder of the release\'s embedding files {C}channels_{p}pass_'
-                             '{input,output}_embedding.pt; when both exist, A and B are loaded from '
-                             'them and not pretrained; "none" never loads them (default '
-                             f'{embeddings.DEFAULT_DIR}; python embeddings.py --download fetches them)')
+                             '{input,output}_embedding.pt; A and B are loaded from them and not '
+                             'pretrained. Given explicitly, a missing or unusable file is an error; '
+                             'the default folder may lack them, and the run then draws A and B and '
+                             'says so. "none" never loads them (default: '
+                             f'{embeddings.DEFAULT_DIR} in the repository; python embeddings.py '
+                             '--download fetches them)')
     parser.add_argument('--seeds', type=int, nargs='+', default=None, metavar='S',
                         help='train these K seeds at once, as one batched model: member k is the '
                              'run --seed Sk would make (its own block, data order, curves, '
@@ -69,8 +85,26 @@ def get_args_parser():
     return parser
 
 
+def apply_release_tbs(args):
+    """-tbs N, the release's spelling, sets both quantities its --test_batch_size decided."""
+    if args.release_tbs is None:
+        return
+    given = cli.given_flags(args)
+    for name in ('train_error_images', 'test_batch_size'):
+        if name in given and getattr(args, name) != args.release_tbs:
+            raise cli.UsageError(f'-tbs {args.release_tbs} (the release\'s option, which sets '
+                                 f'--test_batch_size and --train_error_images) contradicts '
+                                 f'--{name} {getattr(args, name)}')
+        setattr(args, name, args.release_tbs)
+    args._given = (given - {'release_tbs'}) | {'train_error_images', 'test_batch_size'}
+    args.release_tbs = None
+
+
 def validate_args(args):
+    apply_release_tbs(args)
     cli.validate_common_args(args, DATASET, data.MNIST_TRAIN_SIZE)
+    if args.train_error_images < 1:
+        raise cli.UsageError(f'--train_error_images must be >= 1, got {args.train_error_images}')
     for name in ('in_channels', 'dim_int'):
         if getattr(args, name) < 1:
             raise cli.UsageError(f'--{name} must be >= 1, got {getattr(args, name)}')
@@ -102,9 +136,9 @@ def load_data(args, dist) -> tuple[data.DeviceDataset, data.DeviceDataset]:
                                 (data.MNIST_TRAIN_SIZE, data.MNIST_TEST_SIZE))
 
 
-def first_training_images(train_set):
-    """train_classif is measured on the first 10,000 training images, in dataset order."""
-    images, labels = train_set.images[:engine.TRAIN_EVAL_SIZE], train_set.labels[:engine.TRAIN_EVAL_SIZE]
+def first_training_images(train_set, count: int):
+    """train_classif is measured on the first `count` training images, in dataset order."""
+    images, labels = train_set.images[:count], train_set.labels[:count]
     return lambda generator: (images, labels, data.mnist_to_float)
 
 
@@ -118,7 +152,9 @@ def build_embedding(args) -> tuple[nn.Module, nn.Module, dict]:
         torch.manual_seed(args.embedding_seed)
         input_net = models.mnist_input_network(args.in_channels)
         output_net = models.mnist_output_network(args.in_channels)
-    paths = embeddings.find(args.embedding_dir, args.in_channels, args.pretrain)
+    explicit = 'embedding_dir' in cli.given_flags(args)
+    paths = embeddings.find(args.embedding_dir, args.in_channels, args.pretrain,
+                            required=explicit and embeddings.release_ships(args.in_channels, args.pretrain))
     if paths is None:
         return input_net, output_net, {'embedding_seed': args.embedding_seed,
                                        'embedding_files': None, 'embedding_sha256': None}
@@ -127,17 +163,26 @@ def build_embedding(args) -> tuple[nn.Module, nn.Module, dict]:
     return input_net, output_net, {'embedding_seed': None, **embeddings.describe(paths)}
 
 
-def describe_embedding(args, record) -> str:
+def describe_embedding(args, record) -> tuple[str, str | None]:
+    """The line saying where A and B came from, and a warning when the run does not start where
+    the paper's runs of this configuration started."""
     if record['embedding_files']:
         origin = ('match the release\'s' if embeddings.is_release(record)
                   else 'DIFFER from the release\'s: not the shipped files')
         return (f'embedding: loaded the release embedding {" and ".join(record["embedding_files"])} '
-                f'from {args.embedding_dir} (SHA-256 {origin}); no pretraining')
-    where = ('--embedding_dir none' if args.embedding_dir == embeddings.NO_EMBEDDING_DIR else
+                f'from {args.embedding_dir} (SHA-256 {origin}); no pretraining'), None
+    none = args.embedding_dir == embeddings.NO_EMBEDDING_DIR
+    where = ('--embedding_dir none' if none else
              f'no release files for {args.in_channels} channels, {args.pretrain} passes in '
              f'{args.embedding_dir}/')
     passes = f', then {args.pretrain} pretraining pass(es)' if args.pretrain else ''
-    return f'embedding: drawn from --embedding_seed {record["embedding_seed"]}{passes} ({where})'
+    line = f'embedding: drawn from --embedding_seed {record["embedding_seed"]}{passes} ({where})'
+    if none or not embeddings.release_ships(args.in_channels, args.pretrain):
+        return line, None
+    return line, (f'WARNING: this run does NOT start where the paper\'s runs started: they loaded '
+                  f'the release\'s {" and ".join(embeddings.file_names(args.in_channels, args.pretrain))}, '
+                  f'which are not in {args.embedding_dir}/. Fetch them with python embeddings.py '
+                  f'--download, or pass --embedding_dir <folder holding them>')
 
 
 class PretrainingStopped(Exception):
@@ -233,7 +278,10 @@ def build_experiment(started: engine.Started) -> engine.Experiment:
     train_set, test_set = train_set.to(device), test_set.to(device)
     net, embedding = build_network(args, started.resume_state)
     if started.resume_state is None:
-        dist.print(describe_embedding(args, embedding))
+        line, warning = describe_embedding(args, embedding)
+        dist.print(line)
+        if warning:
+            dist.print(warning, file=sys.stderr)
         if embedding['embedding_files'] is None and args.pretrain > 0:
             pretrain(net.to(device), train_set, args, dist, started.stop)
     net = net.to(device)
@@ -249,7 +297,7 @@ def build_experiment(started: engine.Started) -> engine.Experiment:
         parts={'input_net': net.input_net, 'ode_block': block, 'output_net': net.output_net},
         parameters=list(block.parameters()), train_set=train_set, test_set=test_set,
         train_transform=lambda images, generator: data.mnist_to_float(images),
-        eval_transform=data.mnist_to_float, train_eval_sample=first_training_images(train_set),
+        eval_transform=data.mnist_to_float, train_eval_sample=first_training_images(train_set, args.train_error_images),
         eval_chunk=engine.eval_chunk(EVAL_CHUNK, device, args.test_batch_size),
         facts={'num_parameters': num_parameters, **embedding,
                **({'batched_with': members} if args.seeds else {})},

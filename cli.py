@@ -58,9 +58,13 @@ def given_flags(args) -> frozenset:
 
 
 def add_common_arguments(parser: argparse.ArgumentParser, *, layers: int, epochs: int,
-                         lr_init: float, decay_steps: list, decay_rate: float, folder_prefix: str):
+                         lr_init: float, decay_steps: list, decay_rate: float, folder_prefix: str,
+                         release_tbs_is_test_batch_size: bool = True):
     """The flags both scripts share. The one-dash short forms are the release's own spellings,
-    so that a command line written for the release runs here unchanged."""
+    so that a command line written for the release runs here unchanged.
+
+    release_tbs_is_test_batch_size: whether the release's -tbs is just --test_batch_size here
+    (CIFAR-10); MNIST_experiments.py gives -tbs the release's second meaning too."""
     results_dir, checkpoint_dir = f'{folder_prefix}_experiments', f'{folder_prefix}_checkpoint'
     add = parser.add_argument
     add('--model', '-m', default='RKHS', choices=list(models.RESIDUALS),
@@ -75,7 +79,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, layers: int, epochs
     add('--decay_rate', '-dr', type=float, default=decay_rate,
         help=f'factor of each decay (default {decay_rate})')
     add('--batch_size', '-bs', type=int, default=256, help='SGD batch size, global (default 256)')
-    add('--test_batch_size', '-tbs', type=int, default=10_000,
+    add('--test_batch_size', *(['-tbs'] if release_tbs_is_test_batch_size else []), type=int,
+        default=10_000,
         help='upper bound of the evaluation batch; never changes results (default 10000)')
     add('--save', '-s', default='experiment.pkl',
         help='results file name (a plain name ending in .pkl) in --results_dir; an existing file is '

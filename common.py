@@ -149,6 +149,10 @@ class Configuration:
     name: str
     label: str
     style: int       # the value that picks the line style: L, or C in Figure 2
+    # The figure whose runs this configuration reuses, when it is one of that figure's curves
+    # (Figure 2's 32 channels are Figure 1a's RKHS L=20, as in the release): its runs are that
+    # figure's runs, in that figure's folder, never trained twice.
+    shared_from: str | None = None
 
     def flags(self) -> list[str]:
         """The experiment script's flags that this configuration sets."""
@@ -171,8 +175,9 @@ def figure_grid(figure: str) -> list[Configuration]:
                               f'{model} L={layers}', layers)
                 for model in ('RKHS', 'SHL') for layers in (5, 10, 20)]
     if figure == 'figure2':
-        return [Configuration('MNIST', 'RKHS', 20, channels, 0, f'RKHS_l20_c{channels}',
-                              f'RKHS C={channels}', channels) for channels in (32, 8, 4)]
+        return [Configuration('MNIST', 'RKHS', 20, 32, 0, 'RKHS_l20_p0', 'RKHS C=32', 32, 'figure1a')] + [
+            Configuration('MNIST', 'RKHS', 20, channels, 0, f'RKHS_l20_c{channels}', f'RKHS C={channels}',
+                          channels) for channels in (8, 4)]
     if figure == 'figure3':
         return [Configuration('CIFAR10', model, layers, None, None, f'{model}_l{layers}',
                               f'{model} L={layers}', layers)
@@ -188,3 +193,12 @@ def figure_folder_prefix(figure: str) -> str:
 def figure_tag(figure: str) -> str:
     """fig1a, fig1b, fig2, fig3: the figure's sub-folder."""
     return figure.replace('figure', 'fig')
+
+
+def figure_folders(figure: str) -> list[str]:
+    """The results sub-folders that hold a figure's runs, relative to the results root: its own,
+    and those of the figures it shares configurations with."""
+    prefix = figure_folder_prefix(figure)
+    tags = [figure_tag(figure)] + [figure_tag(config.shared_from) for config in figure_grid(figure)
+                                   if config.shared_from]
+    return [os.path.join(f'{prefix}_experiments', tag) for tag in dict.fromkeys(tags)]

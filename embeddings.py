@@ -31,6 +31,9 @@ import urllib.request
 from common import missing_ancestors, torch_load_failure
 
 DEFAULT_DIR = 'MNIST_pretrained_models'
+# The default folder is the repository's, whatever the working directory, so that a run started
+# elsewhere (or by reproduce.py) finds the same files.
+DEFAULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), DEFAULT_DIR)
 NO_EMBEDDING_DIR = 'none'  # --embedding_dir none: never load files
 # The folder exists at this commit of the authors' repository and is deleted at its newest one.
 RELEASE_REPOSITORY = 'rbarboni/FlowResNets'
@@ -101,12 +104,43 @@ def file_names(channels: int, passes: int) -> tuple[str, str]:
     return tuple(f'{channels}channels_{passes}pass_{part}_embedding.pt' for part in PARTS)
 
 
-def find(directory: str | None, channels: int, passes: int) -> list[str] | None:
-    """Paths of A and B in `directory` when both exist, else None (then the run draws its own)."""
+def release_ships(channels: int, passes: int) -> bool:
+    """Whether the release shipped A and B for this (channels, passes) pair, so that its stored
+    runs of that pair started from them (all but Figure 2's 4 channels)."""
+    return all(name in RELEASE_SHA256 for name in file_names(channels, passes))
+
+
+def find(directory: str | None, channels: int, passes: int, required: bool = False) -> list[str] | None:
+    """Paths of A and B in `directory`, or None when neither is there (the run then draws its own).
+
+    Never falls back in silence on a broken folder: raises EmbeddingError, naming the file, when
+    the folder is not a folder, when only one of the pair is there, or when one is not a
+    readable regular file (a directory, a device, a FIFO, a dangling link). With `required`
+    (the folder was given explicitly), an absent pair is an error too.
+    """
     if not directory or directory == NO_EMBEDDING_DIR:
         return None
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise EmbeddingError(f'--embedding_dir {directory} is not a folder')
     paths = [os.path.join(directory, name) for name in file_names(channels, passes)]
-    return paths if all(os.path.isfile(path) for path in paths) else None
+    present = [path for path in paths if os.path.lexists(path)]
+    if not present:
+        if required:
+            raise EmbeddingError(
+                f'--embedding_dir {directory} holds no {" or ".join(file_names(channels, passes))}; '
+                f'python embeddings.py --download --dir {directory} fetches them, or pass '
+                f'--embedding_dir none to draw A and B')
+        return None
+    for path in paths:
+        if not os.path.lexists(path):
+            other = present[0]
+            raise EmbeddingError(f'embedding file {path} is missing, while {os.path.basename(other)} '
+                                 f'is there: a run needs both or neither')
+        if not os.path.isfile(path):
+            raise EmbeddingError(f'embedding file {path} is not a regular file')
+        if not os.access(path, os.R_OK):
+            raise EmbeddingError(f'embedding file {path} cannot be read (permissions)')
+    return paths
 
 
 def sha256(path: str) -> str:
@@ -238,8 +272,8 @@ def _fetch(url: str, path: str, expected_sha256: str):
 def get_args_parser():
     parser = argparse.ArgumentParser(
         description="Check for, or download, the paper release's MNIST embedding files.")
-    parser.add_argument('--dir', default=DEFAULT_DIR,
-                        help=f'folder of the files (default {DEFAULT_DIR}, where '
+    parser.add_argument('--dir', default=DEFAULT_PATH,
+                        help=f'folder of the files (default: {DEFAULT_DIR} in the repository, where '
                              f'MNIST_experiments.py looks by default)')
     parser.add_argument('--download', action='store_true',
                         help=f'fetch the missing files from {RELEASE_REPOSITORY} at commit '

@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import distributed
+import protocol
 from cli import EXIT_DIVERGED, EXIT_OK, UsageError, decay_warning, pick_device
 from common import save_pickle
 from data import DeviceDataset
@@ -250,6 +251,7 @@ class Run:
         self.generators = [torch.Generator(device=exp.train_set.labels.device).manual_seed(m.args.seed)
                            for m in self.members]
         self.epoch, self.elapsed, self.started = 0, 0.0, time.perf_counter()  # epochs done
+        self.code_version = started.code_version
 
     def seconds(self) -> float:
         return self.elapsed + time.perf_counter() - self.started
@@ -272,6 +274,11 @@ class Run:
         for member, saved in zip(self.members, state['progress']):
             member.progress = Progress(**saved)
         self.epoch, self.elapsed, position = state['epoch'], state['elapsed'], state['position']
+        started_with = state.get('code_version', 'unknown')
+        if not started_with.endswith(self.code_version):  # a run continued under other code says so
+            self.code_version = f'{started_with}, resumed under {self.code_version}'
+        else:
+            self.code_version = started_with
         what = self.members[0].paths.results if len(self.members) == 1 else self.resume_path
         self.dist.print(f'resuming {what} at epoch {self.epoch + 1}'
                         + (f', step {position["step"]}' if position else ''))
@@ -285,7 +292,7 @@ class Run:
                 'optimizer': self.optimizer.state_dict(), 'scheduler': self.scheduler.state_dict(),
                 'data_generators': [g.get_state() for g in self.generators], 'rng': rng_state(),
                 'progress': [vars(m.progress) for m in self.members], 'epoch': self.epoch,
-                'elapsed': self.seconds(), 'position': position,
+                'elapsed': self.seconds(), 'position': position, 'code_version': self.code_version,
             }, self.resume_path)
             fault_point('resume')
 
@@ -409,7 +416,8 @@ RELEASE_KEYS_FROM_ARGS = (('model', 'model'), ('num_layers', 'layers'), ('in_cha
                           ('dim_int', 'dim_int'), ('pretrain_pass', 'pretrain'), ('batch_size', 'batch_size'))
 # This project's additions that are arguments, recorded under their own names where present.
 EXTRA_KEYS_FROM_ARGS = ('method', 'time_weights', 'integrator', 'pretrain_lr', 'subset', 'synthetic',
-                        'amp', 'channels_last', 'epochs', 'lr_init', 'decay_steps', 'decay_rate', 'seed')
+                        'amp', 'channels_last', 'epochs', 'lr_init', 'decay_steps', 'decay_rate', 'seed',
+                        'train_error_images')
 
 
 def results_record(run: Run, member: Member) -> dict:
@@ -419,7 +427,8 @@ def results_record(run: Run, member: Member) -> dict:
     train_loss (per iteration), train_classif and test_classif (index 0 before training),
     computation_time (s), num_parameters. Plain numpy arrays and Python values only, so the
     pickle loads without torch. A member's record is its seed's single run's, plus the facts
-    (batched_with: how many members trained together, when there were several).
+    (batched_with: how many members trained together, when there were several), plus 'protocol':
+    everything its numbers depend on beyond the configuration (protocol.build).
     """
     args, progress, exp = member.args, member.progress, run.exp
     record = {key: getattr(args, name) for key, name in RELEASE_KEYS_FROM_ARGS if hasattr(args, name)}
@@ -439,6 +448,8 @@ def results_record(run: Run, member: Member) -> dict:
         device=str(exp.train_set.labels.device), world_size=run.dist.world_size,
         torch_version=str(torch.__version__), torchvision_version=_torchvision_version(),
         python_version=platform.python_version())
+    record['protocol'] = protocol.build(args, exp.dataset, {
+        **exp.facts, 'code_version': run.code_version, 'torch_version': str(torch.__version__)})
     return record
 
 
@@ -466,6 +477,7 @@ class Started:
     device: torch.device
     dist: object
     stop: StopRequest
+    code_version: str = 'unknown'
 
 
 @contextlib.contextmanager
@@ -487,7 +499,8 @@ def start_run(args, folder_prefix: str):
                     # drawn once, on rank 0, and recorded in the pickle
                     args.seed = dist.broadcast_int(random.SystemRandom().randrange(2 ** 31))
                 device = dist.device if dist.world_size > 1 else pick_device(args)
-                yield Started(args, members, resume_path, resume_state, device, dist, stop)
+                yield Started(args, members, resume_path, resume_state, device, dist, stop,
+                              protocol.code_version())
                 failed = False
             finally:
                 dist.close()

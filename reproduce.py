@@ -60,16 +60,21 @@ MANAGED_FLAGS = ('seed', 'seeds', 'results_dir', 'save', 'checkpoint', 'embeddin
 # not measured here, where no GPU was available (see README).
 DEFAULT_GPU_BATCH_SEEDS = 20
 
-# Training protocols: (epochs, decay epoch, decay factor) per dataset.
+# Training protocols: the experiment flags that set them, per dataset.
 # 'stored' is what the release's stored runs used: its scripts' defaults for MNIST (its pickles
-# hold 41 test errors and 9,400 = 40 x 235 losses per run); 'readme' is what its README states.
-# Figure 3 has one protocol, the README's.
+# hold 41 test errors and 9,400 = 40 x 235 losses per run), and train_classif on the first 1,000
+# training images (every stored value is a multiple of 0.001: its runs passed -tbs 1000).
+# 'readme' is what its README states. Figure 3 has one protocol, the README's.
+_CIFAR_PROTOCOL = ('--epochs', '300', '--decay_steps', '260', '--decay_rate', '0.1')
 PROTOCOLS = {
-    'stored': {'MNIST': ('40', '35', '0.2'), 'CIFAR': ('300', '260', '0.1')},
-    'readme': {'MNIST': ('30', '25', '0.1'), 'CIFAR': ('300', '260', '0.1')},
+    'stored': {'MNIST': ('--epochs', '40', '--decay_steps', '35', '--decay_rate', '0.2',
+                         '--train_error_images', '1000'), 'CIFAR': _CIFAR_PROTOCOL},
+    'readme': {'MNIST': ('--epochs', '30', '--decay_steps', '25', '--decay_rate', '0.1'),
+               'CIFAR': _CIFAR_PROTOCOL},
 }
-# Where `python embeddings.py --download` puts the release's embedding files.
-DEFAULT_EMBEDDING_DIR = os.path.join(REPO_DIR, 'MNIST_pretrained_models')
+# Path flags of the experiment scripts that a user may pass after '--': made absolute, since the
+# runs start in --results_root, not where reproduce.py was started.
+PATH_DESTS = ('data_root',)
 
 POLL_SECONDS = 0.2  # how often the scheduler checks its running subprocesses
 TERMINATE_GRACE_SECONDS = 10  # on Ctrl-C, wait this long before SIGKILL
@@ -103,6 +108,11 @@ def figure_settings(figure):
 
 
 def _embedding_dir(args):
+    """The folder the runs load the release's embedding files from: reproduce.py's
+    --embedding_dir, or the experiment script's default (the repository's), which the runs then
+    use without being told."""
+    if args.embedding_dir is None:
+        return embeddings.DEFAULT_PATH
     if args.embedding_dir == embeddings.NO_EMBEDDING_DIR:
         return args.embedding_dir
     return os.path.abspath(args.embedding_dir)
@@ -113,7 +123,7 @@ def describe_embedding(figures, args):
     pairs = list(dict.fromkeys((config.channels, config.pretrain) for figure in figures
                                for config in common.figure_grid(figure) if config.dataset == 'MNIST'))
     directory = _embedding_dir(args)
-    found = [pair for pair in pairs if embeddings.find(directory, *pair)]
+    found = [pair for pair in pairs if embeddings.find(directory, *pair, required=False)]
     drawn = [pair for pair in pairs if pair not in found]
     parts = []
     if found:
@@ -146,37 +156,44 @@ def build_runs(figure, args):
     """All runs of one figure, configuration-major: each configuration's seeds in groups of
     seeds_per_process, one process per group. The groups depend on the full seed list only, so
     that --shard splits the same list whatever has run already."""
-    seeds = list(range(args.seed_start, args.seed_start + args.seeds))
+    seeds = list(range(args.seed_start, args.seed_start + args.num_seeds))
     size = seeds_per_process(figure, args)
     return [make_run(figure, config, seeds[start:start + size], args)
-            for config in common.figure_grid(figure) for start in range(0, len(seeds), size)]
+            for config in selected_configurations(figure, args) for start in range(0, len(seeds), size)]
+
+
+def selected_configurations(figure, args):
+    """The figure's configurations, or those named by --configs."""
+    grid = common.figure_grid(figure)
+    return grid if not args.configs else [config for config in grid if config.name in args.configs]
 
 
 def make_run(figure, config, seeds, args):
     """The subprocess that trains `seeds` of one configuration: `--seed S` alone, or `--seeds` for
     several, whose member files have the same names as the single runs'."""
-    dataset, tag, _ = figure_settings(figure)
+    # A configuration shared with another figure is that figure's run, in that figure's folder.
+    dataset, tag, _ = figure_settings(config.shared_from or figure)
     out_dir = os.path.join(f'{dataset}_experiments', tag)
     ckpt_dir = os.path.join(f'{dataset}_checkpoint', tag)
     name = f'{config.name}_s{"-".join(map(str, seeds))}'
     stem, seed_flags = (name, ['--seed', str(seeds[0])]) if len(seeds) == 1 else \
         (config.name, ['--seeds', *map(str, seeds)])
-    epochs, decay_step, decay_rate = PROTOCOLS[args.protocol][dataset]
     run_args = config.flags() + [
-        '--epochs', epochs, '--decay_steps', decay_step, '--decay_rate', decay_rate, *seed_flags,
+        *PROTOCOLS[args.protocol][dataset], *seed_flags,
         '--results_dir', out_dir, '--save', stem + '.pkl',
         '--checkpoint', os.path.join(ckpt_dir, stem + '.pth'),
     ]
     # Only the MNIST model has an embedding: the release's files where they exist (as the
     # release's stored runs), else one drawn from a seed shared by all runs.
     if dataset == 'MNIST':
-        run_args += ['--embedding_dir', _embedding_dir(args)]
+        if args.embedding_dir is not None:
+            run_args += ['--embedding_dir', _embedding_dir(args)]
         if not args.vary_embedding:
             run_args += ['--embedding_seed', str(args.embedding_seed)]
     if args.gpus:
         run_args += ['--device', 'cuda']
     # Last, so that a pass-through flag overrides ours (argparse keeps the last occurrence).
-    run_args += list(args.passthrough)
+    run_args += list(args.passthrough) + list(args.absolute_paths)
     return Run(figure=figure, config=config, seeds=list(seeds), name=name,
                script=os.path.join(SCRIPT_DIR, f'{dataset}_experiments.py'), args=run_args,
                pickles=[os.path.join(out_dir, f'{config.name}_s{seed}.pkl') for seed in seeds],
@@ -214,7 +231,8 @@ def write_manifest(root, figure, runs, args, started, finished=None):
                      if finished else None),
         'embedding_seed': None if args.vary_embedding else args.embedding_seed,
         'vary_embedding': bool(args.vary_embedding),
-        'seeds': list(range(args.seed_start, args.seed_start + args.seeds)),
+        'seeds': list(range(args.seed_start, args.seed_start + args.num_seeds)),
+        'configs': args.configs,
         'passthrough': list(args.passthrough),
         'gpus': args.gpus,
         'batch_seeds': args.batch_seeds,
@@ -362,6 +380,8 @@ def _run_all_handling_sigterm(runs, root, slots):
 
 def _figure_name(text):
     name = text.lower()
+    if name.startswith('fig') and not name.startswith('figure'):
+        name = 'figure' + name[len('fig'):]  # fig1a, the results folder's name
     if not name.startswith('figure') and name != 'all':
         name = 'figure' + name  # accept "1a" as well as "figure1a"
     if name not in FIGURES + ('all',):
@@ -394,17 +414,26 @@ def get_args_parser():
                     'Arguments after "--" are passed to every run.',
         usage='%(prog)s FIGURE [options] [-- experiment flags]')
     parser.add_argument('figure', type=_figure_name,
-                        help='figure1a, figure1b, figure2, figure3 or all')
-    parser.add_argument('--seeds', type=int, default=5, help='number of seeds (default: 5)')
+                        help='figure1a, figure1b, figure2, figure3 or all (also 1a or fig1a)')
+    parser.add_argument('--num_seeds', type=int, default=5,
+                        help='number of seeds per configuration (default: 5)')
+    parser.add_argument('--seeds', type=int, dest='deprecated_seeds', default=None, metavar='N',
+                        help='deprecated spelling of --num_seeds')
     parser.add_argument('--seed_start', type=int, default=0, help='first seed (default: 0)')
+    parser.add_argument('--configs', type=lambda text: [name for name in text.split(',') if name],
+                        default=None, metavar='NAME[,NAME...]',
+                        help='run only these configurations of the figure, by the name that '
+                             'starts their files (e.g. RKHS_l5_p0,SHL_l5_p0; see --dry_run)')
     parser.add_argument('--protocol', choices=tuple(PROTOCOLS), default='stored',
                         help='MNIST training protocol: stored = the release\'s stored runs (40 '
                              'epochs, x0.2 at 35); readme = its README (30 epochs, x0.1 at 25). '
                              'Figure 3: 300 epochs, x0.1 at 260 either way (default: stored)')
-    parser.add_argument('--embedding_dir', default=DEFAULT_EMBEDDING_DIR,
-                        help='folder of the release\'s MNIST embedding files, loaded by every run '
-                             'whose (channels, passes) file exists there; "none": never '
-                             '(default: MNIST_pretrained_models in the repository)')
+    parser.add_argument('--embedding_dir', default=None,
+                        help='folder of the release\'s MNIST embedding files, given to every run: '
+                             'a run whose files are missing there then fails; "none": never load '
+                             'them (default: the runs\' own default, MNIST_pretrained_models in '
+                             'the repository, where a missing file makes the run draw its own '
+                             'embedding with a warning)')
     parser.add_argument('--embedding_seed', type=int, default=0,
                         help='seed of the MNIST embedding shared by the runs that find no release '
                              'file (default: 0)')
@@ -446,13 +475,18 @@ def parse_args(argv=None):
         argv, passthrough = argv[:cut], argv[cut + 1:]
     args = get_args_parser().parse_args(argv)
     args.passthrough = passthrough
+    args.absolute_paths = []
+    if args.deprecated_seeds is not None:
+        print('note: reproduce.py --seeds N is deprecated; it is --num_seeds N (the experiment '
+              'scripts\' --seeds lists seeds)', file=sys.stderr)
+        args.num_seeds = args.deprecated_seeds
     return args
 
 
 def _check_args(args):
     problems = []
-    if args.seeds < 1:
-        problems.append('--seeds must be >= 1')
+    if args.num_seeds < 1:
+        problems.append('--num_seeds must be >= 1')
     if args.seed_start < 0:
         problems.append('--seed_start must be >= 0')
     if args.jobs < 1:
@@ -461,6 +495,13 @@ def _check_args(args):
         problems.append('--per_gpu must be >= 1')
     if args.batch_seeds is not None and args.batch_seeds < 1:
         problems.append('--batch_seeds must be >= 1')
+    if args.configs is not None:
+        figures = FIGURES if args.figure == 'all' else (args.figure,)
+        known = {config.name for figure in figures for config in common.figure_grid(figure)}
+        unknown = [name for name in args.configs if name not in known]
+        if unknown or not args.configs:
+            problems.append(f'--configs: {", ".join(unknown) or "(empty)"} is not a configuration of '
+                            f'{args.figure}; choose from {", ".join(sorted(known))}')
     return problems
 
 
@@ -489,6 +530,12 @@ def _passthrough_problems(args, figures):
         for dest in sorted(given & set(common.GRID_DESTS)):
             problems.append(f'--{dest} is set for each configuration by the figure\'s grid; it '
                             f'cannot be passed after "--"')
+        parsed = parser.parse_args(args.passthrough)
+        for dest in PATH_DESTS:  # appended last, so that they win (argparse keeps the last value)
+            if dest in given and not os.path.isabs(getattr(parsed, dest)):
+                flag = [f'--{dest}', os.path.abspath(getattr(parsed, dest))]
+                if flag not in [args.absolute_paths[i:i + 2] for i in range(0, len(args.absolute_paths), 2)]:
+                    args.absolute_paths += flag
         for dest in sorted(given & set(MANAGED_FLAGS)):
             problems.append(f'--{dest} is set per run by reproduce.py; it cannot be passed after '
                             f'"--"' + (' (use reproduce.py\'s own --embedding_seed, --embedding_dir or '
@@ -502,7 +549,8 @@ def _plot(figure, root, pdf):
     if REPO_DIR not in sys.path:
         sys.path.insert(0, REPO_DIR)
     import plot_figures
-    plot_args = [os.path.join(root, results_dir(figure)),
+    folders = [os.path.join(root, folder) for folder in common.figure_folders(figure)]
+    plot_args = [*[folder for folder in folders if os.path.isdir(folder)],
                  '--figure', figure.replace('figure', ''),
                  '--out_dir', os.path.join(root, 'figures')]
     if pdf:
@@ -542,7 +590,10 @@ def main(args):
         return 2
     sweep_start = time.time()
     root = os.path.abspath(args.results_root)
-    runs_by_figure = {figure: build_runs(figure, args) for figure in figures}
+    runs_by_figure, seen = {}, set()
+    for figure in figures:  # a run shared by two figures (Figure 2's C=32 is 1a's) runs once
+        runs_by_figure[figure] = [run for run in build_runs(figure, args) if run.log not in seen]
+        seen.update(run.log for run in runs_by_figure[figure])
     if args.shard:  # this machine's share: every N-th run of the whole sweep, from the I-th on
         index, count = args.shard
         numbered = enumerate(run for figure in figures for run in runs_by_figure[figure])

@@ -160,7 +160,9 @@ def prepare_run(args, folder_prefix: str, claim: 'RunClaim'):
     if not isinstance(state, dict) or state.get('format') != RESUME_FORMAT:
         raise UsageError(f'{resume} is not a resume state of this version')
     _check_resume_flags(args, state['args'])
-    stored = argparse.Namespace(**state['args'])
+    # A flag added since the run started is absent from its state: its default then, which is
+    # what the code did before the flag existed.
+    stored = argparse.Namespace(**{**plain_args(args), **state['args']})
     for key in RESUME_MAY_CHANGE:
         setattr(stored, key, getattr(args, key))
     members = member_runs(stored, folder_prefix)
