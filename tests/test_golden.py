@@ -96,6 +96,9 @@ def run_and_summarise(name: str, cwd: Path) -> dict:
     checkpoint = torch.load(cwd / f'{folder}_checkpoint' / f'{name}.pth', weights_only=True)
     parts = {key: _tensor_digest(value) for key, value in checkpoint.items()
              if isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values())}
+    # The protocol record's code and torch versions change with every commit and install.
+    results['protocol'] = {key: value for key, value in results['protocol'].items()
+                           if key not in ('code_version', 'torch_version')}
     return {'pickle': {key: _plain(value) for key, value in sorted(results.items())
                        if key not in UNPINNED_KEYS},
             'checkpoint_epoch': checkpoint['epoch'], 'checkpoint_tensors': parts}

@@ -31,10 +31,11 @@ def _flag(command, name):
 
 
 def test_parse_args_passthrough():
-    args = reproduce.parse_args(['figure1a', '--seeds', '3', '--', '--epochs', '2', '--synthetic'])
-    assert args.figure == 'figure1a' and args.seeds == 3
+    args = reproduce.parse_args(['figure1a', '--num_seeds', '3', '--', '--epochs', '2', '--synthetic'])
+    assert args.figure == 'figure1a' and args.num_seeds == 3
     assert args.passthrough == ['--epochs', '2', '--synthetic']
-    assert reproduce.parse_args(['1b']).figure == 'figure1b'
+    assert reproduce.parse_args(['1b']).figure == reproduce.parse_args(['fig1b']).figure == 'figure1b'
+    assert reproduce.parse_args(['figure1a', '--seeds', '4']).num_seeds == 4  # the deprecated spelling
     assert reproduce.parse_args(['all']).passthrough == []
 
 
@@ -74,11 +75,15 @@ def test_dry_run_vary_embedding_and_other_figures(capsys, tmp_path):
     _, commands, _ = _dry_run(capsys, ['figure2', '--seeds', '2', '--seed_start', '3',
                                        '--embedding_seed', '7'] + root)
     saves = {_flag(c, '--save') for c in commands}
-    assert saves == {f'RKHS_l20_c{c}_s{s}.pkl' for c in (32, 8, 4) for s in (3, 4)}
+    # C=32 is Figure 1a's RKHS L=20 run, in Figure 1a's folder, as in the release
+    assert saves == {f'RKHS_l20_{c}_s{s}.pkl' for c in ('p0', 'c8', 'c4') for s in (3, 4)}
     for command in commands:
-        channels = _flag(command, '--save').split('_')[2][1:]
+        tag = _flag(command, '--save').split('_')[2]
+        channels = '32' if tag == 'p0' else tag[1:]
         assert _flag(command, '--in_channels') == _flag(command, '--dim_int') == channels
         assert _flag(command, '--embedding_seed') == '7'
+        assert _flag(command, '--results_dir') == ('MNIST_experiments/fig1a' if tag == 'p0'
+                                                   else 'MNIST_experiments/fig2')
 
     _, commands, _ = _dry_run(capsys, ['figure3', '--seeds', '1', '--gpus', '0,1'] + root)
     assert len(commands) == 6
@@ -92,7 +97,7 @@ def test_dry_run_vary_embedding_and_other_figures(capsys, tmp_path):
         f'{m}_l{L}_s0.pkl' for m in ('RKHS', 'SHL') for L in (1, 10, 20)}
 
     _, commands, _ = _dry_run(capsys, ['all', '--seeds', '2'] + root)
-    assert len(commands) == (6 + 6 + 3 + 6) * 2
+    assert len(commands) == (6 + 6 + 2 + 6) * 2  # Figure 2's C=32 runs once, as Figure 1a's
 
 
 @pytest.mark.parametrize('figure', ['figure1a', 'figure1b', 'figure2', 'figure3'])
@@ -327,12 +332,14 @@ def test_a_batch_skips_done_members_and_resumes_its_state(capsys, tmp_path):
         (done / f'RKHS_l20_c8_s{seed}.pkl').write_bytes(b'')
     for seed in range(4):
         (done / f'RKHS_l20_c4_s{seed}.pkl').write_bytes(b'')
-    (done / 'RKHS_l20_c32_s0-1-2-3.resume.pt').write_bytes(b'')
+    shared = tmp_path / 'MNIST_experiments' / 'fig1a'
+    shared.mkdir(parents=True)
+    (shared / 'RKHS_l20_p0_s0-1-2-3.resume.pt').write_bytes(b'')
     _, commands, comments = _dry_run(capsys, ['figure2', '--seeds', '4', '--batch_seeds', '4',
                                               '--results_root', str(tmp_path)])
     by_config = {_flag(c, '--save'): c for c in commands}
-    assert sorted(by_config) == ['RKHS_l20_c32.pkl', 'RKHS_l20_c8.pkl']
-    assert by_config['RKHS_l20_c32.pkl'][-1] == '--resume'
+    assert sorted(by_config) == ['RKHS_l20_c8.pkl', 'RKHS_l20_p0.pkl']
+    assert by_config['RKHS_l20_p0.pkl'][-1] == '--resume'
     members = by_config['RKHS_l20_c8.pkl']
     assert members[members.index('--seeds') + 1:members.index('--seeds') + 3] == ['2', '3']
     assert any(line.startswith('# skip RKHS_l20_c4_s0-1-2-3') for line in comments)
@@ -362,7 +369,9 @@ def test_tiny_batched_sweep(capsys, tmp_path):
     assert status == 0, out
     folder = tmp_path / 'MNIST_experiments' / 'fig2'
     names = sorted(p.name for p in folder.glob('*.pkl'))
-    assert names == sorted(f'RKHS_l20_c{c}_s{s}.pkl' for c in (32, 8, 4) for s in (0, 1))
+    assert names == sorted(f'RKHS_l20_c{c}_s{s}.pkl' for c in (8, 4) for s in (0, 1))
+    assert sorted(p.name for p in (folder.parent / 'fig1a').glob('*.pkl')) == [
+        'RKHS_l20_p0_s0.pkl', 'RKHS_l20_p0_s1.pkl']  # C=32: Figure 1a's runs
     assert out.count(' start ') == 3  # one process per configuration
     with open(folder / 'RKHS_l20_c8_s1.pkl', 'rb') as handle:
         run = pickle.load(handle)
