@@ -15,41 +15,17 @@ import sys
 import torch
 
 import models
+from common import EXIT_USAGE, OneLineArgumentParser  # noqa: F401 (the scripts' parser)
 from data import DataError
 from embeddings import EmbeddingError
 
-EXIT_OK, EXIT_USAGE, EXIT_DIVERGED = 0, 2, 3
+EXIT_OK, EXIT_DIVERGED = 0, 3
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + signal number, the shell's convention
 EXIT_FOR_SIGNAL = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM}
 
 
 class UsageError(Exception):
     """Bad command line or a refusal: one line on stderr, exit status 2, nothing written."""
-
-
-_NOT_GIVEN = object()
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse prints its whole usage block on an error; a bad flag gets one line here.
-
-    It also records which flags the command line gave (in any spelling: long, short or
-    abbreviated) as `args._given`, so that --resume can refuse flags that differ from the run's.
-    """
-
-    def error(self, message):
-        self.exit(EXIT_USAGE, f'{self.prog}: error: {message} (see --help)\n')
-
-    def parse_known_args(self, args=None, namespace=None):
-        parsed, extras = super().parse_known_args(args, namespace)
-        # argparse leaves an attribute that is already set alone, so a second parse over
-        # placeholders shows which destinations the command line itself set.
-        probe = argparse.Namespace(**{action.dest: _NOT_GIVEN for action in self._actions
-                                      if action.dest != argparse.SUPPRESS})
-        super().parse_known_args(args, probe)
-        parsed._given = frozenset(dest for dest, value in vars(probe).items()
-                                  if value is not _NOT_GIVEN and not dest.startswith('_'))
-        return parsed, extras
 
 
 def given_flags(args) -> frozenset:

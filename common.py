@@ -5,11 +5,48 @@ runner and the plotting script start fast and work where torch is not installed.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import pickle
 import tempfile
 from dataclasses import dataclass
 from typing import Callable
+
+EXIT_USAGE = 2  # bad command line or a refusal: one line on stderr, nothing written
+# How a run refuses a --save that another process holds; reproduce.py reads it in a run's log to
+# tell "running elsewhere" from a failure.
+RUNNING_ELSEWHERE = 'another process is running'
+
+
+# ---------------------------------------------------------------------------------------------
+# Command lines: one line for a bad flag
+# ---------------------------------------------------------------------------------------------
+
+_NOT_GIVEN = object()
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse prints its whole usage block on an error; a bad flag gets one line here.
+
+    It also records which flags the command line gave (in any spelling: long, short or
+    abbreviated) as `args._given`, so that --resume can refuse flags that differ from the run's.
+    """
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f'{self.prog}: error: {message} (see --help)\n')
+
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, extras = super().parse_known_args(args, namespace)
+        # argparse leaves an attribute that is already set alone, so a second parse over
+        # placeholders shows which destinations the command line itself set.
+        probe = argparse.Namespace(**{action.dest: _NOT_GIVEN for action in self._actions
+                                      if action.dest != argparse.SUPPRESS})
+        super().parse_known_args(args, probe)
+        parsed._given = frozenset(dest for dest, value in vars(probe).items()
+                                  if value is not _NOT_GIVEN and not dest.startswith('_'))
+        return parsed, extras
+
+
 
 # ---------------------------------------------------------------------------------------------
 # Atomic files
@@ -188,6 +225,14 @@ def figure_grid(figure: str) -> list[Configuration]:
 def figure_folder_prefix(figure: str) -> str:
     """MNIST_... or CIFAR_...: the prefix of a figure's results and checkpoint folders."""
     return 'CIFAR' if figure == 'figure3' else 'MNIST'
+
+
+def resume_state_name(stem: str, seeds=None) -> str:
+    """The file name of a run's resume state: '<save stem>.resume.pt', and for a batch of seeds
+    (MNIST's --seeds) that of the batch. runstate.py writes it; reproduce.py looks for it."""
+    if seeds:
+        stem = f'{stem}_s{"-".join(map(str, seeds))}'
+    return f'{stem}.resume.pt'
 
 
 def figure_tag(figure: str) -> str:

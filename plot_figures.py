@@ -1,53 +1,54 @@
-"""Plot Figures 1a, 1b, 2 and 3 and print a summary table from results pickles.
+"""Draw Figures 1a, 1b, 2 and 3 from results pickles, and print a summary table.
 
-Every ``*.pkl`` file found (recursively) under the given folders -- by default
-``MNIST_experiments/`` and ``CIFAR_experiments/`` -- is read as one training
-run. Both the pickles written by this project's experiment scripts and the 335
-pickles of the paper's public release are understood: the release lacks the
-optional keys (``dataset``, ``method``, ``epochs``, ``seed``, ``diverged``,
-``epoch_times``, ...) and this script falls back on the other keys then.
+Every ``*.pkl`` under the given folders (default ``MNIST_experiments/`` and
+``CIFAR_experiments/``) is read as one run (runs.py: safely, checked, this project's pickles and
+the release's alike). Runs are grouped by configuration *and protocol* (protocol.py): runs made
+differently are never averaged. When one configuration has runs of two protocols, both curves
+are drawn and the legend says what differs; a run that started from a drawn embedding where the
+paper's runs loaded the release's files is marked "drawn A/B".
 
-Runs are grouped by configuration (dataset, model, number of layers, channels,
-pretraining passes and, when recorded, method, epochs, time weights and whether
-the run was a quick check on synthetic data or a subset). Each figure has two
-panels: the smoothed training loss per iteration (log scale) and the test error
-(%) per epoch; lines are means over seeds, shaded bands span min to max over
-seeds. Runs of unequal length (diverged runs stop early) are averaged over the
-runs that reach each index.
+Each figure has two panels: the training loss per iteration (trailing moving average, log
+scale) and the test error per epoch. Lines are means over runs, shaded bands their min-max.
+With ``--reference DIR`` (the release's stored runs: ``python release_runs.py --download``), the
+release's runs of each configuration are drawn beneath as a band (min-max) with their mean as a
+thin line. A run that stopped early (a non-finite loss) is drawn up to its last epoch and its
+stop is marked with an x; its loss is drawn up to where it began to explode (above three times
+its starting level), so that the axes stay on the range of the curves.
 
-Pickles are read with a restricted unpickler (common.load_results) that can only
-rebuild numpy arrays and plain values, so a crafted pickle is skipped with a
-warning and never runs code.
+A figure file records (in its PNG metadata) the folders it was drawn from, and is never
+overwritten by a figure drawn from other folders: choose another --out_dir.
 
 Usage::
 
-    python plot_figures.py                      # all figures, default folders
-    python plot_figures.py --figure 2 --pdf
-    python plot_figures.py some/folder --figure 3 --out_dir figs
+    python plot_figures.py                                   # all figures, default folders
+    python plot_figures.py results/MNIST_experiments --figure 1a --reference release_runs
+    python plot_figures.py some/folder --figure 3 --out_dir figs --pdf
 """
-
 import argparse
-import dataclasses
+import json
 import os
 import sys
-import warnings
-from collections import OrderedDict, namedtuple
 
 import numpy as np
 
 import common
+import protocol
+import runs as runs_module
 
 DEFAULT_FOLDERS = ('MNIST_experiments', 'CIFAR_experiments')
 DEFAULT_OUT_DIR = 'figures'
 FIGURE_NAMES = ('1a', '1b', '2', '3')
 
-# Training loss is logged every iteration and is very noisy: smooth it with a
-# trailing moving average over this many iterations before plotting.
+# Training loss is logged every iteration and is very noisy: smooth it with a trailing moving
+# average over this many iterations before plotting.
 DEFAULT_SMOOTH_WINDOW = 100
-# A 50k-iteration curve has far more points than pixels; plotting at most this
-# many keeps matplotlib fast without visible loss.
+# A 50k-iteration curve has far more points than pixels; this many keep matplotlib fast.
 MAX_PLOT_POINTS = 2000
+# The loss axis reaches this many times the highest starting loss of the curves, no higher: a
+# run that stops on a NaN first explodes (to 1e21 and more), which would flatten every curve.
+LOSS_AXIS_HEADROOM = 3.0
 DPI = 150
+EXIT_REFUSED = 2
 
 MODEL_COLORS = {'RKHS': 'tab:blue', 'SHL': 'tab:red'}
 FALLBACK_COLORS = ('tab:green', 'tab:purple', 'tab:brown', 'tab:olive')
@@ -56,252 +57,65 @@ LAYER_STYLES = {1: ':', 5: (0, (5, 1, 1, 1)), 10: '--', 20: '-'}
 CHANNEL_STYLES = {32: '-', 8: '--', 4: ':'}
 FALLBACK_STYLES = ('-.', (0, (1, 3)), (0, (8, 2)), (0, (3, 1, 1, 1, 1, 1)))
 
-# Fields that define a configuration. method/epochs are None for the release's
-# pickles, which therefore form their own groups. ``variant`` keeps apart runs
-# that must not be averaged with full ones: quick checks (synthetic data, a
-# subset) and another time-weight scheme; it is '' for the release.
-Config = namedtuple('Config', ['dataset', 'model', 'num_layers', 'in_channels',
-                               'dim_int', 'pretrain_pass', 'method', 'epochs', 'variant'])
-VARIANT_KEYS = ('time_weights', 'synthetic', 'subset')
 
-# A curve of a figure: the configuration fields it fixes (method and epochs
-# are left free) plus how it is drawn.
-CurveSpec = namedtuple('CurveSpec', ['dataset', 'model', 'num_layers',
-                                     'in_channels', 'dim_int', 'pretrain_pass',
-                                     'label', 'style_value'])
+# ----------------------------------------------------------------------------
+# Which curves a figure draws
+# ----------------------------------------------------------------------------
+
+def figure_configurations(figure, groups):
+    """The configurations a figure draws, in the paper's order, as (Config, label, style value),
+    and the figure's subtitle. Figure 3 also draws any other depth found (the release's README
+    ran SHL at L = 5)."""
+    grid = common.figure_grid('figure' + figure)
+    specs = [(runs_module.Config(c.dataset, c.model, c.layers, c.channels, c.channels, c.pretrain),
+              c.label, c.style) for c in grid]
+    if figure in ('1a', '1b'):
+        return specs, f'MNIST, {grid[0].pretrain} pretraining pass(es), 32 channels'
+    if figure == '2':
+        return specs, 'MNIST, RKHS, L=20, no pretraining, channels C = in_channels = dim_int'
+    known = {config for config, _, _ in specs}
+    extra = sorted({config for config, _ in groups if config.dataset == 'CIFAR10'
+                    and config.model in MODEL_COLORS and config not in known},
+                   key=lambda config: (config.model, config.num_layers))
+    specs += [(config, f'{config.model} L={config.num_layers}', config.num_layers) for config in extra]
+    specs.sort(key=lambda spec: (spec[0].model, spec[0].num_layers))
+    return specs, 'CIFAR-10, ResNet18 layout, stages [2, 2, L, 2]'
 
 
-@dataclasses.dataclass
-class Run:
-    """One training run, normalised from a results pickle."""
-    path: str
-    config: Config
-    seed: object
-    embedding_seed: object
-    train_loss: np.ndarray
-    train_classif: np.ndarray
-    test_classif: np.ndarray
-    diverged: bool
-    seconds_per_epoch: float
+def curve_label(base, runs, differing_fields):
+    """A legend entry: the configuration, what sets its protocol apart from the configuration's
+    other curves, how it started, and how many runs (and stops) it averages."""
+    run = runs[0]
+    text = base
+    if differing_fields:
+        text += f' [{protocol.describe(run.protocol, differing_fields)}]'
+    if run.from_release:
+        text += ' (release)'
+    elif run.assumed:
+        text += ' (protocol not recorded)'
+    config = run.config
+    if protocol.is_drawn_where_release_had_files(run.protocol, config.in_channels, config.pretrain_pass):
+        text += ' (drawn A/B)'
+    return text + f': {count_text(runs)}'
+
+
+def count_text(runs):
+    stopped = sum(run.stopped_early for run in runs)
+    text = f'{len(runs)} run' + 's' * (len(runs) != 1)
+    return text + (f', {stopped} stopped on NaN' if stopped else '')
+
+
+def _differing_fields(group_keys):
+    """The protocol fields (names) in which a configuration's curves differ."""
+    if len(group_keys) < 2:
+        return ()
+    return tuple(key for index, key in enumerate(protocol.DECIDING)
+                 if len({group[1][index] for group in group_keys}) > 1)
 
 
 # ----------------------------------------------------------------------------
-# Loading
+# Drawing
 # ----------------------------------------------------------------------------
-
-def _warn(msg):
-    print('warning: ' + msg, file=sys.stderr)
-
-
-def _as_int(value):
-    """Return ``value`` as a Python int when it is integral, else unchanged."""
-    if value is None or isinstance(value, bool):
-        return value
-    try:
-        as_float = float(value)
-    except (TypeError, ValueError):
-        return value
-    if np.isfinite(as_float) and as_float == int(as_float):
-        return int(as_float)
-    return value
-
-
-def _as_curve(value):
-    """Return a 1-D float array (empty when the value is missing)."""
-    if value is None:
-        return np.zeros(0)
-    return np.asarray(value, dtype=float).reshape(-1)
-
-
-def _normalise_dataset(name):
-    upper = str(name).upper()
-    if upper.startswith('CIFAR'):
-        return 'CIFAR10'
-    if upper.startswith('MNIST'):
-        return 'MNIST'
-    return str(name)
-
-
-def _infer_dataset(data, path):
-    """Dataset from the ``dataset`` key, else the keys, else the folder name."""
-    if data.get('dataset') is not None:
-        return _normalise_dataset(data['dataset'])
-    # Only the MNIST schema records the embedding width.
-    if 'in_channels' in data:
-        return 'MNIST'
-    lowered = os.path.abspath(path).lower()
-    if 'cifar' in lowered:
-        return 'CIFAR10'
-    if 'mnist' in lowered:
-        return 'MNIST'
-    # No in_channels and no hint in the path: the CIFAR schema is the one
-    # without channel keys.
-    return 'CIFAR10'
-
-
-def _variant(data):
-    parts = []
-    for key in VARIANT_KEYS:
-        value = data.get(key)
-        if value is None or value is False:
-            continue
-        parts.append(key if value is True else f'{key}={value}')
-    return ' '.join(parts)
-
-
-def _seconds_per_epoch(data, test_classif):
-    epoch_times = data.get('epoch_times')
-    if epoch_times is not None and len(epoch_times) > 0:
-        return float(np.mean(np.asarray(epoch_times, dtype=float)))
-    total = data.get('computation_time')
-    epochs_done = len(test_classif) - 1  # index 0 is the evaluation before training
-    if total is not None and epochs_done > 0:
-        return float(total) / epochs_done
-    return float('nan')
-
-
-def read_run(path):
-    """Read one results pickle; return a :class:`Run`, or None (with a warning)."""
-    try:
-        data = common.load_results(path)
-    except common.UnsafePickle as exc:
-        _warn(f'skipping {path}: refused to unpickle it: {exc} (a crafted file?)')
-        return None
-    except Exception as exc:  # any unreadable file is skipped, not fatal
-        _warn(f'skipping unreadable pickle {path}: {type(exc).__name__}: {exc}')
-        return None
-    if not isinstance(data, dict):
-        _warn(f'skipping {path}: not a dict but {type(data).__name__}')
-        return None
-    missing = [key for key in ('model', 'num_layers', 'test_classif') if key not in data]
-    if missing:
-        _warn(f'skipping {path}: missing key(s) {", ".join(missing)}')
-        return None
-    try:
-        train_loss = _as_curve(data.get('train_loss'))
-        train_classif = _as_curve(data.get('train_classif'))
-        test_classif = _as_curve(data.get('test_classif'))
-    except (TypeError, ValueError) as exc:
-        _warn(f'skipping {path}: curves are not numeric ({exc})')
-        return None
-
-    dataset = _infer_dataset(data, path)
-    is_mnist = dataset == 'MNIST'
-    method = data.get('method')
-    config = Config(
-        dataset=dataset,
-        model=str(data['model']),
-        num_layers=_as_int(data['num_layers']),
-        in_channels=_as_int(data.get('in_channels')) if is_mnist else None,
-        dim_int=_as_int(data.get('dim_int')) if is_mnist else None,
-        pretrain_pass=_as_int(data.get('pretrain_pass')) if is_mnist else None,
-        method=None if method is None else str(method),
-        epochs=_as_int(data.get('epochs')),
-        variant=_variant(data),
-    )
-    non_finite = any(not np.all(np.isfinite(curve))
-                     for curve in (train_loss, train_classif, test_classif))
-    return Run(path=path, config=config,
-               seed=_as_int(data.get('seed')),
-               embedding_seed=_as_int(data.get('embedding_seed')),
-               train_loss=train_loss, train_classif=train_classif,
-               test_classif=test_classif,
-               diverged=bool(data.get('diverged', False)) or non_finite,
-               seconds_per_epoch=_seconds_per_epoch(data, test_classif))
-
-
-def find_pickles(folder):
-    """All ``*.pkl`` paths under ``folder``, in a deterministic order."""
-    paths = []
-    for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
-        paths.extend(os.path.join(dirpath, name) for name in sorted(filenames)
-                     if name.endswith('.pkl'))
-    return paths
-
-
-def load_runs(folders):
-    """Read every pickle under ``folders``; drop duplicate (config, seed) runs.
-
-    The same configuration can be stored twice, e.g. RKHS L=20 with 32
-    channels belongs to both Figure 1a and Figure 2. When a seed is recorded,
-    a second copy of the same (configuration, seed, embedding seed) would count
-    one seed twice, so only the first copy is kept.
-    """
-    runs, seen, duplicates = [], set(), []
-    for folder in folders:
-        for path in find_pickles(folder):
-            run = read_run(path)
-            if run is None:
-                continue
-            if run.seed is not None:
-                key = (run.config, run.seed, run.embedding_seed)
-                if key in seen:
-                    duplicates.append(path)
-                    continue
-                seen.add(key)
-            runs.append(run)
-    if duplicates:
-        _warn(f'ignored {len(duplicates)} duplicate run(s) of an already '
-              f'loaded configuration and seed, e.g. {duplicates[0]}')
-    return runs
-
-
-def group_runs(runs):
-    """Map each :class:`Config` to its list of runs (insertion ordered)."""
-    groups = OrderedDict()
-    for run in runs:
-        groups.setdefault(run.config, []).append(run)
-    return groups
-
-
-# ----------------------------------------------------------------------------
-# Curve statistics
-# ----------------------------------------------------------------------------
-
-def smooth(values, window):
-    """Trailing moving average ignoring non-finite values (same length output).
-
-    Point i averages the finite values among indices [i - window + 1, i]; the
-    first points use the shorter prefix available. Uses cumulative sums so a
-    50k-long curve costs a few vector operations.
-    """
-    values = np.asarray(values, dtype=float)
-    if values.size == 0 or window <= 1:
-        return values.copy()
-    finite = np.isfinite(values)
-    sums = np.concatenate(([0.0], np.cumsum(np.where(finite, values, 0.0))))
-    counts = np.concatenate(([0], np.cumsum(finite)))
-    upper = np.arange(1, values.size + 1)
-    lower = np.maximum(upper - window, 0)
-    n_valid = counts[upper] - counts[lower]
-    with np.errstate(invalid='ignore', divide='ignore'):
-        out = (sums[upper] - sums[lower]) / n_valid
-    out[n_valid == 0] = np.nan
-    return out
-
-
-def ragged_stats(curves):
-    """Mean, min, max and count per index over curves of unequal length.
-
-    Each index is averaged over the runs that reach it, so a run that diverged
-    (and stopped early) contributes only to the epochs it completed.
-    Non-finite values are ignored likewise.
-    """
-    curves = [np.asarray(curve, dtype=float) for curve in curves]
-    length = max((curve.size for curve in curves), default=0)
-    stacked = np.full((len(curves), length), np.nan)
-    for row, curve in enumerate(curves):
-        stacked[row, :curve.size] = curve
-    stacked[~np.isfinite(stacked)] = np.nan
-    count = np.sum(~np.isnan(stacked), axis=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', RuntimeWarning)  # all-NaN columns
-        mean = np.nanmean(stacked, axis=0)
-        low = np.nanmin(stacked, axis=0)
-        high = np.nanmax(stacked, axis=0)
-    return mean, low, high, count
-
 
 def downsample_index(length, max_points=MAX_PLOT_POINTS):
     """Evenly spaced indices (first and last included) to plot a long curve."""
@@ -310,86 +124,88 @@ def downsample_index(length, max_points=MAX_PLOT_POINTS):
     return np.unique(np.linspace(0, length - 1, max_points).round().astype(int))
 
 
-# ----------------------------------------------------------------------------
-# Figures
-# ----------------------------------------------------------------------------
+class Panels:
+    """The two axes of a figure and what has been drawn on them, for the axis limits."""
 
-def _spec(config):
-    return CurveSpec(config.dataset, config.model, config.layers, config.channels, config.channels,
-                     config.pretrain, config.label, config.style)
+    def __init__(self, plt):
+        self.fig, (self.loss, self.error) = plt.subplots(1, 2, figsize=(12, 4.8))
+        self.loss_values, self.loss_starts, self.error_values = [], [], []
 
+    def draw(self, runs, color, linestyle, label, smooth_window, reference=False):
+        """The mean of `runs` as a line (thin for the reference), their min-max as a band, and an
+        x at each run's stop."""
+        losses = [runs_module.smooth(_before_explosion(run, smooth_window), smooth_window) for run in runs]
+        loss_mean, _, loss_low, loss_high, _ = runs_module.ragged_stats(losses)
+        errors = [100.0 * run.test_classif for run in runs]
+        error_mean, _, error_low, error_high, _ = runs_module.ragged_stats(errors)
+        line = dict(color=color, linestyle=linestyle, linewidth=0.8 if reference else 1.5,
+                    alpha=0.7 if reference else 1.0)
+        band = dict(color=color, alpha=0.12 if reference else 0.18, linewidth=0)
+        if loss_mean.size:
+            index = downsample_index(loss_mean.size)
+            self.loss.plot(index, loss_mean[index], **line)
+            if len(runs) > 1:
+                self.loss.fill_between(index, loss_low[index], loss_high[index], **band)
+            self.loss_values.append(loss_mean[index])
+            self.loss_starts.append(next((v for v in loss_mean if np.isfinite(v)), np.nan))
+        epochs = np.arange(error_mean.size)
+        self.error.plot(epochs, error_mean, label=label, marker=None if reference else '.',
+                        markersize=3, **line)
+        if len(runs) > 1:
+            self.error.fill_between(epochs, error_low, error_high, **band)
+        self.error_values += [error_low, error_high]
+        for run, loss, error in zip(runs, losses, errors):
+            if run.stopped_early:
+                self.error.plot([run.epochs_done], [error[-1]], 'x', color=color, markersize=6)
+                if loss.size:
+                    self.loss.plot([loss.size - 1], [loss[-1]], 'x', color=color, markersize=6)
 
-def figure_curves(figure, groups):
-    """The curves a figure expects (common.figure_grid), and the title describing them."""
-    grid = common.figure_grid('figure' + figure)
-    if figure in ('1a', '1b'):
-        return [_spec(config) for config in grid], \
-            f'MNIST, {grid[0].pretrain} pretraining pass(es), 32 channels'
-    if figure == '2':
-        return [_spec(config) for config in grid], \
-            'MNIST, RKHS, L=20, no pretraining, channels C = in_channels = dim_int'
-    # Figure 3: the grid's depths (the release's stored L = 1, 10, 20), plus any other depth
-    # that was run (the release's README also ran SHL at L = 5).
-    expected = [_spec(config) for config in grid]
-    known = {(spec.model, spec.num_layers) for spec in expected}
-    extra = sorted({(cfg.model, cfg.num_layers) for cfg in groups if cfg.dataset == 'CIFAR10'
-                    and cfg.model in ('RKHS', 'SHL') and (cfg.model, cfg.num_layers) not in known},
-                   key=lambda pair: (pair[0], _sort_value(pair[1])))
-    extra_specs = [CurveSpec('CIFAR10', model, layers, None, None, None, f'{model} L={layers}', layers)
-                   for model, layers in extra]
-    model_order = {'RKHS': 0, 'SHL': 1}
-    return sorted(expected + extra_specs,
-                  key=lambda spec: (model_order[spec.model], _sort_value(spec.num_layers))), 'CIFAR10'
-
-
-def _matches(spec, config):
-    return (config.dataset, config.model, config.num_layers, config.in_channels,
-            config.dim_int, config.pretrain_pass) == (
-        spec.dataset, spec.model, spec.num_layers, spec.in_channels,
-        spec.dim_int, spec.pretrain_pass)
-
-
-def _describe_spec(spec):
-    text = f'{spec.dataset} {spec.model} L={spec.num_layers}'
-    if spec.dataset == 'MNIST':
-        text += f' channels={spec.in_channels}/{spec.dim_int} pretrain={spec.pretrain_pass}'
-    return text
-
-
-def _variant_suffix(config, show):
-    if not show:
-        return ''
-    parts = [f'method={config.method}' if config.method is not None else None,
-             f'{config.epochs} ep' if config.epochs is not None else None,
-             config.variant or None]
-    parts = [part for part in parts if part]
-    return ' [' + ', '.join(parts or ['release']) + ']'
-
-
-def select_figure_groups(figure, groups):
-    """Return (list of (spec, config, runs), missing specs, subtitle)."""
-    specs, subtitle = figure_curves(figure, groups)
-    selected, missing = [], []
-    for spec in specs:
-        matched = [(cfg, runs) for cfg, runs in groups.items() if _matches(spec, cfg)]
-        if not matched:
-            missing.append(spec)
-        selected.extend((spec, cfg, runs) for cfg, runs in matched)
-    return selected, missing, subtitle
-
-
-def _style(value, table, used):
-    if value in table:
-        return table[value]
-    # Unknown value (e.g. an unusual depth): take the next unused fallback.
-    style = FALLBACK_STYLES[len(used) % len(FALLBACK_STYLES)]
-    used.append(value)
-    return style
+    def finish(self, smooth_window, error_scale):
+        from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+        plain = FuncFormatter(lambda value, _: f'{value:g}')
+        self.loss.set_xlabel('iteration')
+        self.loss.set_title(f'Training loss (moving average over {smooth_window} iterations)', fontsize=10)
+        values = np.concatenate(self.loss_values) if self.loss_values else np.zeros(0)
+        values = values[np.isfinite(values) & (values > 0)]
+        if values.size:
+            top = LOSS_AXIS_HEADROOM * np.nanmax(self.loss_starts)
+            low = values.min() / 1.5
+            high = min(values.max() * 1.2, top) if np.isfinite(top) else values.max() * 1.2
+            if high / low > 10:  # a log axis only when the range is wide enough to need one
+                self.loss.set_yscale('log')
+                self.loss.yaxis.set_minor_formatter(NullFormatter())
+            else:
+                self.loss.yaxis.set_major_locator(MaxNLocator(6))
+            self.loss.yaxis.set_major_formatter(plain)
+            self.loss.set_ylim(low, max(high, low * 1.01))
+        self.loss.set_ylabel('training loss')
+        errors = np.concatenate(self.error_values) if self.error_values else np.zeros(0)
+        errors = errors[np.isfinite(errors) & (errors > 0)]
+        wide = errors.size and errors.max() / errors.min() > 3
+        if error_scale == 'log' and wide:
+            self.error.set_yscale('log')
+            self.error.yaxis.set_minor_formatter(FuncFormatter(_minor_percent_label))
+        else:  # a narrow range: linear ticks, labelled with as many digits as tell them apart
+            self.error.yaxis.set_major_locator(MaxNLocator(6))
+        self.error.yaxis.set_major_formatter(plain)
+        self.error.set_xlabel('epoch (0 = before training)')
+        self.error.set_ylabel('test error (%)')
+        self.error.set_title('Test error', fontsize=10)
+        for axis in (self.loss, self.error):
+            axis.grid(True, which='major', alpha=0.3)
+        self.error.legend(fontsize=7, loc='upper right')
 
 
-def _atomic_savefig(fig, path, fmt):
-    """Save ``fig`` to ``path`` atomically, with a new file's usual permissions."""
-    common.atomic_write(path, lambda handle: fig.savefig(handle, format=fmt, dpi=DPI))
+def _before_explosion(run, window):
+    """A run's loss curve, cut where a run that stopped on a NaN began to explode (above
+    LOSS_AXIS_HEADROOM times its starting level): the x marks that point."""
+    loss = run.train_loss
+    if not run.stopped_early or loss.size == 0:
+        return loss
+    with np.errstate(invalid='ignore'):
+        start = np.nanmean(np.where(np.isfinite(loss[:window]), loss[:window], np.nan))
+        above = np.nonzero(~(loss <= LOSS_AXIS_HEADROOM * start))[0]  # NaN and inf count as above
+    return loss[:above[0]] if above.size else loss
 
 
 def _minor_percent_label(value, _position):
@@ -400,175 +216,126 @@ def _minor_percent_label(value, _position):
     return f'{value:g}' if round(mantissa) in (2, 5) else ''
 
 
-def plot_figure(figure, groups, out_dir, smooth_window=DEFAULT_SMOOTH_WINDOW,
-                pdf=False, error_scale='log'):
-    """Draw one figure; return (written paths, configs used, missing specs)."""
-    selected, missing, subtitle = select_figure_groups(figure, groups)
-    for spec in missing:
-        print(f'figure {figure}: no runs for {_describe_spec(spec)} (curve skipped)')
-    if not selected:
+def _style(value, table, used):
+    if value in table:
+        return table[value]
+    style = FALLBACK_STYLES[len(used) % len(FALLBACK_STYLES)]  # an unusual depth
+    used.append(value)
+    return style
+
+
+def build_figure(figure, groups, reference=None, smooth_window=DEFAULT_SMOOTH_WINDOW, error_scale='log'):
+    """Draw one figure in memory: (matplotlib figure, the groups drawn), or (None, []) when no
+    run of the figure exists. The error panel's lines carry their legend labels."""
+    reference = reference or {}
+    specs, subtitle = figure_configurations(figure, groups)
+    plan = []
+    for config, label, style in specs:
+        mine = [key for key in groups if key[0] == config]
+        theirs = [key for key in reference if key[0] == config]
+        if not mine and not theirs:
+            print(f'figure {figure}: no runs for {runs_module.config_text(config)} (curve skipped)')
+        plan.append((config, label, style, mine, theirs))
+    drawn = [key for *_, mine, _ in plan for key in mine]
+    if not any(mine or theirs for *_, mine, theirs in plan):
         print(f'figure {figure}: no runs found, figure skipped')
-        return [], [], missing
+        return None, []
 
     import matplotlib
     matplotlib.use('Agg')  # headless: never needs a display
     import matplotlib.pyplot as plt
 
-    # Tell variants apart in the legend only when one curve has several
-    # (e.g. the release's runs next to new runs of the same configuration).
-    per_spec = {}
-    for spec, cfg, _ in selected:
-        per_spec.setdefault(spec, []).append(cfg)
-    style_table = CHANNEL_STYLES if figure == '2' else LAYER_STYLES
+    panels, used_styles, extra_colors = Panels(plt), [], {}
+    for config, label, style, mine, theirs in plan:
+        color = MODEL_COLORS.get(config.model) or extra_colors.setdefault(
+            config.model, FALLBACK_COLORS[len(extra_colors) % len(FALLBACK_COLORS)])
+        linestyle = _style(style, CHANNEL_STYLES if figure == '2' else LAYER_STYLES, used_styles)
+        for key in theirs:
+            panels.draw(reference[key], color, linestyle,
+                        f'{label} release: {count_text(reference[key])}', smooth_window, reference=True)
+        differing = _differing_fields(mine)
+        for key in mine:
+            panels.draw(groups[key], color, linestyle, curve_label(label, groups[key], differing),
+                        smooth_window)
+    panels.finish(smooth_window, error_scale)
+    what = ('the release\'s stored runs only: no run of this project' if not drawn else
+            'lines: mean over runs; shaded: min-max over runs'
+            + ('; release: min-max band of its stored runs, thin line their mean' if reference else ''))
+    panels.fig.suptitle(f'Figure {figure}: {subtitle}\n{what}; x: a run stopped on a non-finite loss '
+                        f'(its loss drawn until it exploded)', fontsize=10)
+    panels.fig.tight_layout()
+    return panels.fig, drawn
 
-    fig, (ax_loss, ax_err) = plt.subplots(1, 2, figsize=(12, 4.5))
-    seed_counts, used_styles, extra_colors = set(), [], {}
-    for spec, cfg, runs in selected:
-        color = MODEL_COLORS.get(spec.model)
-        if color is None:
-            color = extra_colors.setdefault(
-                spec.model, FALLBACK_COLORS[len(extra_colors) % len(FALLBACK_COLORS)])
-        linestyle = _style(spec.style_value, style_table, used_styles)
-        label = (f'{spec.label}{_variant_suffix(cfg, len(per_spec[spec]) > 1)}'
-                 f' (n={len(runs)})')
-        seed_counts.add(len(runs))
 
-        loss_mean, loss_low, loss_high, _ = ragged_stats(
-            [smooth(run.train_loss, smooth_window) for run in runs])
-        index = downsample_index(loss_mean.size)
-        ax_loss.plot(index, loss_mean[index], color=color, linestyle=linestyle,
-                     linewidth=1.4, label=label)
-        ax_loss.fill_between(index, loss_low[index], loss_high[index], color=color,
-                             alpha=0.15, linewidth=0)
-
-        err_mean, err_low, err_high, _ = ragged_stats(
-            [100.0 * run.test_classif for run in runs])
-        epochs = np.arange(err_mean.size)
-        ax_err.plot(epochs, err_mean, color=color, linestyle=linestyle,
-                    linewidth=1.4, marker='.', markersize=3, label=label)
-        ax_err.fill_between(epochs, err_low, err_high, color=color, alpha=0.15,
-                            linewidth=0)
-
-    ax_loss.set_yscale('log')
-    ax_loss.set_xlabel('iteration')
-    ax_loss.set_ylabel('training loss')
-    ax_loss.set_title(f'Training loss (trailing moving average, window {smooth_window} it.)',
-                      fontsize=10)
-    ax_err.set_yscale(error_scale)
-    if error_scale == 'log':
-        # Percentages read better as 2, 5, 20 than as 2x10^0, 5x10^0, 2x10^1.
-        from matplotlib.ticker import FuncFormatter
-        ax_err.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f'{value:g}'))
-        low, high = ax_err.get_ylim()
-        # Within less than half a decade no 2x/5x tick may fall: then label every minor tick.
-        narrow = low > 0 and high / low < 3
-        ax_err.yaxis.set_minor_formatter(
-            FuncFormatter(lambda value, _: f'{value:.3g}') if narrow
-            else FuncFormatter(_minor_percent_label))
-    ax_err.set_xlabel('epoch (0 = before training)')
-    ax_err.set_ylabel('test error (%)' + (' [log scale]' if error_scale == 'log' else ''))
-    ax_err.set_title('Test error', fontsize=10)
-    for axis in (ax_loss, ax_err):
-        axis.grid(True, which='major', alpha=0.3)
-    if len(seed_counts) == 1:
-        band = f'band: min–max over {seed_counts.pop()} seeds'
-    else:
-        band = 'band: min–max over n seeds (n per curve in legend)'
-    ax_err.legend(fontsize=8, loc='upper right')
-    fig.suptitle(f'Figure {figure} — {subtitle}\nlines: mean over seeds; {band}', fontsize=11)
-    fig.tight_layout()
-
+def plot_figure(figure, groups, out_dir, sources, reference=None, smooth_window=DEFAULT_SMOOTH_WINDOW,
+                pdf=False, error_scale='log'):
+    """Draw one figure into out_dir. Returns (written paths, the groups drawn, refusal line or
+    None): a figure file drawn from other folders (`sources`) is never overwritten."""
+    fig, drawn = build_figure(figure, groups, reference, smooth_window, error_scale)
+    if fig is None:
+        return [], [], None
+    import matplotlib.pyplot as plt
+    refused = _overwrite_refusal(os.path.join(out_dir, f'figure{figure}.png'), sources)
+    if refused:
+        plt.close(fig)
+        return [], [], refused
     written = []
     for fmt in ('png', 'pdf') if pdf else ('png',):
-        path = os.path.join(out_dir, f'figure{figure}.{fmt}')
-        _atomic_savefig(fig, path, fmt)
-        written.append(path)
-        print(f'figure {figure}: wrote {path}')
+        target = os.path.join(out_dir, f'figure{figure}.{fmt}')
+        metadata = {'Source': json.dumps(sources)} if fmt == 'png' else None
+        common.atomic_write(target, lambda handle: fig.savefig(handle, format=fmt, dpi=DPI, metadata=metadata))
+        written.append(target)
+        print(f'figure {figure}: wrote {target}')
     plt.close(fig)
-    return written, [cfg for _, cfg, _ in selected], missing
+    return written, drawn, None
+
+
+def figure_sources(path):
+    """The folders a figure file was drawn from (its PNG metadata), or None if it records none."""
+    try:
+        from PIL import Image
+        with Image.open(path) as image:
+            return json.loads(image.text['Source'])
+    except Exception:  # not a PNG of ours, no record, unreadable
+        return None
+
+
+def _overwrite_refusal(path, sources):
+    if not os.path.lexists(path) or figure_sources(path) == sources:
+        return None
+    return (f'refusing to overwrite {path}: it was not drawn from these folders '
+            f'({", ".join(sources)}); choose another --out_dir, or move it away')
 
 
 # ----------------------------------------------------------------------------
 # Summary table
 # ----------------------------------------------------------------------------
 
-def _sort_value(value):
-    # None last; numbers before strings so that mixed fields never compare
-    # an int with a str.
-    return (value is None, isinstance(value, str), '' if value is None else value)
-
-
-def config_sort_key(config):
-    """Sort key for configurations that may contain None fields."""
-    return tuple(_sort_value(value) for value in config)
-
-
-def summarize(runs):
-    """Summary statistics of one configuration's runs (error rates in %).
-
-    Final errors are taken at the last epoch of the runs that did not diverge
-    (a diverged run stops at another epoch); mean ± std uses ddof=1. The best
-    test error is the minimum over all runs and epochs.
-    """
-    ok_runs = [run for run in runs if not run.diverged]
-
-    def last_finite(curve):
-        finite = curve[np.isfinite(curve)]
-        return finite[-1] if finite.size else np.nan
-
-    final_test = np.array([100.0 * last_finite(run.test_classif) for run in ok_runs])
-    final_train = np.array([100.0 * last_finite(run.train_classif) for run in ok_runs])
-    final_test = final_test[np.isfinite(final_test)]
-    final_train = final_train[np.isfinite(final_train)]
-    all_test = np.concatenate([run.test_classif for run in runs]) * 100.0
-    all_test = all_test[np.isfinite(all_test)]
-    times = np.array([run.seconds_per_epoch for run in runs])
-    times = times[np.isfinite(times)]
-    return {
-        'runs': len(runs),
-        'diverged': len(runs) - len(ok_runs),
-        'final_test_mean': float(final_test.mean()) if final_test.size else np.nan,
-        'final_test_std': float(final_test.std(ddof=1)) if final_test.size > 1 else
-        (0.0 if final_test.size == 1 else np.nan),
-        'best_test': float(all_test.min()) if all_test.size else np.nan,
-        'final_train_mean': float(final_train.mean()) if final_train.size else np.nan,
-        'seconds_per_epoch': float(times.mean()) if times.size else np.nan,
-    }
-
-
-def _fmt(value, digits=2):
-    return '–' if value is None or not np.isfinite(value) else f'{value:.{digits}f}'
-
-
-def _cell(value):
-    return '–' if value is None else str(value)
-
-
-TABLE_HEADER = ('dataset', 'model', 'L', 'channels (in/int)', 'pretrain', 'method',
-                'epochs', 'variant', 'runs', 'diverged', 'final test err % (mean ± std)',
-                'best test err %', 'final train err % (mean)', 's/epoch')
+TABLE_HEADER = ('configuration', 'protocol', 'runs', 'stopped early', 'final test err %',
+                'best test err %', 'final train err %', 's/epoch')
 
 
 def format_table(groups):
-    """Markdown table with one row per configuration."""
-    lines = ['| ' + ' | '.join(TABLE_HEADER) + ' |',
-             '|' + '|'.join('---' for _ in TABLE_HEADER) + '|']
-    for config in sorted(groups, key=config_sort_key):
-        stats = summarize(groups[config])
-        channels = ('–' if config.in_channels is None and config.dim_int is None
-                    else f'{_cell(config.in_channels)}/{_cell(config.dim_int)}')
-        cells = [config.dataset, config.model, _cell(config.num_layers), channels,
-                 _cell(config.pretrain_pass), _cell(config.method), _cell(config.epochs),
-                 config.variant or '–',
-                 str(stats['runs']), str(stats['diverged']),
-                 f"{_fmt(stats['final_test_mean'])} ± {_fmt(stats['final_test_std'])}",
-                 _fmt(stats['best_test']), _fmt(stats['final_train_mean']),
-                 _fmt(stats['seconds_per_epoch'], 1)]
+    """A Markdown table, one row per (configuration, protocol)."""
+    lines = ['| ' + ' | '.join(TABLE_HEADER) + ' |', '|' + '|'.join('---' for _ in TABLE_HEADER) + '|']
+    for key in sorted(groups, key=runs_module.sort_key):
+        group = groups[key]
+        run = group[0]
+        seconds = [r.seconds_per_epoch for r in group if np.isfinite(r.seconds_per_epoch)]
+        best = min(float(np.nanmin(r.test_classif)) for r in group)
+        note = ' (release)' if run.from_release else ' (not recorded)' if run.assumed else ''
+        cells = [f'{run.config.dataset} {runs_module.config_text(run.config)}',
+                 protocol.describe(run.protocol, ('epochs', 'decay_steps', 'decay_rate', 'lr_init',
+                                                  'batch_size', 'subset', 'synthetic', 'embedding')) + note,
+                 str(len(group)), ' '.join(map(str, runs_module.stops(group))) or '0',
+                 runs_module.format_spread(*runs_module.mean_std(runs_module.final_errors(group))),
+                 f'{100 * best:.2f}',
+                 runs_module.format_spread(*runs_module.mean_std(runs_module.final_errors(group, 'train_classif'))),
+                 f'{np.mean(seconds):.1f}' if seconds else '–']
         lines.append('| ' + ' | '.join(cells) + ' |')
-    lines.append('')
-    lines.append('Final errors: last epoch, over non-diverged runs (std with ddof=1). '
-                 'Best: min over all runs and epochs. Diverged: diverged flag or '
-                 'non-finite values in the curves.')
+    lines += ['', 'Final: last epoch of the runs that completed their protocol, mean ± std (ddof=1; '
+              '"–" for one run). Stopped early: the epoch at which each such run stopped. Best: the '
+              'lowest test error of any run at any epoch.']
     return '\n'.join(lines)
 
 
@@ -578,8 +345,10 @@ def format_table(groups):
 
 def _figure_choice(text):
     name = text.lower()
-    if name.startswith('figure'):
-        name = name[len('figure'):]
+    for prefix in ('figure', 'fig'):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+            break
     if name not in FIGURE_NAMES + ('all',):
         raise argparse.ArgumentTypeError(
             f'unknown figure {text!r}; choose from {", ".join(FIGURE_NAMES)} or all')
@@ -587,63 +356,70 @@ def _figure_choice(text):
 
 
 def get_args_parser():
-    """Command-line parser of the plotting script."""
-    parser = argparse.ArgumentParser(
+    parser = common.OneLineArgumentParser(
         description='Plot Figures 1a/1b/2/3 and print a summary table from results pickles.')
     parser.add_argument('folders', nargs='*',
-                        help='folders searched recursively for *.pkl '
-                             f'(default: {" and ".join(DEFAULT_FOLDERS)})')
+                        help=f'folders searched recursively for *.pkl (default: {" and ".join(DEFAULT_FOLDERS)})')
     parser.add_argument('--figure', type=_figure_choice, default='all',
                         help='1a, 1b, 2, 3 or all (default: all)')
+    parser.add_argument('--reference', default=None, metavar='DIR',
+                        help='the release\'s stored runs (python release_runs.py --download), drawn '
+                             'as a band beneath each configuration')
     parser.add_argument('--out_dir', default=DEFAULT_OUT_DIR,
                         help=f'folder for the figures (default: {DEFAULT_OUT_DIR})')
     parser.add_argument('--pdf', action='store_true', help='also write PDF files')
     parser.add_argument('--smooth', type=int, default=DEFAULT_SMOOTH_WINDOW,
-                        help='moving-average window of the training loss, in iterations '
+                        help=f'moving-average window of the training loss, in iterations '
                              f'(default: {DEFAULT_SMOOTH_WINDOW})')
     parser.add_argument('--error_scale', choices=('log', 'linear'), default='log',
-                        help='y scale of the test error panel (default: log)')
+                        help='y scale of the test error panel when its range is wide (default: log)')
     return parser
+
+
+def _usage_problem(args):
+    if args.smooth < 1:
+        return '--smooth must be >= 1'
+    absent = [folder for folder in args.folders + [args.reference] * bool(args.reference)
+              if not os.path.isdir(folder)]
+    if absent:
+        return f'not a folder: {", ".join(absent)}'
+    path = os.path.abspath(args.out_dir)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+        return f'--out_dir {args.out_dir}: {path} is not a writable folder'
+    return None
 
 
 def main(args):
     """Plot the requested figures and print the summary table; return an exit status."""
-    if args.smooth < 1:
-        print('error: --smooth must be >= 1', file=sys.stderr)
-        return 2
-    if args.folders:
-        absent = [folder for folder in args.folders if not os.path.isdir(folder)]
-        if absent:
-            print(f'error: not a folder: {", ".join(absent)}', file=sys.stderr)
-            return 2
-        folders = list(args.folders)
-    else:
-        folders = [folder for folder in DEFAULT_FOLDERS if os.path.isdir(folder)]
-        if not folders:
-            print(f'no results folder found ({", ".join(DEFAULT_FOLDERS)}); nothing to plot')
-            return 0
-
-    groups = group_runs(load_runs(folders))
-    print(f'loaded {sum(len(runs) for runs in groups.values())} run(s) in '
-          f'{len(groups)} configuration(s) from {", ".join(folders)}')
-
-    figures = FIGURE_NAMES if args.figure == 'all' else (args.figure,)
-    used_configs = []
-    for figure in figures:
-        _, configs, _ = plot_figure(figure, groups, args.out_dir, smooth_window=args.smooth,
-                                    pdf=args.pdf, error_scale=args.error_scale)
-        used_configs.extend(configs)
-
-    # The table covers every configuration found, or only the selected
-    # figure's when one figure is asked for.
-    table_groups = groups if args.figure == 'all' else OrderedDict(
-        (cfg, groups[cfg]) for cfg in dict.fromkeys(used_configs))
+    problem = _usage_problem(args)
+    if problem:
+        print(f'error: {problem}', file=sys.stderr)
+        return EXIT_REFUSED
+    folders = list(args.folders) or [folder for folder in DEFAULT_FOLDERS if os.path.isdir(folder)]
+    if not folders and not args.reference:
+        print(f'no results folder found ({", ".join(DEFAULT_FOLDERS)}); nothing to plot')
+        return 0
+    groups = runs_module.group_runs(runs_module.load_runs(folders))
+    reference = runs_module.group_runs(runs_module.load_runs([args.reference])) if args.reference else {}
+    print(f'loaded {sum(map(len, groups.values()))} run(s) in {len(groups)} group(s) from '
+          f'{", ".join(folders) or "no folder"}'
+          + (f'; reference: {sum(map(len, reference.values()))} run(s) from {args.reference}' if reference else ''))
+    sources = sorted(os.path.realpath(folder) for folder in folders + [args.reference] * bool(args.reference))
+    status, drawn = 0, []
+    for figure in FIGURE_NAMES if args.figure == 'all' else (args.figure,):
+        _, keys, refused = plot_figure(figure, groups, args.out_dir, sources, reference, args.smooth,
+                                       args.pdf, args.error_scale)
+        if refused:
+            print(f'error: {refused}', file=sys.stderr)
+            status = EXIT_REFUSED
+        drawn += keys
+    # The table covers every group found, or only the selected figure's.
+    shown = groups if args.figure == 'all' else {key: groups[key] for key in dict.fromkeys(drawn)}
     print()
-    if table_groups:
-        print(format_table(table_groups))
-    else:
-        print('no runs to summarise')
-    return 0
+    print(format_table(shown) if shown else 'no runs to summarise')
+    return status
 
 
 if __name__ == '__main__':

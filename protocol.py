@@ -116,7 +116,7 @@ def read(data: dict, dataset: str) -> tuple[dict, tuple]:
     """
     recorded = data.get('protocol')
     if isinstance(recorded, dict) and all(key in recorded for key in DECIDING):
-        return {key: recorded.get(key, 'unknown') for key in FIELDS}, ()
+        return _checked({key: recorded.get(key, 'unknown') for key in FIELDS}), ()
     release = RELEASE.get(dataset, RELEASE['MNIST'])
     project = 'epochs' in data or 'dataset' in data  # this project's keys, before the record
     protocol, assumed = {'dataset': dataset}, []
@@ -152,7 +152,70 @@ def read(data: dict, dataset: str) -> tuple[dict, tuple]:
             assumed.append('embedding')
     protocol['code_version'] = 'release' if not project else 'unknown'
     protocol['torch_version'] = data.get('torch_version', 'unknown')
-    return protocol, tuple(assumed)
+    return _checked(protocol), tuple(assumed)
+
+
+_NUMBER = (int, float)
+
+
+def _checked(protocol: dict) -> dict:
+    """The record with its types checked, so that it can be compared and hashed; a ValueError
+    names the first field that a run of this project could not have written."""
+    def number(value, integer=False, optional=False):
+        if value is None and optional:
+            return value
+        kinds = (int,) if integer else _NUMBER
+        if isinstance(value, bool) or not isinstance(value, kinds) and not hasattr(value, 'item'):
+            raise ValueError
+        value = value.item() if hasattr(value, 'item') else value
+        if isinstance(value, bool) or not isinstance(value, kinds) or value != value:
+            raise ValueError
+        return value
+
+    checks = {
+        'epochs': lambda v: number(v, integer=True), 'lr_init': number, 'decay_rate': number,
+        'decay_steps': lambda v: [number(step, integer=True) for step in v],
+        'batch_size': lambda v: number(v, integer=True),
+        'train_error_images': lambda v: number(v, integer=True),
+        'subset': lambda v: number(v, integer=True, optional=True),
+        'pretrain': lambda v: number(v, integer=True, optional=True),
+        'pretrain_lr': lambda v: number(v, optional=True),
+        'synthetic': lambda v: bool(v) if isinstance(v, bool) else _fail(),
+        'amp': lambda v: bool(v) if isinstance(v, bool) else _fail(),
+        'embedding': _checked_embedding,
+    }
+    checked = dict(protocol)
+    for key, value in protocol.items():
+        try:
+            if key in checks:
+                checked[key] = checks[key](value)
+            elif not (value is None or isinstance(value, str)):
+                raise ValueError
+        except (ValueError, TypeError):
+            raise ValueError(f'its protocol record\'s {key} is {value!r:.60}, which no run writes') from None
+    return checked
+
+
+def _fail():
+    raise ValueError
+
+
+def _checked_embedding(value):
+    if value is None:
+        return None
+    if not isinstance(value, dict) or value.get('source') not in ('files', 'drawn'):
+        raise ValueError
+    if value['source'] == 'files':
+        files, digests = value.get('files'), value.get('sha256')
+        if not (isinstance(files, list) and isinstance(digests, list)
+                and all(isinstance(item, str) for item in files + digests)):
+            raise ValueError
+        return {'source': 'files', 'files': list(files), 'sha256': list(digests),
+                'release': value.get('release') is True}
+    seed = value.get('seed')
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise ValueError
+    return {'source': 'drawn', 'seed': seed}
 
 
 def release_embedding(channels, passes) -> dict:
@@ -172,6 +235,44 @@ def release_ships(channels, passes) -> bool:
     """Whether the release shipped embedding files for this MNIST (channels, passes) pair, so
     that its runs started from them and a drawn start is a deviation."""
     return release_embedding(channels, passes)['source'] == 'files'
+
+
+def of_command(dataset: str, argv: list) -> dict:
+    """The record that MNIST_experiments.py or CIFAR_experiments.py would write when run with
+    `argv`: its flags read by the script's own parser, and the embedding files it would load.
+    Imports the script, hence torch; raises embeddings.EmbeddingError as the run would."""
+    import importlib
+
+    module = importlib.import_module('CIFAR_experiments' if dataset == 'CIFAR10' else 'MNIST_experiments')
+    args = module.get_args_parser().parse_args(argv)
+    facts = {}
+    if dataset == 'MNIST':
+        module.apply_release_tbs(args)
+        explicit = 'embedding_dir' in args._given
+        paths = embeddings.find(args.embedding_dir, args.in_channels, args.pretrain,
+                                required=explicit and embeddings.release_ships(args.in_channels, args.pretrain))
+        facts = embeddings.describe(paths) if paths else {
+            'embedding_seed': args.embedding_seed if args.embedding_seed is not None
+            else (args.seeds[0] if args.seeds else args.seed)}
+    return build(args, dataset, facts)
+
+
+def of_file(path: str, dataset: str) -> tuple[dict | None, str | None]:
+    """The record of an existing results pickle or resume state: (record, None), or (None, why it
+    cannot be read as a run of this project). A resume state is read with torch.load's
+    weights_only loading: plain values only."""
+    try:
+        if path.endswith('.pkl'):
+            import common
+            return read(common.load_results(path), dataset)[0], None
+        import argparse
+        import torch
+        state = torch.load(path, map_location='cpu', weights_only=True)
+        stored = argparse.Namespace(**{'train_error_images': 10_000, 'amp': False,  # older states
+                                       **state['args']})
+        return build(stored, dataset, state['facts']), None
+    except Exception as exc:  # unreadable, crafted, or not this project's
+        return None, f'cannot be read as a run of this project ({type(exc).__name__}: {str(exc)[:80]})'
 
 
 # ---------------------------------------------------------------------------------------------

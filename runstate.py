@@ -22,7 +22,8 @@ import torch
 
 import distributed
 from cli import EXIT_FOR_SIGNAL, UsageError, checkpoint_path, given_flags
-from common import atomic_write, missing_ancestors, torch_load_failure
+from common import (RUNNING_ELSEWHERE, atomic_write, missing_ancestors, resume_state_name,
+                    torch_load_failure)
 
 RESUME_FORMAT = 2  # 2: progress and facts saved as dicts
 CHECKPOINT_FORMAT = 1
@@ -123,11 +124,8 @@ def member_runs(args, folder_prefix: str) -> list[tuple[argparse.Namespace, RunP
 
 def resume_path(args) -> str:
     """The resume state of a run; with --seeds, of the batch of these seeds."""
-    stem = os.path.splitext(args.save)[0]
-    seeds = getattr(args, 'seeds', None)
-    if seeds:
-        stem = f'{stem}_s{"-".join(map(str, seeds))}'
-    return os.path.join(args.results_dir, f'{stem}.resume.pt')
+    return os.path.join(args.results_dir, resume_state_name(os.path.splitext(args.save)[0],
+                                                            getattr(args, 'seeds', None)))
 
 
 def prepare_run(args, folder_prefix: str, claim: 'RunClaim'):
@@ -252,7 +250,7 @@ def _locked(path: str, flag_text: str) -> tuple[str, int, bool]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise UsageError(f'another process is running {flag_text} (it holds {path}); wait for '
+            raise UsageError(f'{RUNNING_ELSEWHERE} {flag_text} (it holds {path}); wait for '
                              f'it to finish, or choose another --save') from None
         if _same_file(fd, path):
             return path, fd, created

@@ -128,12 +128,20 @@ def test_embedding_dir_passed_to_mnist_runs_and_reported(capsys, tmp_path):
     folder.mkdir()
     for part in ('input', 'output'):  # only the 8-channel files are there
         (folder / f'8channels_0pass_{part}_embedding.pt').write_bytes(b'')
-    _, commands, comments = _dry_run(capsys, ['figure2', '--seeds', '1', '--embedding_dir', str(folder),
-                                              '--results_root', str(tmp_path)])
+    argv = ['figure2', '--num_seeds', '1', '--embedding_dir', str(folder), '--results_root', str(tmp_path / 'r')]
+    # Given explicitly, the folder must hold every file the release shipped for the sweep's runs:
+    # refused before anything runs, naming the missing files (32 channels, 0 passes)
+    status = reproduce.main(reproduce.parse_args(argv[:1] + ['--dry_run'] + argv[1:]))
+    err = capsys.readouterr().err
+    assert status == 2 and err.count('\n') == 1 and '32channels_0pass_input_embedding.pt' in err
+    assert not (tmp_path / 'r').exists()
+    for part in ('input', 'output'):
+        (folder / f'32channels_0pass_{part}_embedding.pt').write_bytes(b'')
+    _, commands, comments = _dry_run(capsys, argv)
     assert all(_flag(c, '--embedding_dir') == str(folder) for c in commands)
     line = next(c for c in comments if c.startswith('# MNIST embedding'))
-    assert f'release files from {folder} for 8 channels/0 passes' in line
-    assert '--embedding_seed 0 for 32 channels/0 passes, 4 channels/0 passes' in line
+    assert line == (f'# MNIST embedding: release files from {folder} for 32 channels/0 passes, 8 channels/0 '
+                    f'passes; --embedding_seed 0 for 4 channels/0 passes')
 
 
 @pytest.mark.parametrize('figure, passthrough, flag', [
@@ -155,30 +163,88 @@ def test_grid_flags_after_the_double_dash_are_refused(capsys, tmp_path, figure, 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_dry_run_skips_existing(capsys, tmp_path):
-    done = tmp_path / 'MNIST_experiments' / 'fig1a'
-    done.mkdir(parents=True)
-    for name in ('RKHS_l5_p0_s0', 'SHL_l20_p0_s1'):
-        (done / f'{name}.pkl').write_bytes(b'')
-    _, commands, comments = _dry_run(capsys, ['figure1a', '--seeds', '2',
-                                              '--results_root', str(tmp_path)])
+def _existing(tmp_path, argv, names, **changes):
+    """Write, for the runs called `names` of the sweep `argv`, the results pickles (or, for a name
+    ending in .resume.pt, the resume state) that the run would write, with its protocol record;
+    `changes` alter that record (a run made another way)."""
+    import protocol
+    import torch
+    args = reproduce.parse_args(argv[:1] + ['--results_root', str(tmp_path)] + argv[1:])
+    figures = reproduce.FIGURES if args.figure == 'all' else (args.figure,)
+    by_name = {run.name: run for figure in figures for run in reproduce.build_runs(figure, args, str(tmp_path))}
+    for name in names:
+        run = by_name[name.replace('.resume.pt', '')]
+        record = dict(protocol.of_command('MNIST', run.args), **changes)
+        if name.endswith('.resume.pt'):
+            import MNIST_experiments
+            parsed = MNIST_experiments.get_args_parser().parse_args(run.args)
+            parsed = {k: v for k, v in vars(parsed).items() if not k.startswith('_')}
+            parsed.update(changes)
+            path = tmp_path / run.resume_state
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({'format': 2, 'args': parsed, 'facts': {'embedding_seed': 0, 'embedding_files': None,
+                                                               'embedding_sha256': None}}, path)
+            continue
+        for pickle_path in run.pickles:
+            path = tmp_path / pickle_path
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, 'wb') as handle:
+                pickle.dump({'model': run.config.model, 'num_layers': run.config.layers,
+                             'test_classif': [0.9], 'protocol': record}, handle)
+
+
+def test_dry_run_skips_existing_runs_of_its_protocol(capsys, tmp_path):
+    _existing(tmp_path, ['figure1a', '--num_seeds', '2'], ['RKHS_l5_p0_s0', 'SHL_l20_p0_s1'])
+    _, commands, comments = _dry_run(capsys, ['figure1a', '--num_seeds', '2', '--results_root', str(tmp_path)])
     assert len(commands) == 10
     skipped = [line for line in comments if line.startswith('# skip')]
-    assert len(skipped) == 2
-    assert any('RKHS_l5_p0_s0' in line for line in skipped)
+    assert [line.split()[2] for line in skipped] == ['RKHS_l5_p0_s0:', 'SHL_l20_p0_s1:']
     assert 'RKHS_l5_p0_s0.pkl' not in {_flag(c, '--save') for c in commands}
     assert not any('--resume' in c for c in commands)
 
 
-def test_interrupted_run_is_resumed(capsys, tmp_path):
-    done = tmp_path / 'MNIST_experiments' / 'fig1a'
-    done.mkdir(parents=True)
-    (done / 'SHL_l10_p0_s1.resume.pt').write_bytes(b'')
-    _, commands, comments = _dry_run(capsys, ['figure1a', '--seeds', '2',
-                                              '--results_root', str(tmp_path)])
+def test_a_quick_look_never_stands_in_for_the_full_run(capsys, tmp_path):
+    """A one-epoch look on 512 images, then the full sweep: refused, naming the file and fields."""
+    quick = ['figure1a', '--num_seeds', '1', '--', '--subset', '512', '--epochs', '1']
+    _existing(tmp_path, quick, ['RKHS_l5_p0_s0'])
+    full = ['figure1a', '--num_seeds', '2', '--results_root', str(tmp_path)]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*'))
+    status = reproduce.main(reproduce.parse_args(full[:1] + ['--dry_run'] + full[1:]))
+    captured = capsys.readouterr()
+    assert status == 2 and captured.out == ''
+    first, last = captured.err.splitlines()
+    assert first == ('error: MNIST_experiments/fig1a/RKHS_l5_p0_s0.pkl was not made with this sweep\'s '
+                     'protocol: epochs 1 (this sweep: 40); subset 512 (this sweep: None)')
+    assert last.startswith('error: 1 existing file(s) of another protocol; nothing was run')
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob('*')) == before
+    # --move_aside moves it (and its checkpoint) into a dated folder; nothing is deleted
+    checkpoint = tmp_path / 'MNIST_checkpoint' / 'fig1a' / 'RKHS_l5_p0_s0.pth'
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b'ckpt')
+    monkey_run = reproduce.scheduler.run_all
+    try:
+        reproduce.scheduler.run_all = lambda runs, root, slots: False  # run nothing here
+        status = reproduce.main(reproduce.parse_args(full + ['--move_aside', '--no_plot']))
+    finally:
+        reproduce.scheduler.run_all = monkey_run
+    assert status == 0
+    moved = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob('set_aside_*/**/*') if p.is_file())
+    assert [path.split('/', 1)[1] for path in moved] == ['MNIST_checkpoint/fig1a/RKHS_l5_p0_s0.pth',
+                                                          'MNIST_experiments/fig1a/RKHS_l5_p0_s0.pkl']
+    assert not checkpoint.exists()
+
+
+def test_interrupted_run_is_resumed_only_at_the_sweeps_protocol(capsys, tmp_path):
+    _existing(tmp_path, ['figure1a', '--num_seeds', '2'], ['SHL_l10_p0_s1.resume.pt'])
+    _, commands, comments = _dry_run(capsys, ['figure1a', '--num_seeds', '2', '--results_root', str(tmp_path)])
     resumed = [c for c in commands if '--resume' in c]
     assert [_flag(c, '--save') for c in resumed] == ['SHL_l10_p0_s1.pkl']
     assert any(line.startswith('# resume SHL_l10_p0_s1') for line in comments)
+    _existing(tmp_path, ['figure1a', '--num_seeds', '2'], ['SHL_l10_p0_s1.resume.pt'], batch_size=64)
+    status = reproduce.main(reproduce.parse_args(['figure1a', '--dry_run', '--num_seeds', '2',
+                                                  '--results_root', str(tmp_path)]))
+    assert status == 2 and 'SHL_l10_p0_s1.resume.pt was not made with this sweep\'s protocol: batch_size ' \
+        '64 (this sweep: 256)' in capsys.readouterr().err
 
 
 def test_bad_arguments():
@@ -219,13 +285,17 @@ FAKE_SCRIPT = textwrap.dedent('''
                 computation_time=1.0, num_parameters=10, diverged=diverged, seed=args.seed,
                 argv=sys.argv[1:], cwd=os.getcwd(),
                 cuda_visible_devices=os.environ.get('CUDA_VISIBLE_DEVICES'))
+    sys.path.insert(0, REPO)  # the record the real script would write, so that a rerun skips it
+    import protocol
+    data['protocol'] = protocol.of_command('MNIST', sys.argv[1:])
     with open(os.path.join(args.results_dir, args.save), 'wb') as handle:
         pickle.dump(data, handle)
     sys.exit(3 if diverged else 0)
-''')
+''').replace('REPO)', repr(str(REPO)) + ')', 1)
 
 
 def test_sweep_with_fake_script(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, '_gpu_problems', lambda gpus: [])  # no GPU needed: nothing runs on one
     scripts = tmp_path / 'scripts'
     scripts.mkdir()
     (scripts / 'MNIST_experiments.py').write_text(FAKE_SCRIPT)
@@ -248,7 +318,11 @@ def test_sweep_with_fake_script(capsys, tmp_path, monkeypatch):
         assert 'simulated crash' in log.read_text()
     assert 'diverged (pickle written' in out and 'SHL_l10_p0_s0' in out
     assert 'sweep wall time' in out
-    assert (root / 'figures' / 'figure1a.png').stat().st_size > 10_000
+    assert (results / 'figure1a.png').stat().st_size > 10_000
+    # a failed run's line quotes its log's last line; a progress line follows every run
+    assert f'failed SHL_l20_p0_s0 (exit 1, ' in out and ': simulated crash (log: ' in out
+    assert out.count('progress: ') == 12 and 'progress: 12 done' not in out
+    assert 'progress: 10 done, 0 running, 0 waiting, 2 failed of 12' in out
 
     with open(results / 'RKHS_l5_p0_s1.pkl', 'rb') as handle:
         run = pickle.load(handle)
@@ -258,8 +332,8 @@ def test_sweep_with_fake_script(capsys, tmp_path, monkeypatch):
     assert run['argv'][-6:] == ['--embedding_seed', '0', '--device', 'cuda', '--epochs', '3']
 
     manifest = json.loads((results / 'sweep.json').read_text())
-    assert manifest['embedding_seed'] == 0
     last = manifest['invocations'][-1]
+    assert last['argv'] == argv
     assert len(last['runs']) == 12
     assert all('--embedding_seed' in r['command'] for r in last['runs'])
     statuses = {r['name']: r['status'] for r in last['runs']}
@@ -326,23 +400,22 @@ def test_batch_seeds_groups_each_configurations_seeds(capsys, tmp_path):
 
 
 def test_a_batch_skips_done_members_and_resumes_its_state(capsys, tmp_path):
-    done = tmp_path / 'MNIST_experiments' / 'fig2'
-    done.mkdir(parents=True)
-    for seed in (0, 1):
-        (done / f'RKHS_l20_c8_s{seed}.pkl').write_bytes(b'')
-    for seed in range(4):
-        (done / f'RKHS_l20_c4_s{seed}.pkl').write_bytes(b'')
-    shared = tmp_path / 'MNIST_experiments' / 'fig1a'
-    shared.mkdir(parents=True)
-    (shared / 'RKHS_l20_p0_s0-1-2-3.resume.pt').write_bytes(b'')
-    _, commands, comments = _dry_run(capsys, ['figure2', '--seeds', '4', '--batch_seeds', '4',
-                                              '--results_root', str(tmp_path)])
+    argv = ['figure2', '--num_seeds', '4', '--batch_seeds', '4']
+    _existing(tmp_path, ['figure2', '--num_seeds', '4'], ['RKHS_l20_c8_s0', 'RKHS_l20_c8_s1'] +
+              [f'RKHS_l20_c4_s{seed}' for seed in range(4)])
+    _existing(tmp_path, argv, ['RKHS_l20_p0_s0-1-2-3.resume.pt'])
+    _, commands, comments = _dry_run(capsys, argv + ['--results_root', str(tmp_path)])
     by_config = {_flag(c, '--save'): c for c in commands}
     assert sorted(by_config) == ['RKHS_l20_c8.pkl', 'RKHS_l20_p0.pkl']
     assert by_config['RKHS_l20_p0.pkl'][-1] == '--resume'
     members = by_config['RKHS_l20_c8.pkl']
     assert members[members.index('--seeds') + 1:members.index('--seeds') + 3] == ['2', '3']
     assert any(line.startswith('# skip RKHS_l20_c4_s0-1-2-3') for line in comments)
+    # Rerun with another --batch_seeds (say, the CPU default of 1): the saved batch of four is
+    # continued as it was saved, not abandoned
+    _, commands, _ = _dry_run(capsys, ['figure2', '--num_seeds', '4', '--results_root', str(tmp_path)])
+    resumed = [c for c in commands if '--resume' in c]
+    assert len(resumed) == 1 and resumed[0][resumed[0].index('--seeds') + 1:][:4] == ['0', '1', '2', '3']
 
 
 @pytest.mark.parametrize('count', [1, 3, 7])
@@ -376,4 +449,4 @@ def test_tiny_batched_sweep(capsys, tmp_path):
     with open(folder / 'RKHS_l20_c8_s1.pkl', 'rb') as handle:
         run = pickle.load(handle)
     assert run['seed'] == 1 and run['batched_with'] == 2 and run['in_channels'] == 8
-    assert (tmp_path / 'figures' / 'figure2.png').stat().st_size > 10_000
+    assert (folder / 'figure2.png').stat().st_size > 10_000  # the figure, beside its runs

@@ -1,0 +1,318 @@
+"""Results pickles as runs: read safely, told apart by configuration and protocol, summarised.
+
+One `Run` per results pickle, from this project's scripts or from the paper's release (its 335
+stored pickles carry only the release's keys). A run's *configuration* is the curve it belongs
+to (dataset, model, L, channels, pretraining passes); its *protocol* (protocol.read) is how it
+was made. Runs are grouped by both, so that runs made differently are never averaged.
+
+Every pickle is read with common.load_results (numpy arrays and plain values only, nothing
+runs), and checked: a file that is not a run, or whose numbers cannot be plotted (no curve,
+text where numbers belong, error rates outside [0, 1], more epochs than it claims), is skipped
+with one warning naming it; the others are still read.
+
+Torch-free: plot_figures.py and release_runs.py import it.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections import OrderedDict, namedtuple
+from dataclasses import dataclass
+
+import numpy as np
+
+import common
+import protocol
+
+# The curve a run belongs to. in_channels, dim_int and pretrain_pass are None for CIFAR-10.
+Config = namedtuple('Config', ['dataset', 'model', 'num_layers', 'in_channels', 'dim_int',
+                               'pretrain_pass'])
+
+
+@dataclass
+class Run:
+    """One training run, normalised from a results pickle. Error curves are rates in [0, 1],
+    index 0 before training; train_loss has one value per iteration."""
+    path: str
+    config: Config
+    protocol: dict
+    assumed: tuple          # protocol fields not recorded in the pickle but assumed (protocol.read)
+    seed: int | None
+    train_loss: np.ndarray
+    train_classif: np.ndarray
+    test_classif: np.ndarray
+    diverged: bool          # recorded as diverged, or its curves hold a non-finite value
+    seconds_per_epoch: float
+
+    @property
+    def epochs_done(self) -> int:
+        return len(self.test_classif) - 1
+
+    @property
+    def stopped_early(self) -> bool:
+        """Stopped before its protocol's last epoch: a divergence (the release's runs carry no
+        flag; one with fewer test errors than its protocol's epochs stopped on a NaN)."""
+        return self.diverged or self.epochs_done < self.protocol['epochs']
+
+    @property
+    def from_release(self) -> bool:
+        return self.protocol.get('code_version') == 'release'
+
+    @property
+    def group(self) -> tuple:
+        """Runs with equal groups may be averaged into one curve."""
+        return self.config, protocol.group_key(self.protocol)
+
+
+class NotARun(ValueError):
+    """A pickle that loads but cannot be used as a run; the message says why."""
+
+
+def warn(message: str):
+    print('warning: ' + message, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+def _integer(data, key, required=False):
+    value = data.get(key)
+    if value is None and not required:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
+        raise NotARun(f'{key} is {type(value).__name__}, not a number')
+    if not np.isfinite(value) or value != int(value):
+        raise NotARun(f'{key} is {value!r}, not an integer')
+    return int(value)
+
+
+def _curve(data, key, rates: bool) -> np.ndarray:
+    """A 1-D float curve; error rates must lie in [0, 1] (NaN aside)."""
+    value = data.get(key)
+    if value is None:
+        return np.zeros(0)
+    array = np.asarray(value)
+    if array.dtype.kind not in 'iuf' or array.ndim > 1:
+        raise NotARun(f'{key} is not a list of numbers ({array.dtype}, {array.ndim}-D)')
+    array = array.astype(float).reshape(-1)
+    finite = array[np.isfinite(array)]
+    if rates and finite.size and (finite.min() < 0 or finite.max() > 1):
+        raise NotARun(f'{key} holds values outside [0, 1] (error rates)')
+    if not rates and finite.size and finite.min() < 0:
+        raise NotARun(f'{key} holds negative losses')
+    return array
+
+
+def _dataset(data, path) -> str:
+    """The dataset: recorded, or inferred (only the MNIST schema records channel counts)."""
+    name = str(data.get('dataset') or '').upper()
+    if name.startswith('CIFAR'):
+        return 'CIFAR10'
+    if name.startswith('MNIST') or 'in_channels' in data:
+        return 'MNIST'
+    lowered = os.path.abspath(path).lower()
+    return 'MNIST' if 'mnist' in lowered and 'cifar' not in lowered else 'CIFAR10'
+
+
+def _seconds_per_epoch(data, epochs_done) -> float:
+    times = data.get('epoch_times')
+    try:
+        if times is not None and len(times) > 0:
+            return float(np.mean(np.asarray(times, dtype=float)))
+        total = data.get('computation_time')
+        if total is not None and epochs_done > 0:
+            return float(total) / epochs_done
+    except (TypeError, ValueError):
+        pass
+    return float('nan')
+
+
+def run_from_dict(data, path: str) -> Run:
+    """A Run from a loaded results dict; raises NotARun with the reason."""
+    if not isinstance(data, dict):
+        raise NotARun(f'it holds a {type(data).__name__}, not a dict of results')
+    missing = [key for key in ('model', 'num_layers', 'test_classif') if key not in data]
+    if missing:
+        raise NotARun(f'missing key(s) {", ".join(missing)}')
+    if not isinstance(data['model'], str):
+        raise NotARun(f'model is {type(data["model"]).__name__}, not a name')
+    dataset = _dataset(data, path)
+    mnist = dataset == 'MNIST'
+    config = Config(dataset, data['model'], _integer(data, 'num_layers', required=True),
+                    _integer(data, 'in_channels') if mnist else None,
+                    _integer(data, 'dim_int') if mnist else None,
+                    _integer(data, 'pretrain_pass') if mnist else None)
+    test_classif = _curve(data, 'test_classif', rates=True)
+    train_classif = _curve(data, 'train_classif', rates=True)
+    train_loss = _curve(data, 'train_loss', rates=False)
+    if test_classif.size == 0 or not np.isfinite(test_classif).any():
+        raise NotARun('test_classif holds no finite value')
+    try:
+        recorded, assumed = protocol.read(data, dataset)
+    except (ValueError, TypeError) as exc:
+        raise NotARun(str(exc) or 'its protocol cannot be read') from None
+    if len(test_classif) > recorded['epochs'] + 1:
+        raise NotARun(f'test_classif has {len(test_classif)} values, more than its '
+                      f'{recorded["epochs"]} epochs allow')
+    non_finite = any(not np.all(np.isfinite(curve)) for curve in (train_loss, train_classif, test_classif))
+    return Run(path=path, config=config, protocol=recorded, assumed=assumed,
+               seed=_integer(data, 'seed'), train_loss=train_loss, train_classif=train_classif,
+               test_classif=test_classif, diverged=bool(data.get('diverged') is True) or non_finite,
+               seconds_per_epoch=_seconds_per_epoch(data, len(test_classif) - 1))
+
+
+def read_run(path: str) -> Run | None:
+    """One results pickle as a Run, or None with one warning naming the file and the reason."""
+    try:
+        data = common.load_results(path)
+    except common.UnsafePickle as exc:
+        warn(f'skipping {path}: refused to unpickle it: {exc} (a crafted file?)')
+        return None
+    except Exception as exc:  # any unreadable file is skipped, not fatal
+        warn(f'skipping unreadable pickle {path}: {type(exc).__name__}: {exc}')
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', RuntimeWarning)  # overflow in a crafted value
+            return run_from_dict(data, path)
+    except NotARun as exc:
+        warn(f'skipping {path}: {exc}')
+        return None
+
+
+def find_pickles(folder: str) -> list[str]:
+    """Every *.pkl regular file under `folder`, in a deterministic order."""
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames.sort()
+        paths.extend(os.path.join(dirpath, name) for name in sorted(filenames)
+                     if name.endswith('.pkl') and os.path.isfile(os.path.join(dirpath, name)))
+    return paths
+
+
+def load_runs(folders) -> list[Run]:
+    """Every run under `folders`, each counted once.
+
+    A file reached twice (overlapping folders, a link) is read once. A copy of a run (the same
+    configuration, seed and exact protocol in another file) would count one seed twice: only
+    the first is kept, with a warning.
+    """
+    runs, paths, seen, copies = [], set(), set(), []
+    for folder in folders:
+        for path in find_pickles(folder):
+            real = os.path.realpath(path)
+            if real in paths:
+                continue
+            paths.add(real)
+            run = read_run(path)
+            if run is None:
+                continue
+            if run.seed is not None:
+                key = (run.config, run.seed, protocol.group_key(run.protocol),
+                       repr(run.protocol.get('embedding')))
+                if key in seen:
+                    copies.append(path)
+                    continue
+                seen.add(key)
+            runs.append(run)
+    if copies:
+        warn(f'ignored {len(copies)} copy(ies) of an already loaded run (same configuration, seed '
+             f'and protocol), e.g. {copies[0]}')
+    return runs
+
+
+def group_runs(runs) -> 'OrderedDict[tuple, list[Run]]':
+    """Runs by (configuration, protocol group), in the order first seen."""
+    groups = OrderedDict()
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    return groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+def ragged_stats(curves):
+    """Per index over curves of unequal length: mean, std (ddof=1; NaN where one curve), min,
+    max and count. Each index is averaged over the curves that reach it with a finite value, so
+    a run that stopped early counts only for the epochs it completed."""
+    curves = [np.asarray(curve, dtype=float) for curve in curves]
+    length = max((curve.size for curve in curves), default=0)
+    stacked = np.full((len(curves), length), np.nan)
+    for row, curve in enumerate(curves):
+        stacked[row, :curve.size] = curve
+    stacked[~np.isfinite(stacked)] = np.nan
+    count = np.sum(~np.isnan(stacked), axis=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)  # all-NaN columns, single values
+        mean = np.nanmean(stacked, axis=0)
+        std = np.where(count > 1, np.nanstd(stacked, axis=0, ddof=1), np.nan)
+        low, high = np.nanmin(stacked, axis=0), np.nanmax(stacked, axis=0)
+    return mean, std, low, high, count
+
+
+def smooth(values, window: int) -> np.ndarray:
+    """Trailing moving average over `window` points, ignoring non-finite values (same length).
+
+    Point i averages the finite values among [i - window + 1, i]. A convolution, not running
+    sums, so that one huge value (a loss of 1e30 just before a divergence) spoils only the
+    windows that contain it.
+    """
+    values = np.asarray(values, dtype=float)
+    if values.size == 0 or window <= 1:
+        return values.copy()
+    finite = np.isfinite(values)
+    kernel = np.ones(min(window, values.size))
+    with np.errstate(over='ignore', invalid='ignore'):
+        sums = np.convolve(np.where(finite, values, 0.0), kernel)[:values.size]
+        counts = np.convolve(finite.astype(float), kernel)[:values.size]
+        out = sums / np.where(counts > 0, counts, 1)
+    out[counts < 0.5] = np.nan
+    return out
+
+
+def final_errors(runs, curve='test_classif') -> np.ndarray:
+    """The last-epoch error (a rate) of each run that completed its protocol."""
+    return np.array([getattr(run, curve)[-1] for run in runs
+                     if not run.stopped_early and np.isfinite(getattr(run, curve)[-1])])
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and standard deviation (ddof=1; NaN for fewer than two values)."""
+    values = np.asarray(values, dtype=float)
+    if values.size == 0:
+        return float('nan'), float('nan')
+    return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else float('nan')
+
+
+def format_spread(mean: float, std: float, scale: float = 100.0, digits: int = 2) -> str:
+    """'2.05 ± 0.17', or '2.05 ± –' for one run, '–' for none."""
+    if not np.isfinite(mean):
+        return '–'
+    spread = f'{scale * std:.{digits}f}' if np.isfinite(std) else '–'
+    return f'{scale * mean:.{digits}f} ± {spread}'
+
+
+def stops(runs) -> list[int]:
+    """The epochs at which the runs that stopped early stopped, sorted."""
+    return sorted(run.epochs_done for run in runs if run.stopped_early)
+
+
+def config_text(config: Config) -> str:
+    text = f'{config.model} L={config.num_layers}'
+    if config.dataset == 'MNIST':
+        text += f', C={config.in_channels}' + (f'/{config.dim_int}' if config.dim_int != config.in_channels else '')
+        text += f', {config.pretrain_pass} pass(es)'
+    return text
+
+
+def sort_key(group: tuple) -> tuple:
+    """A sort key for group keys, whose fields may be None, numbers or text."""
+    def value(item):
+        if isinstance(item, tuple):
+            return tuple(value(part) for part in item)
+        return (item is None, isinstance(item, str), '' if item is None else item)
+    return value(group[0]), repr(group[1])
