@@ -21,14 +21,10 @@ this project's own `models.mnist_input_network` / `mnist_output_network`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
-import shutil
 import sys
-import tempfile
-import urllib.request
 
-from common import missing_ancestors, torch_load_failure
+from common import DownloadError, download_verified, sha256, torch_load_failure
 
 DEFAULT_DIR = 'MNIST_pretrained_models'
 # The default folder is the repository's, whatever the working directory, so that a run started
@@ -39,7 +35,6 @@ NO_EMBEDDING_DIR = 'none'  # --embedding_dir none: never load files
 RELEASE_REPOSITORY = 'rbarboni/FlowResNets'
 RELEASE_COMMIT = '54bc56f'
 DOWNLOAD_URL = f'https://github.com/{RELEASE_REPOSITORY}/raw/{RELEASE_COMMIT}/{DEFAULT_DIR}/'
-DOWNLOAD_TIMEOUT_SECONDS = 60
 
 # SHA-256 of the 48 files as shipped (computed from a byte-for-byte copy of that commit).
 RELEASE_SHA256 = {
@@ -143,14 +138,6 @@ def find(directory: str | None, channels: int, passes: int, required: bool = Fal
     return paths
 
 
-def sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_state(path: str, expected: dict) -> dict:
     """The state dict of the nn.Sequential in a release embedding file, checked against `expected`.
 
@@ -217,52 +204,12 @@ def is_release(record: dict) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 def download(directory: str, base_url: str = DOWNLOAD_URL, log=print) -> int:
-    """Fetch every release file missing from `directory`, verify its SHA-256, then move them in.
-
-    All files go to a temporary folder first; they are moved into `directory` only when every
-    one arrived intact. On any failure nothing is left behind: no partial file, and no folder
-    that this call created. A file already present must match its checksum. Returns the number
-    of files fetched.
-    """
-    present = [name for name in RELEASE_SHA256 if os.path.exists(os.path.join(directory, name))]
-    for name in present:
-        if sha256(os.path.join(directory, name)) != RELEASE_SHA256[name]:
-            raise EmbeddingError(f'{os.path.join(directory, name)} exists and is not the '
-                                 f'release file (SHA-256 differs); move it away and retry')
-    missing = [name for name in RELEASE_SHA256 if name not in present]
-    if not missing:
-        return 0
-    created = missing_ancestors(directory)
+    """Fetch every release file missing from `directory`, all or nothing, each SHA-256 verified
+    (common.download_verified). Returns the number of files fetched."""
     try:
-        os.makedirs(directory, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix='.download-', dir=directory)
-        try:
-            for number, name in enumerate(missing, 1):
-                _fetch(base_url + name, os.path.join(staging, name), RELEASE_SHA256[name])
-                log(f'[{number}/{len(missing)}] {name}: SHA-256 verified')
-            for name in missing:
-                os.replace(os.path.join(staging, name), os.path.join(directory, name))
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        for folder in reversed(created):  # deepest first; only folders this call made
-            shutil.rmtree(folder, ignore_errors=True)
-        raise
-    return len(missing)
-
-
-def _fetch(url: str, path: str, expected_sha256: str):
-    try:
-        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_SECONDS) as response, \
-                open(path, 'wb') as f:
-            shutil.copyfileobj(response, f)
-    except Exception as exc:  # no network, a blocked host, a moved file...
-        reason = getattr(exc, 'reason', None) or exc
-        raise EmbeddingError(f'could not download {url} ({type(exc).__name__}: '
-                             f'{str(reason).strip()[:160]}); nothing was written') from None
-    if sha256(path) != expected_sha256:
-        raise EmbeddingError(f'{url} arrived with the wrong SHA-256 (expected {expected_sha256}); '
-                             f'nothing was written')
+        return download_verified(RELEASE_SHA256, base_url, directory, log)
+    except DownloadError as exc:
+        raise EmbeddingError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ The engine knows no dataset or residual type by name: a script describes its run
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import platform
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 import distributed
 import protocol
 from cli import EXIT_DIVERGED, EXIT_OK, UsageError, decay_warning, pick_device
-from common import save_pickle
+from common import METRICS_SUFFIX, atomic_write, save_pickle
 from data import DeviceDataset
 from runstate import (CHECKPOINT_FORMAT, RESUME_FORMAT, RunClaim, RunPaths, StopRequest, fault_point,
                       load_torch, plain_args, prepare_run, rng_state, save_torch, set_rng_state)
@@ -224,6 +225,8 @@ class Progress:
     train_classif: list = field(default_factory=list)
     test_classif: list = field(default_factory=list)
     epoch_times: list = field(default_factory=list)
+    learning_rates: list = field(default_factory=list)  # the rate of each epoch trained
+    evaluated_at: list = field(default_factory=list)    # wall-clock time (s) of each evaluation
     best_error: float = math.inf
     best_epoch: Optional[int] = None
     diverged_epoch: Optional[int] = None
@@ -324,23 +327,66 @@ class Run:
                 improved.append(k)
             if seconds is not None:
                 progress.epoch_times.append(seconds)
+            progress.evaluated_at.append(time.time())
         self.dist.print(self._evaluation_line(train_errors, test_errors, seconds))
+        self.write_metrics()
         return improved
 
     def _evaluation_line(self, train_errors, test_errors, seconds) -> str:
         head = f'epoch {self.epoch}/{self.args.epochs}: '
         tail = '(before training)' if seconds is None else f'({seconds:.1f} s)'
+        if seconds is not None:
+            head += f'lr {self.members[self.live()[0]].progress.learning_rates[-1]:.3g}, '
         if len(self.members) == 1:
             progress = self.members[0].progress
+            loss = '' if seconds is None else f'loss {self.epoch_loss(0, self.epoch):.4f}, '
             best = '' if seconds is None else f', best {100 * progress.best_error:.2f}%'
-            return (f'{head}train error {100 * train_errors[0]:.2f}%, test error '
+            return (f'{head}{loss}train error {100 * train_errors[0]:.2f}%, test error '
                     f'{100 * test_errors[0]:.2f}%{best} {tail}')
-        errors = ', '.join(f's{self.members[k].args.seed} {100 * test_errors[k]:.2f}%' for k in self.live())
+        errors = ', '.join(f's{self.members[k].args.seed} {100 * test_errors[k]:.2f}%'
+                           + ('' if seconds is None else f' (loss {self.epoch_loss(k, self.epoch):.4f})')
+                           for k in self.live())
         return f'{head}test error {errors} {tail}'
 
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.exp.train_set) / self.args.batch_size)
+
+    def epoch_loss(self, k: int, epoch: int) -> float:
+        """Member k's mean training loss over epoch `epoch` (1-based; the steps it ran)."""
+        steps = self.steps_per_epoch()
+        losses = self.members[k].progress.train_loss[(epoch - 1) * steps:epoch * steps]
+        return float(np.mean(losses)) if losses else float('nan')
+
+    def write_metrics(self):
+        """Rewrite each member's metrics file, <save stem>.metrics.jsonl beside its pickle, from its
+        progress: a header line (the run and its protocol), then one line per evaluation (epoch,
+        learning rate, mean training loss, errors, seconds, wall-clock time). Written atomically
+        at every epoch, so that it can be read while the run goes; rebuilt from the resume state
+        on --resume, so that it never repeats or misses an epoch."""
+        for k, member in enumerate(self.members) if self.dist.is_main else ():
+            progress, args = member.progress, member.args
+            header = {'run': os.path.basename(member.paths.results), 'dataset': self.exp.dataset,
+                      **{key: getattr(args, name) for key, name in RELEASE_KEYS_FROM_ARGS if hasattr(args, name)},
+                      'seed': args.seed, 'protocol': member_protocol(self, member)}
+            lines = [header]
+            steps = self.steps_per_epoch()
+            for epoch, (train, test) in enumerate(zip(progress.train_classif, progress.test_classif)):
+                lines.append({
+                    'epoch': epoch, 'iterations': min(epoch * steps, len(progress.train_loss)),
+                    'lr': progress.learning_rates[epoch - 1] if epoch else None,
+                    'train_loss': self.epoch_loss(k, epoch) if epoch else None,
+                    'train_error': train, 'test_error': test,
+                    'epoch_seconds': progress.epoch_times[epoch - 1] if 0 < epoch <= len(progress.epoch_times) else None,
+                    'time': (time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(progress.evaluated_at[epoch]))
+                             if epoch < len(progress.evaluated_at) else None)})
+            text = ''.join(json.dumps(line, allow_nan=True) + '\n' for line in lines)
+            atomic_write(metrics_path(member.paths.results), lambda f: f.write(text), binary=False)
+
     def record_losses(self, outcome: EpochOutcome, epoch: int):
-        """Append the epoch's losses of each live member; mark those that diverged in it."""
+        """Append the epoch's losses and learning rate of each live member; mark those that
+        diverged in it."""
         for k in self.live():
+            self.members[k].progress.learning_rates.append(self.optimizer.param_groups[0]['lr'])
             keep = outcome.diverged.get(k)
             self.members[k].progress.train_loss.extend(outcome.losses[k, :keep].tolist())
             if keep is not None:
@@ -448,9 +494,18 @@ def results_record(run: Run, member: Member) -> dict:
         device=str(exp.train_set.labels.device), world_size=run.dist.world_size,
         torch_version=str(torch.__version__), torchvision_version=_torchvision_version(),
         python_version=platform.python_version())
-    record['protocol'] = protocol.build(args, exp.dataset, {
-        **exp.facts, 'code_version': run.code_version, 'torch_version': str(torch.__version__)})
+    record['protocol'] = member_protocol(run, member)
     return record
+
+
+def member_protocol(run: Run, member: Member) -> dict:
+    return protocol.build(member.args, run.exp.dataset, {
+        **run.exp.facts, 'code_version': run.code_version, 'torch_version': str(torch.__version__)})
+
+
+def metrics_path(results_path: str) -> str:
+    """The per-epoch metrics file beside a results pickle: <stem>.metrics.jsonl."""
+    return os.path.splitext(results_path)[0] + METRICS_SUFFIX
 
 
 def _torchvision_version():

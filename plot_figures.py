@@ -89,6 +89,8 @@ def curve_label(base, runs, differing_fields):
     text = base
     if differing_fields:
         text += f' [{protocol.describe(run.protocol, differing_fields)}]'
+    if any(r.in_progress for r in runs):
+        text += ' (in progress)'
     if run.from_release:
         text += ' (release)'
     elif run.assumed:

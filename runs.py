@@ -14,6 +14,7 @@ Torch-free: plot_figures.py and release_runs.py import it.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import warnings
@@ -44,6 +45,7 @@ class Run:
     test_classif: np.ndarray
     diverged: bool          # recorded as diverged, or its curves hold a non-finite value
     seconds_per_epoch: float
+    in_progress: bool = False  # read from the metrics file of a run that has not finished
 
     @property
     def epochs_done(self) -> int:
@@ -53,7 +55,11 @@ class Run:
     def stopped_early(self) -> bool:
         """Stopped before its protocol's last epoch: a divergence (the release's runs carry no
         flag; one with fewer test errors than its protocol's epochs stopped on a NaN)."""
-        return self.diverged or self.epochs_done < self.protocol['epochs']
+        return self.diverged or (self.epochs_done < self.protocol['epochs'] and not self.in_progress)
+
+    @property
+    def completed(self) -> bool:
+        return not self.stopped_early and not self.in_progress
 
     @property
     def from_release(self) -> bool:
@@ -182,13 +188,39 @@ def read_run(path: str) -> Run | None:
         return None
 
 
+def read_metrics(path: str) -> Run | None:
+    """A run in progress, from its metrics file (<stem>.metrics.jsonl, written every epoch), or
+    None with one warning. Its loss curve holds each epoch's mean loss over that epoch's steps."""
+    try:
+        with open(path) as f:
+            header, *epochs = [json.loads(line) for line in f if line.strip()]
+        loss = [value for epoch, line in zip(epochs[1:], epochs) for value in
+                [epoch['train_loss']] * (epoch['iterations'] - line['iterations'])]
+        data = dict(header, train_loss=np.asarray(loss, dtype=float),
+                    train_classif=[line['train_error'] for line in epochs],
+                    test_classif=[line['test_error'] for line in epochs],
+                    epoch_times=[line['epoch_seconds'] for line in epochs[1:]])
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', RuntimeWarning)
+            run = run_from_dict(data, path)
+    except (OSError, ValueError, KeyError, TypeError, NotARun) as exc:
+        warn(f'skipping {path}: not a readable metrics file ({type(exc).__name__}: {str(exc)[:100]})')
+        return None
+    run.in_progress = True
+    return run
+
+
 def find_pickles(folder: str) -> list[str]:
-    """Every *.pkl regular file under `folder`, in a deterministic order."""
+    """Every *.pkl regular file under `folder`, and every metrics file of a run that has no
+    pickle yet (a run in progress), in a deterministic order."""
     paths = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames.sort()
+        names = set(filenames)
         paths.extend(os.path.join(dirpath, name) for name in sorted(filenames)
-                     if name.endswith('.pkl') and os.path.isfile(os.path.join(dirpath, name)))
+                     if os.path.isfile(os.path.join(dirpath, name)) and (
+                         name.endswith('.pkl') or name.endswith(common.METRICS_SUFFIX)
+                         and name[:-len(common.METRICS_SUFFIX)] + '.pkl' not in names))
     return paths
 
 
@@ -206,7 +238,7 @@ def load_runs(folders) -> list[Run]:
             if real in paths:
                 continue
             paths.add(real)
-            run = read_run(path)
+            run = read_metrics(path) if path.endswith(common.METRICS_SUFFIX) else read_run(path)
             if run is None:
                 continue
             if run.seed is not None:
@@ -277,7 +309,7 @@ def smooth(values, window: int) -> np.ndarray:
 def final_errors(runs, curve='test_classif') -> np.ndarray:
     """The last-epoch error (a rate) of each run that completed its protocol."""
     return np.array([getattr(run, curve)[-1] for run in runs
-                     if not run.stopped_early and np.isfinite(getattr(run, curve)[-1])])
+                     if run.completed and np.isfinite(getattr(run, curve)[-1])])
 
 
 def mean_std(values) -> tuple[float, float]:

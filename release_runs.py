@@ -1,0 +1,430 @@
+"""The paper release's stored runs as the reference: download them, compare this project's runs
+with them run by run, and write the reproduction report.
+
+The release stored every run behind Figures 1 to 3: 279 MNIST runs in 14 configurations and 56
+CIFAR-10 runs in 6 (rbarboni/FlowResNets at commit 54bc56f; deleted at its newest commit). They
+are read like this project's pickles (runs.py: the restricted unpickler, nothing runs), with the
+release's protocol assumed (protocol.read). A release run with fewer test errors than its
+protocol's 41 stopped on a NaN: the release's pickles carry no divergence flag.
+
+Only this project's runs made at the release's stored protocol (the same deciding fields of the
+protocol record: 40 epochs, x0.2 at 35, lr 0.5, batch 256, midpoint, the training error on 1,000
+images, the release's embedding files...) are compared; the others are listed apart, with what
+differs.
+
+    python release_runs.py --download                 # the 335 pickles (24 MB) into release_runs/, SHA-256 checked
+    python release_runs.py results/MNIST_experiments  # the comparison table
+    python release_runs.py --report                   # REPRODUCTION.md from results/ and release_runs/
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+
+import common
+import embeddings
+import protocol
+import runs as runs_module
+
+REPO_DIR = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DIR = os.path.join(REPO_DIR, 'release_runs')
+# `sha256sum` of the 335 files as the release stored them (paths relative to its repository).
+SHA256SUMS = os.path.join(REPO_DIR, 'release_runs.sha256')
+DOWNLOAD_URL = f'https://github.com/{embeddings.RELEASE_REPOSITORY}/raw/{embeddings.RELEASE_COMMIT}/'
+RESULTS_DIR = os.path.join(REPO_DIR, 'results')
+REPORT = os.path.join(REPO_DIR, 'REPRODUCTION.md')
+REPORT_FIGURES = os.path.join('docs', 'reproduction')
+
+EPOCHS_SHOWN = (0, 1, 3, 10, 20, 35)  # and the last
+Z_LIMIT = 2.0  # a run further than this many of the release's standard deviations is "outside"
+
+
+def download(directory: str = DEFAULT_DIR, base_url: str = DOWNLOAD_URL, log=print) -> int:
+    """Fetch the release's stored runs missing from `directory`, all or nothing, each SHA-256
+    verified. Returns the number of files fetched."""
+    return common.download_verified(common.read_sha256sums(SHA256SUMS), base_url, directory, log)
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparison
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Comparison:
+    """One configuration: this project's runs at the stored protocol against the release's."""
+    config: runs_module.Config
+    mine: list
+    theirs: list
+
+    @property
+    def epochs(self) -> int:
+        return self.theirs[0].protocol['epochs']
+
+    def at(self, which, epoch) -> tuple[float, float, int]:
+        """Mean, std (ddof=1) and count of the test error at `epoch` over the runs that reached it."""
+        values = [run.test_classif[epoch] for run in getattr(self, which)
+                  if len(run.test_classif) > epoch and np.isfinite(run.test_classif[epoch])]
+        return (*runs_module.mean_std(values), len(values))
+
+    def release_final(self) -> tuple[float, float, int]:
+        finals = runs_module.final_errors(self.theirs)
+        return (*runs_module.mean_std(finals), len(finals))
+
+    def z_score(self, run) -> float:
+        """How many of the release's standard deviations a completed run's final error lies from
+        the mean of the release's completed runs (NaN for a run that stopped early)."""
+        mean, std, _ = self.release_final()
+        if run.stopped_early or not np.isfinite(std) or std == 0:
+            return float('nan')
+        return float((run.test_classif[-1] - mean) / std)
+
+
+def compare(mine_runs, release_runs):
+    """(comparisons, others): this project's runs at the release's protocol, by configuration,
+    against the release's runs of the same configuration; and the other runs, each with why it
+    is not compared."""
+    release_by_config = {}
+    for run in release_runs:
+        release_by_config.setdefault(run.config, []).append(run)
+    comparisons, others = {}, []
+    for run in mine_runs:
+        theirs = release_by_config.get(run.config)
+        if not theirs:
+            others.append((run, 'the release stored no run of this configuration'))
+            continue
+        differing = protocol.differences(run.protocol, theirs[0].protocol, exact=False)
+        if differing:
+            others.append((run, '; '.join(f'{key} {protocol.show(key, mine)} (release: '
+                                          f'{protocol.show(key, release)})'
+                                          for key, mine, release in differing)))
+            continue
+        comparisons.setdefault(run.config, Comparison(run.config, [], theirs)).mine.append(run)
+    order = sorted(comparisons, key=lambda config: runs_module.sort_key((config, ())))
+    return [comparisons[config] for config in order], others
+
+
+def _percent(mean, std, count):
+    if count == 0:
+        return '–'
+    return runs_module.format_spread(mean, std)
+
+
+def epoch_table(comparisons) -> str:
+    """Test error (%) by epoch: this project's mean ± std / the release's, per configuration."""
+    epochs = list(EPOCHS_SHOWN) + ['last']
+    header = (['configuration', 'runs here / release', 'stopped early here', 'stopped early, release']
+              + [f'epoch {e}' if e != 'last' else 'last epoch' for e in epochs])
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for c in comparisons:
+        cells = [f'{c.config.dataset} {runs_module.config_text(c.config)}', f'{len(c.mine)} / {len(c.theirs)}',
+                 _stops(c.mine), _stops(c.theirs)]
+        for epoch in epochs:
+            epoch = c.epochs if epoch == 'last' else epoch
+            cells.append(f'{_percent(*c.at("mine", epoch))} / {_percent(*c.at("theirs", epoch))}')
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def _stops(runs):
+    epochs = runs_module.stops(runs)
+    return f'{len(epochs)} (at {", ".join(map(str, epochs))})' if epochs else '0'
+
+
+def run_table(comparisons) -> str:
+    """Each run here against the release's completed runs: its final error, z-score, verdict."""
+    header = ['run', 'configuration', 'final test error %', 'release: completed runs, mean ± std %',
+              'z', f'within {Z_LIMIT:g} sigma']
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for c in comparisons:
+        mean, std, count = c.release_final()
+        for run in sorted(c.mine, key=lambda run: (run.seed is None, run.seed or 0)):
+            z = c.z_score(run)
+            if run.stopped_early:
+                final, verdict = f'stopped at epoch {run.epochs_done}', '–'
+            else:
+                final = f'{100 * run.test_classif[-1]:.2f}'
+                verdict = 'inside' if abs(z) <= Z_LIMIT else 'OUTSIDE'
+            lines.append('| ' + ' | '.join([
+                os.path.splitext(os.path.basename(run.path))[0], runs_module.config_text(c.config), final,
+                f'{count}: {runs_module.format_spread(mean, std)}', '–' if not np.isfinite(z) else f'{z:+.2f}',
+                verdict]) + ' |')
+    return '\n'.join(lines)
+
+
+def others_table(others) -> str:
+    if not others:
+        return 'None.'
+    lines = ['| run | why it is not compared |', '|---|---|']
+    lines += [f'| {_shown_path(run.path)} | {why} |' for run, why in others]
+    return '\n'.join(lines)
+
+
+def _shown_path(path):
+    """A run's path as the report shows it: relative to the repository when inside it."""
+    relative = os.path.relpath(os.path.abspath(path), REPO_DIR)
+    return path if relative.startswith('..') else relative
+
+
+def verdicts(comparisons) -> tuple[list, list, list]:
+    """(inside, outside, stopped) lists of (comparison, run)."""
+    inside, outside, stopped = [], [], []
+    for c in comparisons:
+        for run in c.mine:
+            if run.stopped_early:
+                stopped.append((c, run))
+            elif abs(c.z_score(run)) <= Z_LIMIT:
+                inside.append((c, run))
+            else:
+                outside.append((c, run))
+    return inside, outside, stopped
+
+
+# ---------------------------------------------------------------------------------------------
+# The report: REPRODUCTION.md, regenerated from the committed runs alone
+# ---------------------------------------------------------------------------------------------
+
+# How the committed runs in results/ were made. Two chains ran side by side, one thread each.
+SWEEP_COMMANDS = """\
+export OMP_NUM_THREADS=1   # two chains side by side, one thread each
+E=../shared/data/MNIST_pretrained_models
+# chain A
+python reproduce.py figure1a --num_seeds 1 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
+python reproduce.py figure1a --seed_start 1 --num_seeds 2 --configs RKHS_l5_p0,SHL_l5_p0 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
+# chain B, at the same time
+python reproduce.py figure1b --num_seeds 1 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
+python reproduce.py figure2 --num_seeds 1 --configs RKHS_l20_c8,RKHS_l20_c4 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
+python reproduce.py figure1b --seed_start 1 --num_seeds 2 --configs RKHS_l5_p3,SHL_l5_p3 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data"""
+MACHINE = ('a virtual machine with 2 cores of an AMD EPYC processor (x86_64), no GPU, shared during '
+           'the sweep with other work (tests and development); the times below are therefore upper '
+           'bounds for these cores')
+
+
+def write_report(reference: str, results: str = RESULTS_DIR, out: str = REPORT):
+    """REPRODUCTION.md and its figures (docs/reproduction/) from the runs in `results` and the
+    release's runs in `reference`; no training. The same files give the same text."""
+    mine = runs_module.load_runs([os.path.join(results, 'MNIST_experiments'), os.path.join(results, 'CIFAR_experiments')])
+    release = runs_module.load_runs([reference])
+    comparisons, others = compare(mine, release)
+    figures = _report_figures(mine, release, os.path.join(os.path.dirname(out), REPORT_FIGURES))
+    text = '\n'.join(_report_sections(comparisons, others, mine, release, results, figures)) + '\n'
+    common.atomic_write(out, lambda f: f.write(text), binary=False)
+    print(f'wrote {out} and {len(figures)} figure(s) in {REPORT_FIGURES}/')
+
+
+def _report_figures(mine, release, folder) -> dict:
+    import plot_figures
+    groups, reference = runs_module.group_runs(mine), runs_module.group_runs(release)
+    written = {}
+    for figure in plot_figures.FIGURE_NAMES:
+        fig, _ = plot_figures.build_figure(figure, groups, reference)
+        if fig is None:
+            continue
+        path = os.path.join(folder, f'figure{figure}.png')
+        common.atomic_write(path, lambda handle: fig.savefig(handle, format='png', dpi=plot_figures.DPI,
+                                                             metadata={'Software': None}))
+        written[figure] = os.path.join(REPORT_FIGURES, f'figure{figure}.png')
+    return written
+
+
+def _report_sections(comparisons, others, mine, release, results, figures):
+    inside, outside, stopped = verdicts(comparisons)
+    mnist_configs = {c.config for c in comparisons if c.config.dataset == 'MNIST'}
+    release_mnist = {run.config for run in release if run.config.dataset == 'MNIST'}
+    yield '# Does it reproduce the paper?'
+    yield ''
+    yield (f'This report sets {sum(len(c.mine) for c in comparisons)} runs of this project, in '
+           f'{len(mnist_configs)} of the {len(release_mnist)} MNIST configurations of Figures 1 and 2, '
+           f'against the {len(release)} runs that the paper\'s release stored (rbarboni/FlowResNets at '
+           f'commit 54bc56f: {sum(run.config.dataset == "MNIST" for run in release)} MNIST, '
+           f'{sum(run.config.dataset == "CIFAR10" for run in release)} CIFAR-10). Every run here was made '
+           f'at the release\'s stored protocol and from its embedding files. It was written by '
+           f'`python release_runs.py --report --reference <the release\'s runs>` from the committed '
+           f'pickles in `results/`, with no training.')
+    yield ''
+    yield '## Summary'
+    yield ''
+    completed = len(inside) + len(outside)
+    epochs = sorted({c.epochs for c in comparisons})
+    yield (f'- {len(inside)} of the {completed} runs here that completed their '
+           f'{" or ".join(map(str, epochs))} epochs end within '
+           f'{Z_LIMIT:g} standard deviations of the release\'s completed runs of their configuration'
+           + (':' if outside else '.'))
+    for c, run in outside:
+        mean, std, count = c.release_final()
+        yield (f'  - outside: {_run_name(run)} ({runs_module.config_text(c.config)}) ends at '
+               f'{100 * run.test_classif[-1]:.2f}%, the release\'s {count} completed runs at '
+               f'{runs_module.format_spread(mean, std)}% (z = {c.z_score(run):+.2f}).')
+    for c, run in stopped:
+        yield (f'- {_run_name(run)} ({runs_module.config_text(c.config)}) stopped on a non-finite loss '
+               f'after epoch {run.epochs_done}; of the release\'s {len(c.theirs)} runs of that '
+               f'configuration, {len(runs_module.stops(c.theirs))} stopped early.')
+    for c in comparisons:
+        if runs_module.stops(c.theirs) and not any(run.stopped_early for run in c.mine):
+            yield (f'- {runs_module.config_text(c.config)}: {len(runs_module.stops(c.theirs))} of the '
+                   f'release\'s {len(c.theirs)} runs stopped on a NaN (after epochs '
+                   f'{", ".join(map(str, runs_module.stops(c.theirs)))}); none of the {len(c.mine)} here did.')
+    missing = sorted(release_mnist - mnist_configs, key=lambda config: runs_module.sort_key((config, ())))
+    for config in missing:
+        yield f'- Not run here: {runs_module.config_text(config)}.'
+    yield ('- Starting errors (epoch 0) equal the release\'s to the image wherever both loaded the same '
+           'embedding files; Figure 2\'s 4-channel runs drew their own embedding in the release and here.')
+    yield ''
+    yield '## Test error by epoch'
+    yield ''
+    yield ('Test error in %, mean ± standard deviation (ddof=1; "–" for one run) over the runs that '
+           'reached the epoch: this project / the release. "Stopped early" counts the runs whose loss '
+           'became non-finite, and the epochs after which they stopped.')
+    yield ''
+    yield epoch_table(comparisons)
+    yield ''
+    yield '## Each run against the release'
+    yield ''
+    yield ('The final test error of each run here, and its z-score against the release\'s runs of the '
+           'configuration that completed their epochs.')
+    yield ''
+    yield run_table(comparisons)
+    yield ''
+    yield '## Runs not compared'
+    yield ''
+    yield others_table([(run, why) for run, why in others])
+    yield ''
+    yield '## Figures'
+    yield ''
+    yield ('Lines: this project\'s runs (mean; shaded min-max when several). Beneath them, in the same '
+           'colour: the release\'s stored runs, min-max band and mean as a thin line; x marks a run '
+           'that stopped on a non-finite loss. Redraw with `python plot_figures.py results/MNIST_experiments '
+           '--reference <the release\'s runs>`.')
+    for figure in ('1a', '1b', '2'):
+        if figure in figures:
+            yield ''
+            yield f'![Figure {figure}]({figures[figure]})'
+    yield ''
+    yield '## Figure 3 (CIFAR-10)'
+    yield ''
+    yield ('No CIFAR-10 run was made here: the dataset cannot be had on the machines this was made on, and '
+           'a 300-epoch run needs a GPU. Figure 3 below is drawn from the release\'s stored runs alone. '
+           'What was checked instead, at report time: the network of each configuration is built, its '
+           'forward pass runs on a batch of two images, and its trainable parameters are counted; the '
+           'counts equal the `num_parameters` the release stored.')
+    yield ''
+    yield from _cifar_checks(release)
+    if '3' in figures:
+        yield ''
+        yield f'![Figure 3]({figures["3"]})'
+    yield ''
+    yield '## How the runs were made'
+    yield ''
+    yield f'Machine: {MACHINE}. Commands, from the repository root:'
+    yield ''
+    yield '```bash'
+    yield SWEEP_COMMANDS
+    yield '```'
+    yield ''
+    versions = sorted({run.protocol.get('code_version') for run in mine} - {None})
+    torch_versions = sorted({run.protocol.get('torch_version') for run in mine} - {None})
+    yield (f'Code version recorded by the runs: {", ".join(f"`{v}`" for v in versions) or "none"}; torch '
+           f'{", ".join(torch_versions) or "unknown"}. Each run\'s log is beside its pickle in '
+           f'`results/MNIST_experiments/<figure>/logs/`.')
+    yield ''
+    yield '| configuration | runs | minutes per run (mean) | seconds per epoch (mean) |'
+    yield '|---|---|---|---|'
+    for c in comparisons:
+        minutes = [_minutes(run) for run in c.mine]
+        seconds = [run.seconds_per_epoch for run in c.mine if np.isfinite(run.seconds_per_epoch)]
+        yield (f'| {runs_module.config_text(c.config)} | {len(c.mine)} | {np.nanmean(minutes):.1f} | '
+               f'{np.mean(seconds):.1f} |')
+    yield ''
+    yield ('The best checkpoint of each configuration\'s seed-0 run is committed beside its pickle '
+           '(`results/MNIST_checkpoint/<figure>/<name>_s0.pth`). To print its test error:')
+    yield ''
+    yield '```bash'
+    for c in comparisons:
+        for run in c.mine:
+            if run.seed == 0:
+                checkpoint = os.path.relpath(run.path, RESULTS_DIR).replace('_experiments', '_checkpoint')
+                yield (f'python MNIST_experiments.py --evaluate results/{os.path.splitext(checkpoint)[0]}.pth '
+                       f'--data_root ../shared/data')
+    yield '```'
+
+
+def _run_name(run):
+    return os.path.splitext(os.path.basename(run.path))[0]
+
+
+def _minutes(run):
+    try:
+        data = common.load_results(run.path)
+        return float(data['computation_time']) / 60
+    except Exception:  # the time is a nicety; the comparison does not need it
+        return float('nan')
+
+
+def _cifar_checks(release):
+    import torch
+
+    import models
+    stored = {}
+    for run in release:
+        if run.config.dataset == 'CIFAR10':
+            data = common.load_results(run.path)
+            stored.setdefault((run.config.model, run.config.num_layers), set()).add(int(data['num_parameters']))
+    yield '| model | L | parameters here | the release\'s num_parameters | equal | forward pass output |'
+    yield '|---|---|---|---|---|---|'
+    for (model, layers), counts in sorted(stored.items()):
+        torch.manual_seed(0)
+        net = models.CifarResNet(model, layers).eval()
+        with torch.no_grad():
+            shape = tuple(net(torch.zeros(2, 3, 32, 32)).shape)
+        count = models.count_trainable_parameters(net)
+        yield (f'| {model} | {layers} | {count:,} | {", ".join(f"{c:,}" for c in sorted(counts))} | '
+               f'{"yes" if counts == {count} else "NO"} | {shape} |')
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+def get_args_parser():
+    parser = common.OneLineArgumentParser(
+        description='The release\'s stored runs: download them, compare runs with them, write the report.')
+    parser.add_argument('folders', nargs='*', help='folders of this project\'s results pickles to compare')
+    parser.add_argument('--reference', default=DEFAULT_DIR,
+                        help='folder of the release\'s stored runs (default: release_runs/ in the repository)')
+    parser.add_argument('--download', action='store_true',
+                        help=f'fetch the release\'s 335 stored runs from {embeddings.RELEASE_REPOSITORY} at '
+                             f'commit {embeddings.RELEASE_COMMIT} into --reference, each SHA-256 verified')
+    parser.add_argument('--report', action='store_true',
+                        help='write REPRODUCTION.md and its figures from results/ and --reference')
+    return parser
+
+
+def main(args) -> int:
+    try:
+        if args.download:
+            fetched = download(args.reference)
+            print(f'{args.reference}: {fetched} file(s) downloaded; all 335 stored runs present and verified')
+            return 0
+        if not os.path.isdir(args.reference):
+            raise common.DownloadError(f'no folder {args.reference}: python release_runs.py --download '
+                                       f'fetches the release\'s runs there, or pass --reference')
+        if args.report:
+            write_report(args.reference)
+            return 0
+        absent = [folder for folder in args.folders if not os.path.isdir(folder)]
+        if absent or not args.folders:
+            raise common.DownloadError(f'not a folder: {", ".join(absent)}' if absent else
+                                       'give the folders of the runs to compare, e.g. results/MNIST_experiments')
+    except common.DownloadError as exc:
+        print(f'error: {exc}', file=sys.stderr)
+        return common.EXIT_USAGE
+    comparisons, others = compare(runs_module.load_runs(args.folders), runs_module.load_runs([args.reference]))
+    print(epoch_table(comparisons), '', run_table(comparisons), '', 'Not compared:', others_table(others),
+          sep='\n')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(get_args_parser().parse_args()))

@@ -1,0 +1,226 @@
+"""The release's stored runs: reading them, downloading them (all or nothing, checksums), the
+comparison table's arithmetic, and the report."""
+import contextlib
+import functools
+import http.server
+import io
+import os
+import pickle
+import shutil
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import common  # noqa: E402
+import release_runs  # noqa: E402
+import runs  # noqa: E402
+from conftest import REPO  # noqa: E402
+
+SHARED_RUNS = REPO.parent / 'shared' / 'data' / 'release_runs'
+needs_release_runs = pytest.mark.skipif(
+    not SHARED_RUNS.is_dir() and not os.environ.get('MNIST_DATA_ROOT'),
+    reason='the release\'s stored runs are not beside the repository')
+
+
+@needs_release_runs
+def test_the_335_stored_runs_read_with_their_configurations_and_stops():
+    loaded = runs.load_runs([str(SHARED_RUNS)])
+    assert len(loaded) == 335
+    groups = runs.group_runs(loaded)
+    by_config = {runs.config_text(key[0]) + ' ' + key[0].dataset: group for key, group in groups.items()}
+    assert len(by_config) == 20  # 14 MNIST configurations, 6 CIFAR-10 ones
+    assert all(run.from_release and run.protocol['train_error_images'] for run in loaded)
+    # the stops the data README lists: 19 of 20 SHL L=5 after 3 passes (after 16 to 33 epochs), 6 of 20 at L=10
+    assert runs.stops(by_config['SHL L=5, C=32, 3 pass(es) MNIST'])[::18] == [16, 33]
+    assert len(runs.stops(by_config['SHL L=5, C=32, 3 pass(es) MNIST'])) == 19
+    assert runs.stops(by_config['SHL L=10, C=32, 3 pass(es) MNIST']) == [29, 29, 30, 32, 32, 34]
+    assert len(by_config['SHL L=5, C=32, 0 pass(es) MNIST']) == 19
+    assert len(by_config['RKHS L=20 CIFAR10']) == 6
+    # every MNIST run starts where the release's embedding files start it
+    start = {round(float(run.test_classif[0]), 4) for run in by_config['RKHS L=5, C=32, 0 pass(es) MNIST']}
+    assert start == {0.8746}
+
+
+def test_a_crafted_stored_run_is_refused_and_the_rest_read(tmp_path):
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ('touch ' + str(tmp_path / 'ran'),))
+
+    (tmp_path / 'MNIST_experiments').mkdir()
+    with open(tmp_path / 'MNIST_experiments' / 'bad.pkl', 'wb') as f:
+        pickle.dump({'model': 'RKHS', 'num_layers': 5, 'test_classif': RunsCode()}, f)
+    with open(tmp_path / 'MNIST_experiments' / 'good.pkl', 'wb') as f:
+        pickle.dump({'model': 'RKHS', 'num_layers': 5, 'in_channels': 32, 'dim_int': 32, 'pretrain_pass': 0,
+                     'test_classif': np.array([0.9, 0.5], dtype=np.float32)}, f)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        loaded = runs.load_runs([str(tmp_path)])
+    assert [Path(run.path).name for run in loaded] == ['good.pkl']
+    assert 'bad.pkl: refused to unpickle it' in err.getvalue() and not (tmp_path / 'ran').exists()
+
+
+# --- download -------------------------------------------------------------------------------------
+
+def _files(folder: Path, names=('MNIST_experiments/a_0.pkl', 'CIFAR_experiments/b_0.pkl')):
+    """A small 'release' served from `folder`, and its {path: sha256}."""
+    sums = {}
+    for index, name in enumerate(names):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(pickle.dumps({'index': index}))
+        sums[name] = common.sha256(str(path))
+    return sums
+
+
+@contextlib.contextmanager
+def _http_server(folder):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f'http://127.0.0.1:{server.server_address[1]}/'
+    finally:
+        server.shutdown()
+
+
+def test_download_from_a_local_server_verifies_every_file(tmp_path):
+    sums = _files(tmp_path / 'served')
+    lines = []
+    with _http_server(tmp_path / 'served') as url:
+        assert common.download_verified(sums, url, str(tmp_path / 'got' / 'runs'), lines.append) == 2
+        assert common.download_verified(sums, url, str(tmp_path / 'got' / 'runs')) == 0  # nothing missing
+    for name in sums:
+        assert (tmp_path / 'got' / 'runs' / name).read_bytes() == (tmp_path / 'served' / name).read_bytes()
+    assert lines == [f'[1/2] {name}: SHA-256 verified' if i == 0 else f'[2/2] {name}: SHA-256 verified'
+                     for i, name in enumerate(sums)]
+
+
+@pytest.mark.parametrize('failure', ['bad checksum', 'missing file'])
+def test_a_failed_download_leaves_nothing_behind(tmp_path, failure):
+    sums = _files(tmp_path / 'served')
+    name = 'CIFAR_experiments/b_0.pkl'
+    if failure == 'bad checksum':
+        sums[name] = '0' * 64
+    else:
+        (tmp_path / 'served' / name).unlink()
+    target = tmp_path / 'new' / 'deeper' / 'runs'
+    with _http_server(tmp_path / 'served') as url, pytest.raises(common.DownloadError) as caught:
+        common.download_verified(sums, url, str(target), log=lambda line: None)
+    assert ('wrong SHA-256' if failure == 'bad checksum' else 'could not download') in str(caught.value)
+    assert not (tmp_path / 'new').exists()  # no file, and no folder this call created
+
+
+def test_download_command_uses_the_pinned_list_and_fails_in_one_line_offline(tmp_path, monkeypatch, capsys):
+    sums = common.read_sha256sums(release_runs.SHA256SUMS)
+    assert len(sums) == 335 and sum(name.startswith('MNIST_experiments/') for name in sums) == 279
+    if SHARED_RUNS.is_dir():  # the pinned list is the shared copy's own
+        assert sums == common.read_sha256sums(str(SHARED_RUNS / 'SHA256SUMS'))
+    monkeypatch.setattr(release_runs, 'DOWNLOAD_URL', 'http://127.0.0.1:9/')  # nothing listens there
+    monkeypatch.setattr(release_runs.download, '__defaults__', (release_runs.DEFAULT_DIR, 'http://127.0.0.1:9/', print))
+    status = release_runs.main(release_runs.get_args_parser().parse_args(
+        ['--download', '--reference', str(tmp_path / 'runs')]))
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith('error: could not download') and err.count('\n') == 1
+    assert not (tmp_path / 'runs').exists()
+
+
+@needs_release_runs
+def test_download_from_a_local_copy_of_the_release(tmp_path):
+    fetched = release_runs.download(str(tmp_path / 'runs'), base_url=f'file://{SHARED_RUNS}/', log=lambda line: None)
+    assert fetched == 335
+    assert len(runs.load_runs([str(tmp_path / 'runs')])) == 335
+
+
+# --- the comparison's arithmetic ------------------------------------------------------------------
+
+def _run(seed, test, stopped=False, release=False, epochs=4, **protocol_changes):
+    import argparse
+    import protocol
+    data = {'model': 'RKHS', 'num_layers': 5, 'in_channels': 32, 'dim_int': 32, 'pretrain_pass': 0,
+            'test_classif': np.array(test, dtype=float), 'train_loss': np.ones(4)}
+    if not release:
+        args = argparse.Namespace(epochs=epochs, lr_init=0.5, decay_steps=[35], decay_rate=0.2, batch_size=256,
+                                  train_error_images=1000, subset=None, synthetic=False, method='midpoint',
+                                  time_weights='release', integrator='fixed', pretrain=0, amp=False)
+        vars(args).update(protocol_changes)
+        data.update(seed=seed, dataset='MNIST', diverged=stopped, protocol=protocol.build(
+            args, 'MNIST', {'embedding_files': list(release_embedding_names()),
+                            'embedding_sha256': list(release_embedding_sums())}))
+    return runs.run_from_dict(data, f'/x/{"release" if release else "mine"}/RKHS_l5_p0_s{seed}.pkl')
+
+
+def release_embedding_names():
+    import embeddings
+    return embeddings.file_names(32, 0)
+
+
+def release_embedding_sums():
+    import embeddings
+    return [embeddings.RELEASE_SHA256[name] for name in release_embedding_names()]
+
+
+def test_table_arithmetic_on_hand_made_runs(monkeypatch):
+    import protocol
+    # the release's protocol, shortened to 4 epochs for hand-made runs
+    monkeypatch.setitem(protocol.RELEASE, 'MNIST', dict(protocol.RELEASE['MNIST'], epochs=4))
+    theirs = [_run(i, t, release=True) for i, t in enumerate([
+        [0.9, 0.5, 0.3, 0.2, 0.10], [0.9, 0.4, 0.3, 0.2, 0.12], [0.9, 0.6, 0.2, 0.1, 0.14],
+        [0.9, 0.5, 0.4]])]  # the last stopped after 2 epochs
+    mine = [_run(0, [0.9, 0.45, 0.3, 0.2, 0.11]), _run(1, [0.9, 0.5, 0.3, 0.2, 0.20]),
+            _run(2, [0.9, 0.5, 0.3], stopped=True), _run(3, [0.9, 0.5], epochs=1)]
+    comparisons, others = release_runs.compare(mine, theirs)
+    (c,), ((other, why),) = comparisons, others
+    assert other.seed == 3 and why == 'epochs 1 (release: 4)'
+    assert [run.seed for run in c.mine] == [0, 1, 2]
+    mean, std, count = c.release_final()
+    assert count == 3 and mean == pytest.approx(0.12) and std == pytest.approx(0.02)
+    assert c.z_score(mine[0]) == pytest.approx(-0.5) and c.z_score(mine[1]) == pytest.approx(4.0)
+    assert np.isnan(c.z_score(mine[2]))
+    assert c.at('theirs', 2) == pytest.approx((0.3, np.std([0.3, 0.3, 0.2, 0.4], ddof=1), 4))
+    assert c.at('mine', 4) == pytest.approx((0.155, np.std([0.11, 0.20], ddof=1), 2))
+    table = release_runs.epoch_table(comparisons).splitlines()
+    assert table[2].split(' | ')[1:4] == ['3 / 4', '1 (at 2)', '1 (at 2)']
+    assert table[2].rstrip(' |').split(' | ')[-1] == '15.50 ± 6.36 / 12.00 ± 2.00'
+    rows = [line.split(' | ') for line in release_runs.run_table(comparisons).splitlines()[2:]]
+    assert [(row[2], row[4], row[5].rstrip(' |')) for row in rows] == [
+        ('11.00', '-0.50', 'inside'), ('20.00', '+4.00', 'OUTSIDE'), ('stopped at epoch 2', '–', '–')]
+    inside, outside, stopped = release_runs.verdicts(comparisons)
+    assert (len(inside), len(outside), len(stopped)) == (1, 1, 1)
+
+
+def test_the_report_is_regenerated_identically(tmp_path, monkeypatch, capsys):
+    """The report from committed files alone: written twice, the same text."""
+    results, reference = tmp_path / 'results', tmp_path / 'reference'
+    import protocol
+    monkeypatch.setitem(protocol.RELEASE, 'MNIST', dict(protocol.RELEASE['MNIST'], epochs=4))
+    for seed, test in enumerate([[0.9, 0.45, 0.3, 0.2, 0.11], [0.9, 0.5, 0.3, 0.2, 0.12]]):
+        run = _run(seed, test)
+        path = results / 'MNIST_experiments' / 'fig1a' / f'RKHS_l5_p0_s{seed}.pkl'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, 'wb') as f:
+            pickle.dump({'model': 'RKHS', 'num_layers': 5, 'in_channels': 32, 'dim_int': 32, 'pretrain_pass': 0,
+                         'seed': seed, 'dataset': 'MNIST', 'test_classif': run.test_classif,
+                         'train_loss': run.train_loss, 'computation_time': 600.0, 'epoch_times': [150.0] * 4,
+                         'protocol': run.protocol}, f)
+    for index, test in enumerate([[0.9, 0.5, 0.3, 0.2, 0.10], [0.9, 0.4, 0.3, 0.2, 0.12]]):
+        path = reference / 'MNIST_experiments' / f'RKHS_l5_q32_p0_{index}.pkl'
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, 'wb') as f:
+            pickle.dump({'model': 'RKHS', 'num_layers': 5, 'in_channels': 32, 'dim_int': 32, 'pretrain_pass': 0,
+                         'test_classif': np.array(test), 'train_loss': np.ones(4)}, f)
+    texts = []
+    for attempt in range(2):
+        out = tmp_path / f'REPORT{attempt}.md'
+        release_runs.write_report(str(reference), results=str(results), out=str(out))
+        texts.append(out.read_text())
+    assert texts[0] == texts[1]
+    assert '- 2 of the 2 runs here that completed their 4 epochs end within 2 standard deviations' in texts[0]
+    assert '| RKHS_l5_p0_s0 | RKHS L=5, C=32, 0 pass(es) | 11.00 | 2: 11.00 ± 1.41 | +0.00 | inside |' in texts[0]
+    assert (tmp_path / 'docs' / 'reproduction' / 'figure1a.png').stat().st_size > 10_000
+    shutil.rmtree(tmp_path / 'docs')
