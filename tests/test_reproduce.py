@@ -1,10 +1,12 @@
 """Tests of reproduce.py: command list, resume, scheduler, and a tiny real sweep."""
 
 import json
+import os
 import pickle
 import shlex
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import reproduce  # noqa: E402
+from conftest import run_script  # noqa: E402
 
 MNIST_CONFIGS_1A = [f'{m}_l{L}_p0' for m in ('RKHS', 'SHL') for L in (5, 10, 20)]
 
@@ -450,3 +453,87 @@ def test_tiny_batched_sweep(capsys, tmp_path):
         run = pickle.load(handle)
     assert run['seed'] == 1 and run['batched_with'] == 2 and run['in_channels'] == 8
     assert (folder / 'figure2.png').stat().st_size > 10_000  # the figure, beside its runs
+
+
+# --- reliability: two sweeps on one root, refusals before anything runs ------------------------
+
+def test_a_run_held_by_another_process_is_running_elsewhere_and_its_log_is_kept(capsys, tmp_path):
+    """A second sweep meets a run that another process holds (here a run paused by SIGSTOP at its
+    first step, its lock held): 'running elsewhere', not a failure; the shared log is appended to,
+    never truncated."""
+    import signal
+    import subprocess
+    argv = ['figure2', '--num_seeds', '1', '--configs', 'RKHS_l20_c4', '--results_root', str(tmp_path),
+            '--no_plot', '--', '--synthetic', '--subset', '64', '--epochs', '1']
+    args = reproduce.parse_args(argv)
+    run, = reproduce.build_runs('figure2', args, str(tmp_path))
+    log = tmp_path / run.log
+    log.parent.mkdir(parents=True)
+    log.write_text('# the first process\'s log\n')
+    env = dict(os.environ, RESNET_ODE_FAULT='step@1:SIGSTOP', PYTHONUNBUFFERED='1')
+    with open(log, 'a') as handle:
+        holder = subprocess.Popen(run.command(), cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        lock = tmp_path / 'MNIST_experiments' / 'fig2' / '.RKHS_l20_c4_s0.lock'
+        for _ in range(600):  # until it has stopped itself at its first step, holding the lock
+            if lock.exists() and open(f'/proc/{holder.pid}/stat').read().split()[2] == 'T':
+                break
+            time.sleep(0.1)
+        status = reproduce.main(reproduce.parse_args(argv))
+        out = capsys.readouterr().out
+        assert status == 0, out
+        assert 'running elsewhere RKHS_l20_c4_s0' in out and 'FAILED' not in out
+        assert '1 run(s) are running in another process' in out
+        text = log.read_text()
+        assert text.startswith('# the first process\'s log\n') and '\x00' not in text
+        assert text.count('# ---- attempt started') == 1  # the second sweep's attempt, appended
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.kill()
+        holder.wait()
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--embedding_seed', '-5'], '--embedding_seed must be in [0, 2^63)'),
+    (['--seed_start', '9223372036854775807'], '--seed_start and --num_seeds must keep every seed in [0, 2^63)'),
+    (['--shard', '40/40'], '--shard 40/40: the sweep has only 6 run(s)'),
+    (['--configs', 'RKHS_l7_p0'], '--configs: RKHS_l7_p0 is not a configuration of figure1a'),
+    (['--', '--help'], '--help after "--" would go to every run'),
+])
+def test_nonsense_is_refused_before_anything_runs(capsys, tmp_path, argv, message):
+    status = reproduce.main(reproduce.parse_args(['figure1a', '--num_seeds', '1', '--results_root',
+                                                  str(tmp_path / 'r')] + argv))
+    captured = capsys.readouterr()
+    assert status == 2 and captured.out == ''
+    assert captured.err.count('\n') == 1 and message in captured.err
+    assert not (tmp_path / 'r').exists()
+
+
+def test_gpus_without_cuda_are_refused(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, '_gpu_problems', reproduce._gpu_problems)  # the real check
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip('this machine has CUDA')
+    status = reproduce.main(reproduce.parse_args(['figure1a', '--gpus', '0', '--results_root', str(tmp_path)]))
+    assert status == 2 and '--gpus 0: this machine has 0 CUDA device(s)' in capsys.readouterr().err
+
+
+def test_unwritable_places_are_one_line(tmp_path):
+    import stat
+    (tmp_path / 'file').write_text('x')
+    read_only = tmp_path / 'ro'
+    read_only.mkdir()
+    read_only.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    for root, why in ((tmp_path / 'file', 'is not a folder'), (tmp_path / 'file' / 'under', 'is not a folder'),
+                      (read_only / 'x', 'is not writable')):
+        proc = run_script('reproduce.py', 'figure1a', '--results_root', root, cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and why in proc.stderr, proc.stderr
+        proc = run_script('plot_figures.py', str(tmp_path), '--out_dir', root, cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and 'writable folder' in proc.stderr, proc.stderr
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    for script, argv in (('reproduce.py', ['figure9']), ('reproduce.py', ['figure1a', '--shard', '1-3']),
+                         ('plot_figures.py', ['--figure', '7']), ('release_runs.py', ['--nonsense'])):
+        proc = run_script(script, *argv, cwd=tmp_path)
+        assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and proc.stdout == '', (script, proc.stderr)
