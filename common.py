@@ -10,6 +10,7 @@ import hashlib
 import os
 import pickle
 import shutil
+import signal
 import stat
 import tempfile
 import urllib.request
@@ -56,6 +57,28 @@ class OneLineArgumentParser(argparse.ArgumentParser):
 
 
 # ---------------------------------------------------------------------------------------------
+# Fault points, for the test suite
+# ---------------------------------------------------------------------------------------------
+
+# Fault injection for the test suite only: "<point>@<n>[:<SIGNAL>]" sends the signal (default
+# SIGKILL) to this process the n-th time it reaches the point. Unset in normal runs. The points:
+# 'write' (inside every atomic write, the new content complete on disk, not yet renamed into
+# place) here, and the training run's in runstate and the scripts.
+FAULT_ENV = 'RESNET_ODE_FAULT'
+_fault_counts: dict = {}
+
+
+def fault_point(name: str):
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or not spec.startswith(name + '@'):
+        return
+    count, _, signame = spec[len(name) + 1:].partition(':')
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if _fault_counts[name] == int(count):
+        os.kill(os.getpid(), getattr(signal, signame or 'SIGKILL'))
+
+
+# ---------------------------------------------------------------------------------------------
 # Atomic files
 # ---------------------------------------------------------------------------------------------
 
@@ -81,6 +104,7 @@ def atomic_write(path: str, write: Callable, binary: bool = True) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        fault_point('write')  # the worst instant: the new file complete, the old one still in place
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

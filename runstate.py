@@ -1,6 +1,7 @@
 """What a run keeps on disk and reads back: its file paths and the rules about existing files,
-torch files written atomically and loaded safely, random-number states, signal handling, and
-the fault points the tests use to kill a run at chosen instants.
+torch files written atomically and loaded safely, random-number states and signal handling.
+The fault points the tests use to kill a run at chosen instants are common.fault_point's,
+imported here for the engine.
 
 Every file is written atomically (common.atomic_write), so a kill at any instant leaves the old
 file or the new one. Everything is loaded with weights_only=True: tensors and plain values only.
@@ -22,29 +23,13 @@ import torch
 
 import distributed
 from cli import EXIT_FOR_SIGNAL, UsageError, checkpoint_path, given_flags
-from common import (RUNNING_ELSEWHERE, atomic_write, missing_ancestors, resume_state_name,
-                    torch_load_failure)
+from common import (FAULT_ENV, RUNNING_ELSEWHERE, atomic_write, fault_point, missing_ancestors,  # noqa: F401
+                    resume_state_name, torch_load_failure)
 
 RESUME_FORMAT = 2  # 2: progress and facts saved as dicts
 CHECKPOINT_FORMAT = 1
 # What may change between a run and its --resume: where it runs, not what it computes.
 RESUME_MAY_CHANGE = ('device', 'data_root', 'resume', 'test_batch_size')
-
-# Fault injection for the test suite only: "<point>@<n>[:<SIGNAL>]" sends the signal (default
-# SIGKILL) to this process the n-th time it reaches the point. Unset in normal runs.
-FAULT_ENV = 'RESNET_ODE_FAULT'
-_fault_counts: dict = {}
-
-
-def fault_point(name: str):
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or not spec.startswith(name + '@'):
-        return
-    count, _, signame = spec[len(name) + 1:].partition(':')
-    _fault_counts[name] = _fault_counts.get(name, 0) + 1
-    if _fault_counts[name] == int(count):
-        os.kill(os.getpid(), getattr(signal, signame or 'SIGKILL'))
-
 
 # ---------------------------------------------------------------------------------------------
 # Torch files

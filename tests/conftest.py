@@ -1,4 +1,5 @@
-"""Shared helpers: run the real command line in a temporary folder, find the real MNIST."""
+"""Shared helpers: run the real command line in a temporary folder, find the real MNIST and the
+release's embedding files."""
 import os
 import subprocess
 import sys
@@ -8,10 +9,42 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 # CI exports the shared data folder; a developer may have it beside the repository.
-MNIST_ROOT = os.environ.get('MNIST_DATA_ROOT') or str(REPO.parent / 'shared' / 'data')
-HAVE_MNIST = os.path.isfile(os.path.join(MNIST_ROOT, 'MNIST', 'raw', 'train-images-idx3-ubyte'))
-needs_mnist = pytest.mark.skipif(
-    not HAVE_MNIST, reason=f'real MNIST not found in {MNIST_ROOT}/MNIST/raw (set MNIST_DATA_ROOT)')
+DATA_ROOT_ENV = 'MNIST_DATA_ROOT'
+MNIST_ROOT = os.environ.get(DATA_ROOT_ENV) or str(REPO.parent / 'shared' / 'data')
+MNIST_RAW_FILES = ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte', 't10k-images-idx3-ubyte',
+                   't10k-labels-idx1-ubyte')
+RELEASE_DIR = os.path.join(MNIST_ROOT, 'MNIST_pretrained_models')
+
+
+def require_files(paths, what: str):
+    """Skip a test whose data is not on this machine, unless MNIST_DATA_ROOT is set: then the
+    data is declared present, and a missing file fails the test instead of skipping it in
+    silence."""
+    missing = [str(path) for path in paths if not os.path.isfile(path)]
+    if not missing:
+        return
+    message = f'{what}: {missing[0]} is missing' + (f' (and {len(missing) - 1} more)' if len(missing) > 1 else '')
+    if os.environ.get(DATA_ROOT_ENV):
+        pytest.fail(f'{message}, although {DATA_ROOT_ENV} is set', pytrace=False)
+    pytest.skip(f'{message} (set {DATA_ROOT_ENV})')
+
+
+@pytest.fixture
+def mnist_root():
+    """The folder holding MNIST/raw/ with the four official files."""
+    require_files([os.path.join(MNIST_ROOT, 'MNIST', 'raw', name) for name in MNIST_RAW_FILES],
+                  'real MNIST')
+    return MNIST_ROOT
+
+
+@pytest.fixture
+def release_dir():
+    """The folder holding the release's 48 embedding files."""
+    import embeddings
+
+    require_files([os.path.join(RELEASE_DIR, name) for name in sorted(embeddings.RELEASE_SHA256)],
+                  'the release\'s embedding files')
+    return RELEASE_DIR
 
 
 def run_script(script, *args, cwd, env=None, timeout=600):

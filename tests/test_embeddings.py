@@ -11,11 +11,8 @@ import torch.nn as nn
 import MNIST_experiments
 import embeddings
 import models
-from conftest import HAVE_MNIST, MNIST_ROOT, folder_snapshot, load_results, run_script
+from conftest import folder_snapshot, load_results, run_script
 
-RELEASE_DIR = os.path.join(MNIST_ROOT, 'MNIST_pretrained_models')
-HAVE_RELEASE = os.path.isfile(os.path.join(RELEASE_DIR, '32channels_0pass_input_embedding.pt'))
-needs_release = pytest.mark.skipif(not HAVE_RELEASE, reason=f'release embeddings not in {RELEASE_DIR}')
 SMALL_RUN = ['--synthetic', '--subset', '64', '--layers', '2', '--in_channels', '8', '--dim_int', '4',
              '--epochs', '0', '--seed', '1', '--save', 'e.pkl']
 
@@ -35,17 +32,16 @@ def _own_embedding(folder, channels, passes=0, seed=0):
     return nets
 
 
-@needs_release
-@pytest.mark.skipif(not HAVE_MNIST, reason='real MNIST not found')
 @pytest.mark.parametrize('extra, errors', [
     ([], 8746),                                        # 32 channels, 0 passes: 87.46%
     (['--pretrain', '3'], 361),                        # 32 channels, 3 passes: 3.61%
     (['--in_channels', '8', '--dim_int', '8'], 9235),  # 8 channels, 0 passes: 92.35%
 ])
-def test_release_embedding_gives_the_stored_runs_starting_error(tmp_path, extra, errors):
+def test_release_embedding_gives_the_stored_runs_starting_error(tmp_path, mnist_root, release_dir,
+                                                                 extra, errors):
     """The release's 20 stored seeds of each configuration all start at these test errors."""
     proc = run_script('MNIST_experiments.py', '--layers', '5', '--epochs', '0', '--embedding_dir',
-                      RELEASE_DIR, '--data_root', MNIST_ROOT, '--save', 'e0.pkl', *extra, cwd=tmp_path)
+                      release_dir, '--data_root', mnist_root, '--save', 'e0.pkl', *extra, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert 'loaded the release embedding' in proc.stdout and "match the release's" in proc.stdout
     results = load_results(tmp_path / 'MNIST_experiments' / 'e0.pkl')
@@ -180,11 +176,10 @@ def test_release_command_line_runs(tmp_path):
 
 # --- download -----------------------------------------------------------------------------------
 
-@needs_release
-def test_download_fetches_verifies_and_skips_what_is_there(tmp_path):
+def test_download_fetches_verifies_and_skips_what_is_there(tmp_path, release_dir):
     target = tmp_path / 'a' / 'b'
     lines = []
-    fetched = embeddings.download(str(target), base_url=f'file://{RELEASE_DIR}/', log=lines.append)
+    fetched = embeddings.download(str(target), base_url=f'file://{release_dir}/', log=lines.append)
     assert fetched == 48 and len(lines) == 48
     assert sorted(os.listdir(target)) == sorted(embeddings.RELEASE_SHA256)
     assert all(embeddings.sha256(str(target / n)) == h for n, h in embeddings.RELEASE_SHA256.items())
@@ -228,9 +223,8 @@ def test_download_refuses_to_overwrite_a_different_file(tmp_path):
     assert (target / name).read_bytes() == b'mine'
 
 
-@needs_release
-def test_status_command_reports_release_files(tmp_path, capsys):
-    shutil.copy(os.path.join(RELEASE_DIR, '8channels_0pass_input_embedding.pt'), tmp_path)
+def test_status_command_reports_release_files(tmp_path, capsys, release_dir):
+    shutil.copy(os.path.join(release_dir, '8channels_0pass_input_embedding.pt'), tmp_path)
     (tmp_path / '8channels_0pass_output_embedding.pt').write_bytes(b'changed')
     assert embeddings.main(embeddings.get_args_parser().parse_args(['--dir', str(tmp_path)])) == 0
     out = capsys.readouterr().out
@@ -250,3 +244,26 @@ def test_ode_block_initialisation_depends_on_the_seed_alone():
     for block in (net.ode_block, given.ode_block):
         assert torch.equal(block.func.omega.weight, alone.func.omega.weight)
     assert np.isclose(alone.func.omega.weight.var().item(), 1 / 12, rtol=0.3)
+
+
+# --- the tests above that need the release's files ----------------------------------------------
+
+@pytest.mark.parametrize('data_root_set', [True, False])
+def test_missing_release_files_fail_when_the_data_root_is_given(tmp_path, monkeypatch, data_root_set):
+    """With MNIST_DATA_ROOT set, the data is declared present: a missing file fails the tests that
+    need it (it would hide the starting-error check); without it they skip, as on a machine that
+    has no copy."""
+    import conftest
+
+    present = tmp_path / '32channels_0pass_input_embedding.pt'
+    present.write_bytes(b'')
+    conftest.require_files([present], 'the release\'s embedding files')  # all there: nothing happens
+    if data_root_set:
+        monkeypatch.setenv(conftest.DATA_ROOT_ENV, str(tmp_path))
+    else:
+        monkeypatch.delenv(conftest.DATA_ROOT_ENV, raising=False)
+    outcome = pytest.fail.Exception if data_root_set else pytest.skip.Exception
+    with pytest.raises(outcome, match=r'8channels_0pass_input_embedding.pt is missing \(and 1 more\)'):
+        conftest.require_files([present, tmp_path / '8channels_0pass_input_embedding.pt',
+                                tmp_path / '8channels_0pass_output_embedding.pt'],
+                               'the release\'s embedding files')

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import models
-from conftest import MNIST_ROOT, folder_snapshot, load_results, needs_mnist, run_script
+from conftest import folder_snapshot, load_results, run_script
 
 RELEASE_KEYS = {'model': str, 'num_layers': int, 'in_channels': int, 'dim_int': int,
                 'pretrain_pass': int, 'batch_size': int, 'train_loss': np.ndarray,
@@ -134,9 +134,8 @@ def test_failed_download_keeps_an_existing_root_as_it_was(tmp_path):
     assert folder_snapshot(tmp_path) == ['data', 'data/notes.txt']
 
 
-@needs_mnist
-def test_real_mnist_subset_end_to_end(tmp_path):
-    proc = run_script('MNIST_experiments.py', '--data_root', MNIST_ROOT, '--subset', '2048',
+def test_real_mnist_subset_end_to_end(tmp_path, mnist_root):
+    proc = run_script('MNIST_experiments.py', '--data_root', mnist_root, '--subset', '2048',
                       '--layers', '5', '--epochs', '1', '--batch_size', '64', '--seed', '0',
                       '--save', 'real.pkl',
                       cwd=tmp_path)
