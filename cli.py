@@ -45,7 +45,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, layers: int, epochs
     add = parser.add_argument
     add('--model', '-m', default='RKHS', choices=list(models.RESIDUALS),
         help='RKHS: fixed random hidden layers; SHL: trained hidden layers (default RKHS)')
-    add('--layers', '-l', type=int, default=layers, help=f'(default {layers})')
+    add('--layers', '-l', type=int, default=layers,
+        help=f'L: residual steps of the ODE block (MNIST), or blocks of the third stage (CIFAR-10) '
+             f'(default {layers})')
     add('--epochs', '-e', type=int, default=epochs,
         help=f'training epochs; 0 evaluates the initial model (default {epochs})')
     add('--lr_init', '-lr', type=float, default=lr_init,

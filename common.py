@@ -117,6 +117,18 @@ def atomic_write(path: str, write: Callable, binary: bool = True) -> None:
         os.close(dir_fd)
 
 
+def can_write_in(folder: str) -> bool:
+    """Whether a file can be created in `folder`: tried with a probe file, removed at once (the
+    permission bits say nothing for root, nor for a read-only file system)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix='.probe.', dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.remove(probe)
+    return True
+
+
 def missing_ancestors(path: str) -> list[str]:
     """`path` and each of its parents that does not exist yet, outermost first: what creating
     `path` would create, and so what a failed attempt must remove."""

@@ -589,12 +589,22 @@ def load_checkpoint(path, dataset: str) -> dict:
     return checkpoint
 
 
+def _recorded_images(stored: dict, full: int) -> str:
+    """What the checkpoint's own run measured its test error on: --subset cuts the test set too."""
+    if stored.get('synthetic'):
+        return f'{stored.get("subset") or "the synthetic"} synthetic test images'
+    subset = stored.get('subset')
+    return f'its first {min(subset, full):,} test images (--subset)' if subset else f'{full:,} test images'
+
+
 def evaluate_checkpoint(model, checkpoint: dict, parts: dict, test_set, transform, chunk) -> int:
     """--evaluate: load the checkpoint's parts, print the test error, write nothing."""
     for name, module in parts.items():
         module.load_state_dict(checkpoint[name])
     model.eval()
     error = count_errors(model, test_set.images, test_set.labels, transform, chunk).item() / len(test_set)
-    print(f'test error {100 * error:.4f}% on {len(test_set)} images (checkpoint of epoch '
-          f'{checkpoint["epoch"]}, recorded {100 * checkpoint["test_error"]:.4f}%)')
+    stored = checkpoint.get('args', {})
+    print(f'test error {100 * error:.4f}% on {len(test_set):,} test images (checkpoint of epoch '
+          f'{checkpoint["epoch"]}, whose run recorded {100 * checkpoint["test_error"]:.4f}% on '
+          f'{_recorded_images(stored, len(test_set))})')
     return EXIT_OK

@@ -388,7 +388,7 @@ def _usage_problem(args):
     path = os.path.abspath(args.out_dir)
     while not os.path.exists(path) and os.path.dirname(path) != path:
         path = os.path.dirname(path)
-    if not os.path.isdir(path) or not os.access(path, os.W_OK | os.X_OK):
+    if not os.path.isdir(path) or not common.can_write_in(path):
         return f'--out_dir {args.out_dir}: {path} is not a writable folder'
     return None
 

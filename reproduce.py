@@ -470,9 +470,7 @@ def _folder_problems(folder, flag):
         path = os.path.dirname(path)
     if not os.path.isdir(path):
         return [f'{flag} {folder}: {path} is not a folder']
-    if not os.access(path, os.W_OK | os.X_OK):
-        return [f'{flag} {folder}: {path} is not writable']
-    return []
+    return [] if common.can_write_in(path) else [f'{flag} {folder}: {path} is not writable']
 
 
 def _gpu_problems(gpus):

@@ -495,7 +495,8 @@ def test_a_run_held_by_another_process_is_running_elsewhere_and_its_log_is_kept(
 
 @pytest.mark.parametrize('argv, message', [
     (['--embedding_seed', '-5'], '--embedding_seed must be in [0, 2^63)'),
-    (['--seed_start', '9223372036854775807'], '--seed_start and --num_seeds must keep every seed in [0, 2^63)'),
+    (['--seed_start', '9223372036854775807', '--num_seeds', '2'],
+     '--seed_start and --num_seeds must keep every seed in [0, 2^63)'),
     (['--shard', '40/40'], '--shard 40/40: the sweep has only 6 run(s)'),
     (['--configs', 'RKHS_l7_p0'], '--configs: RKHS_l7_p0 is not a configuration of figure1a'),
     (['--', '--help'], '--help after "--" would go to every run'),
@@ -519,13 +520,10 @@ def test_gpus_without_cuda_are_refused(capsys, tmp_path, monkeypatch):
 
 
 def test_unwritable_places_are_one_line(tmp_path):
-    import stat
     (tmp_path / 'file').write_text('x')
-    read_only = tmp_path / 'ro'
-    read_only.mkdir()
-    read_only.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    # /proc: a place no process may create files in, root included (file modes do not stop root)
     for root, why in ((tmp_path / 'file', 'is not a folder'), (tmp_path / 'file' / 'under', 'is not a folder'),
-                      (read_only / 'x', 'is not writable')):
+                      ('/proc/x', 'is not writable')):
         proc = run_script('reproduce.py', 'figure1a', '--results_root', root, cwd=tmp_path)
         assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and why in proc.stderr, proc.stderr
         proc = run_script('plot_figures.py', str(tmp_path), '--out_dir', root, cwd=tmp_path)
