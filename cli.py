@@ -209,11 +209,12 @@ def validate_common_args(args, folder_prefix: str, train_size: int):
 
 
 def decay_warning(args) -> str | None:
-    """A decay at or after the last epoch never acts: worth a warning, not a refusal (a shortened
-    run of a longer protocol, such as --epochs 1 of the 40-epoch one, is a normal thing to do)."""
+    """A decay given at or after the last epoch never acts: worth a warning, not a refusal (a
+    shortened run of a longer protocol, such as --epochs 1 of the 40-epoch one, is a normal thing
+    to do). The default decay of a short run needs no warning."""
     late = [step for step in args.decay_steps if step >= args.epochs]
-    if args.epochs == 0 or not late:
-        return None
+    if args.epochs == 0 or not late or 'decay_steps' not in given_flags(args):
+        return None  # a default decay beyond a short run: plainly a shortened protocol
     return (f'warning: --decay_steps {" ".join(map(str, late))} at or after --epochs {args.epochs}: '
             f'{"that decay never happens" if len(late) == 1 else "those decays never happen"}')
 
