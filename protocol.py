@@ -253,3 +253,37 @@ def is_drawn_where_release_had_files(protocol: dict, channels, passes) -> bool:
     embedding = protocol.get('embedding')
     return (protocol.get('dataset') == 'MNIST' and isinstance(embedding, dict)
             and embedding.get('source') == 'drawn' and release_ships(channels, passes))
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic experiment (synthetic_experiments.py)
+# ---------------------------------------------------------------------------------------------
+
+# A synthetic run's configuration is (model, num_layers, q, r, nu): what its figure draws as one
+# curve. Its protocol is the rest: the data it draws and how it trains. The same idea as above:
+# runs are averaged or reused only when every deciding field agrees.
+SYNTHETIC = 'SYNTHETIC'
+SYNTHETIC_DECIDING = ('dataset', 'epochs', 'learning_rate', 'method', 'time_weights',
+                      'dataset_size', 'data_dim', 'sigma', 'matrix', 'alpha')
+SYNTHETIC_INFORMATIVE = ('integrator', 'code_version', 'torch_version')
+
+
+def build_synthetic(args, method: str, facts: dict) -> dict:
+    """The protocol record of a synthetic run. method: the scheme it integrated with (the
+    script's --method release means midpoint); facts: code_version, torch_version."""
+    return {
+        'dataset': SYNTHETIC, 'epochs': int(args.epochs), 'learning_rate': float(args.learning_rate),
+        'method': method, 'time_weights': args.time_weights,
+        'dataset_size': int(args.dataset_size), 'data_dim': int(args.data_dim),
+        'sigma': float(args.sigma), 'matrix': args.matrix, 'alpha': float(args.alpha),
+        'integrator': args.integrator,
+        'code_version': facts.get('code_version', 'unknown'),
+        'torch_version': facts.get('torch_version', 'unknown'),
+    }
+
+
+def synthetic_differences(have: dict, want: dict) -> list[tuple[str, object, object]]:
+    """The deciding fields in which two synthetic records differ: (field, have's, want's)."""
+    have, want = have or {}, want or {}
+    return [(key, have.get(key), want.get(key)) for key in SYNTHETIC_DECIDING
+            if have.get(key) != want.get(key)]
