@@ -375,18 +375,140 @@ def _run_all_handling_sigterm(runs, root, slots):
 
 
 # ----------------------------------------------------------------------------
+# The synthetic experiment (synthetic_experiments.py): python reproduce.py synthetic
+# ----------------------------------------------------------------------------
+
+SYNTHETIC = 'synthetic'
+SYNTHETIC_RESULTS = os.path.join('synthetic_experiments', 'sweep')
+# The script's flags that the sweep's grid sets (its argparse destinations): not after '--'.
+SYNTHETIC_GRID_DESTS = ('model', 'dim', 'dim_int', 'nu', 'num_layers', 'matrix')
+SYNTHETIC_MANAGED_DESTS = ('seed', 'save', 'results_dir')
+
+
+def synthetic_configurations():
+    """(name, flags) of each curve: RKHS for q in {2, 4, 8} and r in {20, 200}, with Gaussian
+    (nu = -1) and Student-t (nu = 1) features; SHL at q = r in {2, 4, 8} for comparison."""
+    configurations = [(f'RKHS_q{q}_r{r}_{tag}', ['--model', 'RKHS', '--dim', str(q), '--dim_int', str(r),
+                                                  '--nu', str(nu)])
+                      for tag, nu in (('gauss', -1), ('t1', 1)) for q in (2, 4, 8) for r in (20, 200)]
+    return configurations + [(f'SHL_q{q}_r{q}', ['--model', 'SHL', '--dim', str(q), '--dim_int', str(q)])
+                             for q in (2, 4, 8)]
+
+
+def build_synthetic_runs(args):
+    """One subprocess per (configuration, seed), configuration-major, into SYNTHETIC_RESULTS."""
+    script = os.path.join(SCRIPT_DIR, 'synthetic_experiments.py')
+    chosen = [(name, flags) for name, flags in synthetic_configurations()
+              if not args.configs or name in args.configs]
+    runs = []
+    for config, flags in chosen:
+        for seed in range(args.seed_start, args.seed_start + args.num_seeds):
+            name = f'{config}_s{seed}'
+            run_args = flags + ['--seed', str(seed), '--results_dir', SYNTHETIC_RESULTS, '--save', f'{name}.pkl']
+            run_args += (['--device', 'cuda'] if args.gpus else []) + list(args.passthrough)
+            runs.append(Run(figure=SYNTHETIC, config=config, seeds=[seed], name=name, script=script,
+                            args=run_args, pickles=[os.path.join(SYNTHETIC_RESULTS, f'{name}.pkl')],
+                            log=os.path.join(SYNTHETIC_RESULTS, 'logs', f'{name}.log'), resume_state=''))
+    return runs
+
+
+def _synthetic_problems(args, root):
+    """Bad sweep arguments, flags after '--' that the grid or the sweep sets, and existing pickles
+    made under another protocol (they would be skipped, then drawn beside the new ones)."""
+    problems = _check_args(argparse.Namespace(**{**vars(args), 'configs': None}))
+    known = [name for name, _ in synthetic_configurations()]
+    unknown = [name for name in args.configs or () if name not in known]
+    if unknown or args.configs == []:
+        problems.append(f'--configs: {", ".join(unknown) or "(empty)"} is not a configuration of the '
+                        f'synthetic sweep; choose from {", ".join(known)}')
+    if REPO_DIR not in sys.path:
+        sys.path.insert(0, REPO_DIR)
+    import cli  # imports torch, as the sweep's runs will
+    import protocol
+    import synthetic_experiments
+    try:
+        expected = synthetic_experiments.get_args_parser().parse_args(args.passthrough)
+    except SystemExit:  # the parser has printed its own one-line error
+        return problems + ['the flags after "--" are not valid for synthetic_experiments.py']
+    for dest in sorted(cli.given_flags(expected) & set(SYNTHETIC_GRID_DESTS + SYNTHETIC_MANAGED_DESTS)):
+        problems.append(f'--{dest} is set per run by the synthetic sweep; it cannot be passed after "--"')
+    want = protocol.build_synthetic(expected, synthetic_experiments.integration_method(expected), {})
+    for run in build_synthetic_runs(args) if not problems else ():
+        path = os.path.join(root, run.pickles[0])
+        if not os.path.exists(path):
+            continue
+        try:
+            have = common.load_results(path).get('protocol')
+        except Exception as exc:
+            problems.append(f'{path} cannot be read ({type(exc).__name__}); move it away')
+            continue
+        differing = protocol.synthetic_differences(have, want)
+        if differing:
+            key, old, new = differing[0]
+            problems.append(f'{path} was made with {key} {old} where this sweep runs {key} {new}: move '
+                            f'it, or pass another --results_root')
+    return problems
+
+
+def synthetic_main(args):
+    """Run (or print, with --dry_run) the synthetic sweep, then draw its figure."""
+    sweep_start, root = time.time(), os.path.abspath(args.results_root)
+    problems = _synthetic_problems(args, root)
+    if problems:
+        for problem in problems:
+            print('error: ' + problem, file=sys.stderr)
+        return 2
+    all_runs = build_synthetic_runs(args)
+    if args.dry_run:
+        print(f'# cwd: {root}')
+    todo = []
+    for run in all_runs:
+        if os.path.exists(os.path.join(root, run.pickles[0])):
+            run.status = 'skipped'
+            print(f'# skip {run.name}: {run.pickles[0]} exists')
+        else:
+            todo.append(run)
+    if args.dry_run:
+        for run in todo:
+            print(shlex.join(run.command()))
+        print(f'# {len(todo)} run(s) to do, {len(all_runs) - len(todo)} skipped')
+        return 0
+    slots = make_slots(args)
+    print(f'{len(todo)} run(s) to do, {len(all_runs) - len(todo)} skipped; {len(slots)} at a time', flush=True)
+    interrupted = _run_all_handling_sigterm(todo, root, slots)
+    failed = [run for run in todo if run.status == 'failed']
+    for run in failed:
+        print(f'FAILED {run.name}: {run.extra.get("reason", f"exit {run.returncode}")}; log: '
+              f'{os.path.join(root, run.log)}')
+    if interrupted:
+        print(f'sweep interrupted after {time.time() - sweep_start:.1f} s')
+        return EXIT_INTERRUPTED
+    status = 1 if failed else 0
+    if not args.no_plot:
+        import plot_figures
+        plot_args = [os.path.join(root, SYNTHETIC_RESULTS), '--figure', SYNTHETIC,
+                     '--out_dir', os.path.join(root, 'figures')] + (['--pdf'] if args.pdf else [])
+        status = status or plot_figures.main(plot_figures.get_args_parser().parse_args(plot_args))
+    print(f'sweep wall time: {time.time() - sweep_start:.1f} s ({len(todo)} run(s), '
+          f'{len(all_runs) - len(todo)} skipped)')
+    return status
+
+
+# ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
 
 def _figure_name(text):
     name = text.lower()
+    if name == SYNTHETIC:
+        return name
     if name.startswith('fig') and not name.startswith('figure'):
         name = 'figure' + name[len('fig'):]  # fig1a, the results folder's name
     if not name.startswith('figure') and name != 'all':
         name = 'figure' + name  # accept "1a" as well as "figure1a"
     if name not in FIGURES + ('all',):
         raise argparse.ArgumentTypeError(
-            f'unknown figure {text!r}; choose from {", ".join(FIGURES)} or all')
+            f'unknown figure {text!r}; choose from {", ".join(FIGURES)}, all or synthetic')
     return name
 
 
@@ -414,7 +536,8 @@ def get_args_parser():
                     'Arguments after "--" are passed to every run.',
         usage='%(prog)s FIGURE [options] [-- experiment flags]')
     parser.add_argument('figure', type=_figure_name,
-                        help='figure1a, figure1b, figure2, figure3 or all (also 1a or fig1a)')
+                        help='figure1a, figure1b, figure2, figure3 or all (also 1a or fig1a); '
+                             'synthetic: the synthetic experiment\'s sweep (not part of all)')
     parser.add_argument('--num_seeds', type=int, default=5,
                         help='number of seeds per configuration (default: 5)')
     parser.add_argument('--seeds', type=int, dest='deprecated_seeds', default=None, metavar='N',
@@ -582,6 +705,8 @@ def runs_to_do(all_runs, root, args):
 
 def main(args):
     """Run (or print, with --dry_run) the sweep, then plot; return an exit status."""
+    if args.figure == SYNTHETIC:
+        return synthetic_main(args)
     figures = FIGURES if args.figure == 'all' else (args.figure,)
     problems = _check_args(args) or _passthrough_problems(args, figures)
     if problems:
