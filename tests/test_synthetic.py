@@ -314,3 +314,123 @@ def test_method_release_is_midpoint_and_a_method_given_is_honoured(tmp_path):
     np.testing.assert_allclose(euler['train loss'], release_losses(4, epochs=30, method='euler'),
                                rtol=1e-6, atol=0)
     assert not np.allclose(euler['train loss'], midpoint['train loss'], rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# The figure (plot_figures.py --figure synthetic) and the sweep (reproduce.py synthetic)
+# ---------------------------------------------------------------------------------------------
+
+def _fake_run(folder, name, model, q, r, nu, seed, curve, learning_rate=1.0, epochs=None):
+    """A results pickle as synthetic_experiments.py writes it, with a chosen training curve."""
+    import protocol
+    args = synthetic_experiments.get_args_parser().parse_args(
+        ['--epochs', str(epochs or len(curve)), '--learning_rate', str(learning_rate)])
+    record = {'model': model, 'matrix': 'lifting', 'num_layers': 10, 'N': 100, 'q': q, 'r': r,
+              'train loss': np.asarray(curve, dtype=np.float32),
+              'test loss': np.asarray(curve, dtype=np.float32) * 2, 'computation_time': 1.0,
+              'num_parameters': 1, 'nu': nu, 'seed': seed, 'diverged': False,
+              'protocol': protocol.build_synthetic(args, 'midpoint', {'code_version': 'test'})}
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / name, 'wb') as f:
+        pickle.dump(record, f)
+
+
+def test_synthetic_figure_draws_the_mean_over_seeds(tmp_path, capsys):
+    import plot_figures
+    rng = np.random.default_rng(0)
+    curves = {key: [np.exp(-rng.uniform(0.01, 0.1) * np.arange(40)) for _ in range(n)]
+              for key, n in (('gauss', 3), ('t1', 2), ('shl', 2))}
+    runs = tmp_path / 'runs'
+    for seed, curve in enumerate(curves['gauss']):
+        _fake_run(runs, f'g{seed}.pkl', 'RKHS', 2, 20, -1.0, seed, curve)
+    for seed, curve in enumerate(curves['t1']):
+        _fake_run(runs, f't{seed}.pkl', 'RKHS', 4, 200, 1.0, seed, curve)
+    for seed, curve in enumerate(curves['shl']):
+        _fake_run(runs / 'sub', f's{seed}.pkl', 'SHL', 4, 4, -1.0, seed, curve)
+    _fake_run(runs, 'other_protocol.pkl', 'RKHS', 2, 20, -1.0, 9, np.ones(40), learning_rate=0.5)
+    _fake_run(runs, 'same_seed_again.pkl', 'RKHS', 2, 20, -1.0, 0, np.ones(40))
+
+    loaded = plot_figures.load_synthetic_runs([str(runs)])
+    assert 'of another protocol (learning_rate 0.5)' in capsys.readouterr().err
+    written, lines = plot_figures.plot_synthetic(loaded, str(tmp_path / 'figs'))
+    gauss, student = 'Gaussian features', 'Student-t features (nu = 1)'
+    expected = {
+        (gauss, 'RKHS q=2 r=20 L=10 (n=3)'): curves['gauss'],
+        (student, 'RKHS q=4 r=200 L=10 (n=2)'): curves['t1'],
+        (gauss, 'SHL q=r=4 L=10 (n=2)'): curves['shl'],
+        (student, 'SHL q=r=4 L=10 (n=2)'): curves['shl'],
+    }
+    assert set(lines) == set(expected)
+    for key, members in expected.items():
+        mean = np.mean([np.asarray(curve, dtype=np.float32).astype(float) for curve in members], axis=0)
+        np.testing.assert_allclose(lines[key], mean, rtol=1e-12)
+    assert written == [str(tmp_path / 'figs' / 'synthetic.png')] and (tmp_path / 'figs' / 'synthetic.png').stat().st_size > 10_000
+
+    args = plot_figures.get_args_parser().parse_args([str(runs), '--figure', 'synthetic', '--out_dir', str(tmp_path / 'cli')])
+    assert plot_figures.main(args) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / 'cli' / 'synthetic.png').exists()
+    final = np.mean([np.float32(curve[-1]) for curve in curves['gauss']])
+    assert f'| RKHS | 2 | 20 | Gaussian | 10 | 3 | 0 | {final:.3g} (' in out
+
+
+def test_synthetic_figure_averages_ragged_curves_over_the_runs_reaching_each_step(tmp_path):
+    import plot_figures
+    _fake_run(tmp_path, 'a.pkl', 'SHL', 2, 2, -1.0, 0, [4.0, 2.0, 1.0, 0.5])
+    _fake_run(tmp_path, 'b.pkl', 'SHL', 2, 2, -1.0, 1, [2.0, 1.0], epochs=4)  # diverged in step 3
+    _, lines = plot_figures.plot_synthetic(plot_figures.load_synthetic_runs([str(tmp_path)]), str(tmp_path))
+    assert list(lines.values())[0].tolist() == [3.0, 1.5, 1.0, 0.5]
+
+
+def _reproduce(capsys, *argv):
+    import reproduce
+    status = reproduce.main(reproduce.parse_args(['synthetic', *map(str, argv)]))
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def test_synthetic_sweep_dry_run(tmp_path, capsys):
+    status, out, _ = _reproduce(capsys, '--dry_run', '--results_root', tmp_path, '--', '--epochs', 7)
+    commands = [line.split() for line in out.splitlines() if not line.startswith('#')]
+    assert status == 0 and len(commands) == (12 + 3) * 5
+    names = {command[command.index('--save') + 1] for command in commands}
+    assert names == {f'{config}_s{seed}.pkl' for seed in range(5) for config in
+                     [f'RKHS_q{q}_r{r}_{law}' for law in ('gauss', 't1') for q in (2, 4, 8) for r in (20, 200)]
+                     + [f'SHL_q{q}_r{q}' for q in (2, 4, 8)]}
+    for command in commands:
+        assert command[1] == str(REPO / 'synthetic_experiments.py')
+        assert command[command.index('--results_dir') + 1] == 'synthetic_experiments/sweep'
+        assert command[-2:] == ['--epochs', '7']
+        name = command[command.index('--save') + 1]
+        q = name.split('_')[1][1:]
+        assert command[command.index('--dim') + 1] == q
+        if name.startswith('SHL'):
+            assert command[command.index('--dim_int') + 1] == q and '--nu' not in command
+        else:
+            assert command[command.index('--nu') + 1] == ('-1' if '_gauss_' in name else '1')
+    assert folder_snapshot(tmp_path) == []
+
+
+def test_synthetic_sweep_refusals(tmp_path, capsys):
+    status, _, err = _reproduce(capsys, '--dry_run', '--results_root', tmp_path, '--', '-q', 4)
+    assert status == 2 and '--dim is set per run by the synthetic sweep' in err
+    status, _, err = _reproduce(capsys, '--dry_run', '--configs', 'RKHS_q3_r20_gauss')
+    assert status == 2 and 'RKHS_q3_r20_gauss is not a configuration of the synthetic sweep' in err
+    # A pickle of another protocol is never skipped into the figure in silence.
+    _fake_run(tmp_path / 'synthetic_experiments' / 'sweep', 'SHL_q2_r2_s0.pkl', 'SHL', 2, 2, -1.0, 0, np.ones(1000))
+    status, out, err = _reproduce(capsys, '--dry_run', '--results_root', tmp_path, '--', '--epochs', 5)
+    assert status == 2 and 'SHL_q2_r2_s0.pkl was made with epochs 1000 where this sweep runs epochs 5' in err
+    status, out, _ = _reproduce(capsys, '--dry_run', '--results_root', tmp_path, '--configs', 'SHL_q2_r2')
+    assert status == 0 and '# skip SHL_q2_r2_s0' in out and '# 4 run(s) to do, 1 skipped' in out
+
+
+def test_tiny_synthetic_sweep_runs_and_draws_the_figure(tmp_path, capsys):
+    status, out, _ = _reproduce(capsys, '--configs', 'SHL_q2_r2', '--num_seeds', 2, '--jobs', 2,
+                                '--results_root', tmp_path, '--', '--epochs', 5, '-N', 10)
+    assert status == 0, out
+    sweep = tmp_path / 'synthetic_experiments' / 'sweep'
+    for seed in (0, 1):
+        record = load_results(sweep / f'SHL_q2_r2_s{seed}.pkl')
+        assert record['train loss'].shape == (5,) and record['N'] == 10 and record['seed'] == seed
+    assert (tmp_path / 'figures' / 'synthetic.png').stat().st_size > 10_000
+    assert 'loaded 2 synthetic run(s)' in out and '| SHL | 2 | 2 | – | 10 | 2 | 0 |' in out
