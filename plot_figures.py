@@ -643,8 +643,8 @@ def _synthetic_features(nu):
 
 
 def _synthetic_label(config, runs):
-    sizes = f'q={config.q} r={config.r}' if config.model == 'RKHS' else f'q=r={config.q}' \
-        if config.q == config.r else f'q={config.q} r={config.r}'
+    same = config.model == 'SHL' and config.q == config.r
+    sizes = f'q=r={config.q}' if same else f'q={config.q} r={config.r}'
     return f'{config.model} {sizes} L={config.num_layers} (n={len(runs)})'
 
 
