@@ -642,17 +642,26 @@ def _synthetic_features(nu):
     return 'Gaussian features' if nu < 0 else f'Student-t features (nu = {nu:g})'
 
 
-def _synthetic_label(config, runs):
+def _synthetic_label(config, averaged, diverged):
     same = config.model == 'SHL' and config.q == config.r
     sizes = f'q=r={config.q}' if same else f'q={config.q} r={config.r}'
-    return f'{config.model} {sizes} L={config.num_layers} (n={len(runs)})'
+    if diverged and diverged == len(averaged):
+        return f'{config.model} {sizes} L={config.num_layers} (n={diverged}, all diverged)'
+    left_out = f'; {diverged} diverged, left out' if diverged else ''
+    return f'{config.model} {sizes} L={config.num_layers} (n={len(averaged)}{left_out})'
+
+
+def _synthetic_averaged(members):
+    """The runs a curve averages: those that did not diverge (a diverged run's last losses are
+    huge and its curve stops early), or all of them when every run diverged."""
+    return [run for run in members if not run.diverged] or members
 
 
 def plot_synthetic(runs, out_dir, pdf=False):
     """Training loss per iteration (log scale): one panel per RKHS feature law, holding the RKHS
     curves of that law and every SHL curve for comparison. Lines: mean over seeds (each index over
     the runs that reach it); bands: min to max. Returns (written paths, {(panel, label): the
-    plotted mean})."""
+    plotted mean}). Diverged runs are left out of a curve (its label says how many)."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -663,17 +672,18 @@ def plot_synthetic(runs, out_dir, pdf=False):
         groups.setdefault(run.config, []).append(run)
     panels = sorted({config.nu for config in groups if config.model == 'RKHS'}, key=lambda nu: (nu >= 0, nu))
     titles = [_synthetic_features(nu) for nu in panels] or ['SHL']
-    fig, axes = plt.subplots(1, len(titles), figsize=(6.5 * len(titles), 4.8), squeeze=False)
+    fig, axes = plt.subplots(len(titles), 1, figsize=(10, 4.2 * len(titles)), squeeze=False)
     lines = OrderedDict()
-    for ax, nu, title in zip(axes[0], panels or [None], titles):
+    for ax, nu, title in zip(axes[:, 0], panels or [None], titles):
         for config, members in groups.items():
             if config.model == 'RKHS' and config.nu != nu:
                 continue
-            mean, low, high, _ = ragged_stats([run.train_loss for run in members])
+            averaged = _synthetic_averaged(members)
+            mean, low, high, _ = ragged_stats([run.train_loss for run in averaged])
             iterations = np.arange(1, mean.size + 1)
             color = SYNTHETIC_Q_COLORS.get(config.q, 'tab:gray')
             style = SYNTHETIC_R_STYLES.get(config.r, '-.') if config.model == 'RKHS' else SYNTHETIC_SHL_STYLE
-            label = _synthetic_label(config, members)
+            label = _synthetic_label(config, averaged, sum(run.diverged for run in members))
             line, = ax.plot(iterations, mean, color=color, linestyle=style, linewidth=1.5, label=label)
             ax.fill_between(iterations, low, high, color=color, alpha=0.12, linewidth=0)
             lines[(title, label)] = np.asarray(line.get_ydata())
@@ -682,7 +692,7 @@ def plot_synthetic(runs, out_dir, pdf=False):
         ax.set_ylabel('training loss (MSE)')
         ax.set_title(f'RKHS, {title}; SHL dotted' if nu is not None else title, fontsize=10)
         ax.grid(True, which='major', alpha=0.3)
-        ax.legend(fontsize=7, loc='lower left')
+        ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     setting = dict(runs[0].protocol)
     fig.suptitle(f'Synthetic regression y = -x (N={setting["dataset_size"]}, d={setting["data_dim"]}, '
                  f'{setting["matrix"]}, lr {setting["learning_rate"]}, {setting["method"]})\n'

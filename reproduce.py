@@ -476,6 +476,9 @@ def synthetic_main(args):
     slots = make_slots(args)
     print(f'{len(todo)} run(s) to do, {len(all_runs) - len(todo)} skipped; {len(slots)} at a time', flush=True)
     interrupted = _run_all_handling_sigterm(todo, root, slots)
+    diverged = [run.name for run in todo if run.status == 'diverged']
+    if diverged:
+        print(f'{len(diverged)} run(s) diverged (pickle written, curves stop early): {", ".join(diverged)}')
     failed = [run for run in todo if run.status == 'failed']
     for run in failed:
         print(f'FAILED {run.name}: {run.extra.get("reason", f"exit {run.returncode}")}; log: '

@@ -320,7 +320,7 @@ def test_method_release_is_midpoint_and_a_method_given_is_honoured(tmp_path):
 # The figure (plot_figures.py --figure synthetic) and the sweep (reproduce.py synthetic)
 # ---------------------------------------------------------------------------------------------
 
-def _fake_run(folder, name, model, q, r, nu, seed, curve, learning_rate=1.0, epochs=None):
+def _fake_run(folder, name, model, q, r, nu, seed, curve, learning_rate=1.0, epochs=None, diverged=False):
     """A results pickle as synthetic_experiments.py writes it, with a chosen training curve."""
     import protocol
     args = synthetic_experiments.get_args_parser().parse_args(
@@ -328,7 +328,7 @@ def _fake_run(folder, name, model, q, r, nu, seed, curve, learning_rate=1.0, epo
     record = {'model': model, 'matrix': 'lifting', 'num_layers': 10, 'N': 100, 'q': q, 'r': r,
               'train loss': np.asarray(curve, dtype=np.float32),
               'test loss': np.asarray(curve, dtype=np.float32) * 2, 'computation_time': 1.0,
-              'num_parameters': 1, 'nu': nu, 'seed': seed, 'diverged': False,
+              'num_parameters': 1, 'nu': nu, 'seed': seed, 'diverged': diverged,
               'protocol': protocol.build_synthetic(args, 'midpoint', {'code_version': 'test'})}
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / name, 'wb') as f:
@@ -374,12 +374,17 @@ def test_synthetic_figure_draws_the_mean_over_seeds(tmp_path, capsys):
     assert f'| RKHS | 2 | 20 | Gaussian | 10 | 3 | 0 | {final:.3g} (' in out
 
 
-def test_synthetic_figure_averages_ragged_curves_over_the_runs_reaching_each_step(tmp_path):
+def test_synthetic_figure_leaves_diverged_runs_out_of_the_mean(tmp_path):
     import plot_figures
     _fake_run(tmp_path, 'a.pkl', 'SHL', 2, 2, -1.0, 0, [4.0, 2.0, 1.0, 0.5])
-    _fake_run(tmp_path, 'b.pkl', 'SHL', 2, 2, -1.0, 1, [2.0, 1.0], epochs=4)  # diverged in step 3
+    _fake_run(tmp_path, 'b.pkl', 'SHL', 2, 2, -1.0, 1, [2.0, 1.0, 0.25, 0.5])
+    _fake_run(tmp_path, 'c.pkl', 'SHL', 2, 2, -1.0, 2, [8.0, 1e4], epochs=4, diverged=True)
+    _fake_run(tmp_path, 'd.pkl', 'RKHS', 2, 2, -1.0, 0, [3.0, 1e5], epochs=4, diverged=True)
+    _fake_run(tmp_path, 'e.pkl', 'RKHS', 2, 2, -1.0, 1, [1.0, 1e3, 1e6], epochs=4, diverged=True)
     _, lines = plot_figures.plot_synthetic(plot_figures.load_synthetic_runs([str(tmp_path)]), str(tmp_path))
-    assert list(lines.values())[0].tolist() == [3.0, 1.5, 1.0, 0.5]
+    assert lines[('Gaussian features', 'SHL q=r=2 L=10 (n=2; 1 diverged, left out)')].tolist() == [3.0, 1.5, 0.625, 0.5]
+    # every run diverged: all are drawn, each index averaged over the runs that reach it
+    assert lines[('Gaussian features', 'RKHS q=2 r=2 L=10 (n=2, all diverged)')].tolist() == [2.0, 50500.0, 1e6]
 
 
 def _reproduce(capsys, *argv):
