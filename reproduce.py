@@ -416,6 +416,12 @@ def _synthetic_problems(args, root):
     """Bad sweep arguments, flags after '--' that the grid or the sweep sets, and existing pickles
     made under another protocol (they would be skipped, then drawn beside the new ones)."""
     problems = _check_args(argparse.Namespace(**{**vars(args), 'configs': None}))
+    unsupported = [flag for flag, value in (('--shard', args.shard), ('--batch_seeds', args.batch_seeds),
+                                            ('--embedding_dir', args.embedding_dir),
+                                            ('--vary_embedding', args.vary_embedding)) if value]
+    if unsupported:
+        problems.append(f'{", ".join(unsupported)}: not options of the synthetic sweep (a few minutes '
+                        f'on a CPU, no embedding)')
     known = [name for name, _ in synthetic_configurations()]
     unknown = [name for name in args.configs or () if name not in known]
     if unknown or args.configs == []:

@@ -421,6 +421,8 @@ def test_synthetic_sweep_refusals(tmp_path, capsys):
     assert status == 2 and '--dim is set per run by the synthetic sweep' in err
     status, _, err = _reproduce(capsys, '--dry_run', '--configs', 'RKHS_q3_r20_gauss')
     assert status == 2 and 'RKHS_q3_r20_gauss is not a configuration of the synthetic sweep' in err
+    status, _, err = _reproduce(capsys, '--dry_run', '--shard', '1/2')
+    assert status == 2 and '--shard: not options of the synthetic sweep' in err
     # A pickle of another protocol is never skipped into the figure in silence.
     _fake_run(tmp_path / 'synthetic_experiments' / 'sweep', 'SHL_q2_r2_s0.pkl', 'SHL', 2, 2, -1.0, 0, np.ones(1000))
     status, out, err = _reproduce(capsys, '--dry_run', '--results_root', tmp_path, '--', '--epochs', 5)
