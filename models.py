@@ -40,6 +40,8 @@ fast integrator (`integrate_fixed_grid`) then runs with no host-device synchroni
 `integrator='torchdiffeq'` keeps the plain `torchdiffeq.odeint` path for comparison.
 
 CIFAR-10 (Figure 3) uses discrete residual blocks in a ResNet18 layout (`CifarResNet`).
+The synthetic experiment uses fully connected forms of both residuals on R^q (`DenseRKHSField`,
+`DenseSHLField`, last section), integrated by the same `ResidualODEBlock`.
 """
 from __future__ import annotations
 
@@ -428,17 +430,22 @@ class ResidualODEBlock(nn.Module):
     """
 
     def __init__(self, model: str = 'RKHS', dim: int = 32, dim_int: int = 32, num_steps: int = 20,
-                 method: str = 'midpoint', time_weights: str = 'release', integrator: str = 'fixed'):
+                 method: str = 'midpoint', time_weights: str = 'release', integrator: str = 'fixed',
+                 field: ResidualField | None = None):
+        """field: a field already built (e.g. a fully connected one, `dense_field`); model, dim,
+        dim_int, num_steps and time_weights are then read from it and the arguments ignored."""
         super().__init__()
-        field_type = residual_type(model)
         if integrator not in INTEGRATORS:
             raise ValueError(f'integrator must be one of {INTEGRATORS}, got {integrator!r}')
-        if num_steps < 1:
-            raise ValueError(f'num_steps must be >= 1, got {num_steps}')
-        self.model, self.method, self.integrator = model, method, integrator
-        self.num_steps, self.time_weights = num_steps, time_weights
-        self.func = field_type(dim, dim_int, num_steps, time_weights)
-        self.schedule = build_schedule(num_steps, method, time_weights, field_type.release_index_shift)
+        if field is None:
+            if num_steps < 1:
+                raise ValueError(f'num_steps must be >= 1, got {num_steps}')
+            field = residual_type(model)(dim, dim_int, num_steps, time_weights)
+        self.model, self.method, self.integrator = field.name, method, integrator
+        self.num_steps, self.time_weights = field.num_steps, field.time_weights
+        self.func = field
+        self.schedule = build_schedule(self.num_steps, method, self.time_weights,
+                                       field.release_index_shift)
         # Device copies of the schedule: buffers move with .to(device), so no host-to-device
         # copy (which would synchronise) happens during a forward pass.
         self.register_buffer('node_index', torch.tensor(self.schedule.node_pairs, dtype=torch.long),
@@ -670,3 +677,184 @@ class CifarResNet(nn.Module):
 
 def count_trainable_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fully connected residuals (the synthetic experiment, synthetic_experiments.py)
+# ----------------------------------------------------------------------------------------------
+#
+# The release's unpublished script synthetic.py trains the same ODE block on points of R^q
+# instead of C x 5 x 5 images, so the residual's layers are matrices, not 3x3 convolutions:
+#
+#     x(0) = A x_data,   dx/dt = f(t, x) on R^q,   prediction = B x(1),
+#     RKHS  f(t, x) = W(t) ReLU(Omega x)           Omega (r x q) fixed and random, W(t) trained.
+#     SHL   f(t, x) = (1-s) V_k ReLU(H_k x) + s V_{k+1} ReLU(H_{k+1} x)     both trained.
+#
+# The fields below are these residuals. They are ResidualFields like the convolutional ones, so
+# ResidualODEBlock(field=...) integrates them with the same time schedules, node rule and
+# integrator. They are single fields only (stack_members does not apply to them).
+#
+# The release built every layer as torch.nn.Linear, whose constructor draws a default
+# initialisation from the global RNG even where the script then replaced it (by zeros or by its
+# random features). Those draws are made here too (`_discarded_linear`), in the release's order,
+# so that one seed gives the release's Omega and hidden layers.
+
+
+def _discarded_linear(in_features: int, out_features: int):
+    """Advance the global RNG exactly as the release's nn.Linear(in, out, bias=False) did before
+    its weight was replaced."""
+    nn.Linear(in_features, out_features, bias=False)
+
+
+def synthetic_random_features(dim_int: int, dim: int, nu: float) -> torch.Tensor:
+    """Omega, the RKHS residual's fixed layer R^q -> R^r: (dim_int, dim) = (r, q).
+
+    nu < 0: i.i.d. N(0, 1/r) entries (Gaussian features).
+    nu > 0: Student-t features: row i is g_i / sqrt(u_i / (2 nu)) with g_i ~ N(0, I_q) and
+            u_i ~ chi^2(2 nu), a multivariate t with 2 nu degrees of freedom; the rows are then
+            centred (their mean row is subtracted from each) and divided by sqrt(r).
+    Draws from the global RNG in the release's order (Gaussian rows first, then the u_i).
+    """
+    if nu == 0:
+        raise ValueError('nu must be negative (Gaussian features) or positive (Student-t), got 0')
+    if nu < 0:
+        return torch.randn(dim_int, dim) / dim_int ** 0.5
+    rows = torch.randn(dim_int, dim)
+    u = torch.distributions.Chi2(df=2 * nu).sample(sample_shape=(dim_int,))
+    omega = rows / torch.sqrt(u / (2 * nu))[:, None]
+    return (omega - torch.mean(omega, dim=0)[None, :]) / dim_int ** 0.5
+
+
+class DenseRKHSField(ResidualField):
+    """f(t, x) = W(t) ReLU(Omega x) on R^q; x: (batch, q).
+
+    Omega: (r, q) buffer, never trained (synthetic_random_features).
+    W: N+1 nodes (q, r), zeros: a tensor of shape (N+1, q, r).
+    Linear in W, so W(t) = w0 W_i0 + w1 W_i1 is formed first and applied once.
+    """
+
+    name = 'RKHS'
+    release_index_shift = 1
+
+    def __init__(self, dim: int, dim_int: int, num_steps: int, time_weights: str = 'release',
+                 nu: float = -1.0):
+        super().__init__(dim, dim_int, num_steps, time_weights)
+        _discarded_linear(dim, dim_int)  # the release's lin1, then overwritten by Omega
+        self.register_buffer('omega', synthetic_random_features(dim_int, dim, nu))
+        for _ in range(num_steps + 1):  # its N+1 output layers, then zeroed
+            _discarded_linear(dim_int, dim)
+        self.output_weight = nn.Parameter(torch.zeros(num_steps + 1, dim, dim_int))
+
+    def reference(self, x, nodes):
+        return F.linear(F.relu(F.linear(x, self.omega)), sum(w * self.output_weight[i] for i, w in nodes))
+
+    def prepare(self, index: torch.Tensor, weight: torch.Tensor, slots):
+        """W(t_e) for every evaluation e at once: (E, q, r). index, weight: (E, 2)."""
+        return (self.output_weight[index] * weight[:, :, None, None]).sum(1)
+
+    def evaluate(self, x, prepared, e):
+        self.count_evaluation()
+        return F.linear(F.relu(F.linear(x, self.omega)), prepared[e])
+
+
+class DenseSHLField(ResidualField):
+    """f(t, x) = w0 V_i0 ReLU(H_i0 x) + w1 V_i1 ReLU(H_i1 x) on R^q; x: (batch, q).
+
+    H: N+1 nodes (r, q), R^q -> R^r, nn.Linear's default initialisation; trained.
+    V: N+1 nodes (q, r), R^r -> R^q, zeros; trained.
+    The release gave its hidden layers the shape (q, r) and its output layers (r, q), so that it
+    ran only when q = r; here the shapes follow the formula, and for q = r the same seed gives the
+    release's numbers. The fast path applies the active nodes' hidden layers stacked (k r, q),
+    then their weighted output layers side by side (q, k r).
+    """
+
+    name = 'SHL'
+    release_index_shift = 0
+
+    def __init__(self, dim: int, dim_int: int, num_steps: int, time_weights: str = 'release'):
+        super().__init__(dim, dim_int, num_steps, time_weights)
+        for _ in range(num_steps + 1):  # the release's output layers, drawn first, then zeroed
+            _discarded_linear(dim, dim_int)
+        hidden = [nn.Linear(dim, dim_int, bias=False).weight.data for _ in range(num_steps + 1)]
+        self.hidden_weight = nn.Parameter(torch.stack(hidden))  # (N+1, r, q)
+        self.output_weight = nn.Parameter(torch.zeros(num_steps + 1, dim, dim_int))
+
+    def reference(self, x, nodes):
+        return sum(w * F.linear(F.relu(F.linear(x, self.hidden_weight[i])), self.output_weight[i])
+                   for i, w in nodes)
+
+    def prepare(self, index: torch.Tensor, weight: torch.Tensor, slots):
+        hidden = self.hidden_weight[index]  # (E, 2, r, q)
+        output = self.output_weight[index] * weight[:, :, None, None]  # (E, 2, q, r)
+        prepared = []
+        for e, active in enumerate(slots):
+            active = list(active)
+            prepared.append((hidden[e, active].reshape(-1, self.dim),
+                             output[e, active].transpose(0, 1).reshape(self.dim, -1)))
+        return prepared
+
+    def evaluate(self, x, prepared, e):
+        self.count_evaluation()
+        hidden_w, output_w = prepared[e]
+        return F.linear(F.relu(F.linear(x, hidden_w)), output_w)
+
+
+DENSE_RESIDUALS = {'RKHS': DenseRKHSField, 'SHL': DenseSHLField}
+
+
+def dense_field(model: str, dim: int, dim_int: int, num_steps: int, time_weights: str = 'release',
+                nu: float = -1.0) -> ResidualField:
+    """The fully connected field of a residual type; nu (the features' law) is RKHS's only."""
+    if model not in DENSE_RESIDUALS:
+        raise ValueError(f'model must be one of {tuple(DENSE_RESIDUALS)}, got {model!r}')
+    if num_steps < 1:
+        raise ValueError(f'num_steps must be >= 1, got {num_steps}')
+    if model == 'RKHS':
+        return DenseRKHSField(dim, dim_int, num_steps, time_weights, nu)
+    return DenseSHLField(dim, dim_int, num_steps, time_weights)
+
+
+SYNTHETIC_MATRICES = ('lifting', 'scaling')
+
+
+def synthetic_maps(matrix: str, data_dim: int, dim: int, alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed maps A: R^d -> R^q, (q, d), and B: R^q -> R^d, (d, q), never trained.
+
+    lifting: A stacks q // d copies of I_d (rows past them are 0); B = [I_d 0] reads the first d
+             coordinates. Needs q >= d.
+    scaling: q = 2d; A = alpha [I_d; 0] and B = alpha [0 I_d], so that the flow must carry the
+             data from the first d coordinates to the last d.
+    Advances the global RNG as the release's two nn.Linear did (A's first, then B's).
+    """
+    if matrix == 'lifting':
+        if dim < data_dim:
+            raise ValueError(f'lifting needs q >= d, got q={dim}, d={data_dim}')
+        a = torch.zeros(dim, data_dim)
+        for copy in range(dim // data_dim):
+            a[copy * data_dim:(copy + 1) * data_dim] = torch.eye(data_dim)
+        b = torch.zeros(data_dim, dim)
+        b[:, :data_dim] = torch.eye(data_dim)
+    elif matrix == 'scaling':
+        if dim != 2 * data_dim:
+            raise ValueError(f'scaling needs q = 2d, got q={dim}, d={data_dim}')
+        eye = torch.eye(data_dim)
+        a = alpha * torch.cat([eye, torch.zeros(data_dim, data_dim)], dim=0)
+        b = alpha * torch.cat([torch.zeros(data_dim, data_dim), eye], dim=1)
+    else:
+        raise ValueError(f'matrix must be one of {SYNTHETIC_MATRICES}, got {matrix!r}')
+    _discarded_linear(data_dim, dim)
+    _discarded_linear(dim, data_dim)
+    return a, b
+
+
+class SyntheticODENet(nn.Module):
+    """B x(1) from x(0) = A x_data: (batch, d) -> (batch, d). Only the ODE block is trained."""
+
+    def __init__(self, input_map: torch.Tensor, ode_block: ResidualODEBlock, output_map: torch.Tensor):
+        super().__init__()
+        self.register_buffer('input_map', input_map)
+        self.ode_block = ode_block
+        self.register_buffer('output_map', output_map)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.ode_block(F.linear(x, self.input_map)), self.output_map)

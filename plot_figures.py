@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import sys
+from collections import OrderedDict, namedtuple
 
 import numpy as np
 
@@ -342,6 +343,194 @@ def format_table(groups):
 
 
 # ----------------------------------------------------------------------------
+# The synthetic experiment (synthetic_experiments.py; python reproduce.py synthetic)
+# ----------------------------------------------------------------------------
+
+SYNTHETIC_FIGURE = 'synthetic'
+SYNTHETIC_FOLDER = 'synthetic_experiments'
+# Colour per state dimension q (both models), line style per RKHS width r; SHL dotted.
+SYNTHETIC_Q_COLORS = {2: 'tab:blue', 4: 'tab:orange', 8: 'tab:green'}
+SYNTHETIC_R_STYLES = {20: '--', 200: '-'}
+SYNTHETIC_SHL_STYLE = ':'
+# One curve: nu is the RKHS features' law (None for SHL, which has no random features).
+SyntheticConfig = namedtuple('SyntheticConfig', ['model', 'num_layers', 'q', 'r', 'nu'])
+SyntheticRun = namedtuple('SyntheticRun', ['path', 'config', 'protocol', 'seed', 'train_loss',
+                                           'test_loss', 'diverged'])
+
+
+def _integer(value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or float(value) != int(value):
+        raise ValueError(f'{value!r} is not an integer')
+    return int(value)
+
+
+def _float_curve(value):
+    array = np.asarray(value)
+    if array.dtype.kind not in 'iuf':
+        raise ValueError(f'a curve of {array.dtype}, not numbers')
+    return array.astype(float).reshape(-1)
+
+
+def read_synthetic_run(path):
+    """One pickle of synthetic_experiments.py as a SyntheticRun, or None (with a warning)."""
+    import protocol
+
+    try:
+        data = common.load_results(path)
+    except Exception as exc:  # a crafted or unreadable file is skipped, never fatal
+        runs_module.warn(f'skipping {path}: {type(exc).__name__}: {exc}')
+        return None
+    record = data.get('protocol') if isinstance(data, dict) else None
+    if not isinstance(record, dict) or record.get('dataset') != protocol.SYNTHETIC:
+        runs_module.warn(f'skipping {path}: not a synthetic_experiments.py results file with its protocol record')
+        return None
+    try:
+        model = str(data['model'])
+        config = SyntheticConfig(model, _integer(data['num_layers']), _integer(data['q']),
+                                 _integer(data['r']), float(data['nu']) if model == 'RKHS' else None)
+        curves = _float_curve(data['train loss']), _float_curve(data['test loss'])
+    except (KeyError, TypeError, ValueError) as exc:
+        runs_module.warn(f'skipping {path}: {type(exc).__name__}: {exc}')
+        return None
+    deciding = tuple((key, str(record.get(key))) for key in protocol.SYNTHETIC_DECIDING)
+    return SyntheticRun(path, config, deciding, _integer(data.get('seed')), *curves,
+                        bool(data.get('diverged', False)))
+
+
+def load_synthetic_runs(folders):
+    """The synthetic runs under `folders` that share one protocol: the most common one (the
+    others are named in a warning, never averaged in), one run per (configuration, seed)."""
+    runs = [run for folder in folders for path in runs_module.find_pickles(folder) if path.endswith('.pkl')
+            for run in [read_synthetic_run(path)] if run is not None]
+    counts = OrderedDict()
+    for run in runs:
+        counts[run.protocol] = counts.get(run.protocol, 0) + 1
+    if not counts:
+        return []
+    chosen = max(counts, key=counts.get)
+    for other, count in counts.items():
+        if other != chosen:
+            differing = ', '.join(f'{key} {value}' for (key, value), (_, mine) in zip(other, chosen)
+                                  if value != mine)
+            runs_module.warn(f'{count} synthetic run(s) of another protocol ({differing}) are not drawn')
+    kept, seen = [], set()
+    for run in runs:
+        if run.protocol == chosen and (run.seed is None or (run.config, run.seed) not in seen):
+            seen.add((run.config, run.seed))
+            kept.append(run)
+    return kept
+
+
+def _synthetic_features(nu):
+    return 'Gaussian features' if nu < 0 else f'Student-t features (nu = {nu:g})'
+
+
+def _synthetic_label(config, averaged, diverged):
+    same = config.model == 'SHL' and config.q == config.r
+    sizes = f'q=r={config.q}' if same else f'q={config.q} r={config.r}'
+    if diverged and diverged == len(averaged):
+        return f'{config.model} {sizes} L={config.num_layers} (n={diverged}, all diverged)'
+    left_out = f'; {diverged} diverged, left out' if diverged else ''
+    return f'{config.model} {sizes} L={config.num_layers} (n={len(averaged)}{left_out})'
+
+
+def _synthetic_averaged(members):
+    """The runs a curve averages: those that did not diverge (a diverged run's last losses are
+    huge and its curve stops early), or all of them when every run diverged."""
+    return [run for run in members if not run.diverged] or members
+
+
+def plot_synthetic(runs, out_dir, pdf=False):
+    """Training loss per iteration (log scale): one panel per RKHS feature law, holding the RKHS
+    curves of that law and every SHL curve for comparison. Lines: mean over seeds (each index over
+    the runs that reach it); bands: min to max. Returns (written paths, {(panel, label): the
+    plotted mean}). Diverged runs are left out of a curve (its label says how many)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    groups = OrderedDict()
+    for run in sorted(runs, key=lambda run: (run.config.model, run.config.nu or 0, run.config.q,
+                                             run.config.r, run.config.num_layers)):
+        groups.setdefault(run.config, []).append(run)
+    panels = sorted({config.nu for config in groups if config.model == 'RKHS'}, key=lambda nu: (nu >= 0, nu))
+    titles = [_synthetic_features(nu) for nu in panels] or ['SHL']
+    fig, axes = plt.subplots(len(titles), 1, figsize=(10, 4.2 * len(titles)), squeeze=False)
+    lines = OrderedDict()
+    for ax, nu, title in zip(axes[:, 0], panels or [None], titles):
+        for config, members in groups.items():
+            if config.model == 'RKHS' and config.nu != nu:
+                continue
+            averaged = _synthetic_averaged(members)
+            mean, _, low, high, _ = runs_module.ragged_stats([run.train_loss for run in averaged])
+            iterations = np.arange(1, mean.size + 1)
+            color = SYNTHETIC_Q_COLORS.get(config.q, 'tab:gray')
+            style = SYNTHETIC_R_STYLES.get(config.r, '-.') if config.model == 'RKHS' else SYNTHETIC_SHL_STYLE
+            label = _synthetic_label(config, averaged, sum(run.diverged for run in members))
+            line, = ax.plot(iterations, mean, color=color, linestyle=style, linewidth=1.5, label=label)
+            ax.fill_between(iterations, low, high, color=color, alpha=0.12, linewidth=0)
+            lines[(title, label)] = np.asarray(line.get_ydata())
+        ax.set_yscale('log')
+        ax.set_xlabel('iteration (full-batch gradient step)')
+        ax.set_ylabel('training loss (MSE)')
+        ax.set_title(f'RKHS, {title}; SHL dotted' if nu is not None else title, fontsize=10)
+        ax.grid(True, which='major', alpha=0.3)
+        ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    setting = dict(runs[0].protocol)
+    fig.suptitle(f'Synthetic regression y = -x (N={setting["dataset_size"]}, d={setting["data_dim"]}, '
+                 f'{setting["matrix"]}, lr {setting["learning_rate"]}, {setting["method"]})\n'
+                 f'lines: mean over seeds; bands: min–max over seeds', fontsize=10)
+    fig.tight_layout()
+    written = []
+    for fmt in ('png', 'pdf') if pdf else ('png',):
+        path = os.path.join(out_dir, f'{SYNTHETIC_FIGURE}.{fmt}')
+        common.atomic_write(path, lambda handle: fig.savefig(handle, format=fmt, dpi=DPI))
+        written.append(path)
+        print(f'figure {SYNTHETIC_FIGURE}: wrote {path}')
+    plt.close(fig)
+    return written, lines
+
+
+def format_synthetic_table(runs):
+    """Markdown table: final training and test losses per configuration (non-diverged runs)."""
+    groups = OrderedDict()
+    for run in runs:
+        groups.setdefault(run.config, []).append(run)
+    lines = ['| model | q | r | features | L | runs | diverged | final train loss: mean (min–max) '
+             '| final test loss: mean |', '|---|---|---|---|---|---|---|---|---|']
+    for config in sorted(groups, key=lambda c: (c.model, c.nu or 0, c.q, c.r, c.num_layers)):
+        finished = [run for run in groups[config] if not run.diverged and run.train_loss.size]
+        train = np.array([run.train_loss[-1] for run in finished])
+        test = np.array([run.test_loss[-1] for run in finished])
+        features = '–' if config.nu is None else _synthetic_features(config.nu).replace(' features', '')
+        summary = (f'{train.mean():.3g} ({train.min():.3g}–{train.max():.3g})' if train.size else '–')
+        lines.append(f'| {config.model} | {config.q} | {config.r} | {features} | {config.num_layers} '
+                     f'| {len(groups[config])} | {len(groups[config]) - len(finished)} | {summary} '
+                     f'| {test.mean() if test.size else float("nan"):.3g} |')
+    return '\n'.join(lines)
+
+
+def synthetic_main(args):
+    """plot_figures.py --figure synthetic: the figure and its table from synthetic_experiments/."""
+    folders = list(args.folders) or [SYNTHETIC_FOLDER]
+    absent = [folder for folder in folders if not os.path.isdir(folder)]
+    if absent:
+        print(f'error: not a folder: {", ".join(absent)}', file=sys.stderr)
+        return 2
+    runs = load_synthetic_runs(folders)
+    if not runs:
+        print(f'figure {SYNTHETIC_FIGURE}: no runs found in {", ".join(folders)}, figure skipped')
+        return 0
+    print(f'loaded {len(runs)} synthetic run(s) from {", ".join(folders)}')
+    plot_synthetic(runs, args.out_dir, args.pdf)
+    print()
+    print(format_synthetic_table(runs))
+    return 0
+
+
+# ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
 
@@ -351,9 +540,9 @@ def _figure_choice(text):
         if name.startswith(prefix):
             name = name[len(prefix):]
             break
-    if name not in FIGURE_NAMES + ('all',):
+    if name not in FIGURE_NAMES + ('all', SYNTHETIC_FIGURE):
         raise argparse.ArgumentTypeError(
-            f'unknown figure {text!r}; choose from {", ".join(FIGURE_NAMES)} or all')
+            f'unknown figure {text!r}; choose from {", ".join(FIGURE_NAMES)}, all or synthetic')
     return name
 
 
@@ -363,7 +552,8 @@ def get_args_parser():
     parser.add_argument('folders', nargs='*',
                         help=f'folders searched recursively for *.pkl (default: {" and ".join(DEFAULT_FOLDERS)})')
     parser.add_argument('--figure', type=_figure_choice, default='all',
-                        help='1a, 1b, 2, 3 or all (default: all)')
+                        help='1a, 1b, 2, 3 or all (default: all); synthetic: the synthetic '
+                             f'experiment, from {SYNTHETIC_FOLDER}/ by default')
     parser.add_argument('--reference', default=None, metavar='DIR',
                         help='the release\'s stored runs (python release_runs.py --download), drawn '
                              'as a band beneath each configuration')
@@ -399,6 +589,8 @@ def main(args):
     if problem:
         print(f'error: {problem}', file=sys.stderr)
         return EXIT_REFUSED
+    if args.figure == SYNTHETIC_FIGURE:
+        return synthetic_main(args)
     folders = list(args.folders) or [folder for folder in DEFAULT_FOLDERS if os.path.isdir(folder)]
     if not folders and not args.reference:
         print(f'no results folder found ({", ".join(DEFAULT_FOLDERS)}); nothing to plot')

@@ -243,6 +243,10 @@ def of_command(dataset: str, argv: list) -> dict:
     Imports the script, hence torch; raises embeddings.EmbeddingError as the run would."""
     import importlib
 
+    if dataset == SYNTHETIC:
+        import synthetic_experiments
+        args = synthetic_experiments.get_args_parser().parse_args(argv)
+        return build_synthetic(args, synthetic_experiments.integration_method(args), {})
     module = importlib.import_module('CIFAR_experiments' if dataset == 'CIFAR10' else 'MNIST_experiments')
     args = module.get_args_parser().parse_args(argv)
     facts = {}
@@ -264,7 +268,12 @@ def of_file(path: str, dataset: str) -> tuple[dict | None, str | None]:
     try:
         if path.endswith('.pkl'):
             import common
-            return read(common.load_results(path), dataset)[0], None
+            data = common.load_results(path)
+            if dataset == SYNTHETIC:  # no release-era pickles to read: the record or nothing
+                if not isinstance(data.get('protocol'), dict):
+                    raise ValueError('no protocol record')
+                return data['protocol'], None
+            return read(data, dataset)[0], None
         import argparse
         import torch
         state = torch.load(path, map_location='cpu', weights_only=True)
@@ -303,7 +312,8 @@ def differences(have: dict, want: dict, exact: bool = True) -> list[tuple[str, o
     """The deciding fields in which `have` differs from `want`: (field, have's, want's).
 
     exact=False compares a drawn embedding by kind only (for grouping runs into curves)."""
-    return [(key, have.get(key), want.get(key)) for key in DECIDING
+    deciding = SYNTHETIC_DECIDING if SYNTHETIC in (have.get('dataset'), want.get('dataset')) else DECIDING
+    return [(key, have.get(key), want.get(key)) for key in deciding
             if _comparable(key, have.get(key), exact) != _comparable(key, want.get(key), exact)]
 
 
@@ -354,3 +364,30 @@ def is_drawn_where_release_had_files(protocol: dict, channels, passes) -> bool:
     embedding = protocol.get('embedding')
     return (protocol.get('dataset') == 'MNIST' and isinstance(embedding, dict)
             and embedding.get('source') == 'drawn' and release_ships(channels, passes))
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic experiment (synthetic_experiments.py)
+# ---------------------------------------------------------------------------------------------
+
+# A synthetic run's configuration is (model, num_layers, q, r, nu): what its figure draws as one
+# curve. Its protocol is the rest: the data it draws and how it trains. The same idea as above:
+# runs are averaged or reused only when every deciding field agrees.
+SYNTHETIC = 'SYNTHETIC'
+SYNTHETIC_DECIDING = ('dataset', 'epochs', 'learning_rate', 'method', 'time_weights',
+                      'dataset_size', 'data_dim', 'sigma', 'matrix', 'alpha')
+SYNTHETIC_INFORMATIVE = ('integrator', 'code_version', 'torch_version')
+
+
+def build_synthetic(args, method: str, facts: dict) -> dict:
+    """The protocol record of a synthetic run. method: the scheme it integrated with (the
+    script's --method release means midpoint); facts: code_version, torch_version."""
+    return {
+        'dataset': SYNTHETIC, 'epochs': int(args.epochs), 'learning_rate': float(args.learning_rate),
+        'method': method, 'time_weights': args.time_weights,
+        'dataset_size': int(args.dataset_size), 'data_dim': int(args.data_dim),
+        'sigma': float(args.sigma), 'matrix': args.matrix, 'alpha': float(args.alpha),
+        'integrator': args.integrator,
+        'code_version': facts.get('code_version', 'unknown'),
+        'torch_version': facts.get('torch_version', 'unknown'),
+    }

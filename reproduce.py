@@ -92,7 +92,11 @@ class Run(scheduler.Job):
 
     @property
     def dataset(self):
-        return common.figure_folder_prefix(self.config.shared_from or self.figure)
+        """The dataset name of the protocol record: MNIST, CIFAR10 or SYNTHETIC."""
+        if self.figure == SYNTHETIC:
+            return protocol.SYNTHETIC
+        prefix = common.figure_folder_prefix(self.config.shared_from or self.figure)
+        return 'CIFAR10' if prefix == 'CIFAR' else prefix
 
 
 # ----------------------------------------------------------------------------
@@ -137,6 +141,8 @@ def describe_embedding(figures, args):
 
 def results_dir(figure):
     """Results folder of a figure, relative to results_root."""
+    if figure == SYNTHETIC:
+        return SYNTHETIC_RESULTS
     return os.path.join(f'{common.figure_folder_prefix(figure)}_experiments', common.figure_tag(figure))
 
 
@@ -229,6 +235,43 @@ def make_run(figure, config, seeds, args):
 
 
 # ----------------------------------------------------------------------------
+# The synthetic experiment (synthetic_experiments.py): python reproduce.py synthetic
+# ----------------------------------------------------------------------------
+
+SYNTHETIC = 'synthetic'
+SYNTHETIC_RESULTS = os.path.join('synthetic_experiments', 'sweep')
+# The synthetic script's flags that the sweep's grid sets (argparse destinations).
+SYNTHETIC_GRID_DESTS = ('model', 'dim', 'dim_int', 'nu', 'num_layers', 'matrix')
+
+
+def synthetic_configurations():
+    """(name, flags) of each curve: RKHS for q in {2, 4, 8} and r in {20, 200}, with Gaussian
+    (nu = -1) and Student-t (nu = 1) features; SHL at q = r in {2, 4, 8} for comparison."""
+    rkhs = [(f'RKHS_q{q}_r{r}_{tag}', ['--model', 'RKHS', '--dim', str(q), '--dim_int', str(r), '--nu', str(nu)])
+            for tag, nu in (('gauss', -1), ('t1', 1)) for q in (2, 4, 8) for r in (20, 200)]
+    return rkhs + [(f'SHL_q{q}_r{q}', ['--model', 'SHL', '--dim', str(q), '--dim_int', str(q)]) for q in (2, 4, 8)]
+
+
+def build_synthetic_runs(args):
+    """One process per (configuration, seed), configuration-major, into SYNTHETIC_RESULTS. A run
+    lasts seconds: it has no checkpoint and no resume state."""
+    script = os.path.join(SCRIPT_DIR, 'synthetic_experiments.py')
+    runs = []
+    for config, flags in synthetic_configurations():
+        if args.configs and config not in args.configs:
+            continue
+        for seed in range(args.seed_start, args.seed_start + args.num_seeds):
+            name = f'{config}_s{seed}'
+            run_args = flags + ['--seed', str(seed), '--results_dir', SYNTHETIC_RESULTS, '--save', f'{name}.pkl']
+            run_args += (['--device', 'cuda'] if args.gpus else []) + list(args.passthrough)
+            runs.append(Run(name=name, script=script, args=run_args,
+                            pickles=[os.path.join(SYNTHETIC_RESULTS, f'{name}.pkl')],
+                            log=os.path.join(SYNTHETIC_RESULTS, 'logs', f'{name}.log'),
+                            figure=SYNTHETIC, seeds=[seed]))
+    return runs
+
+
+# ----------------------------------------------------------------------------
 # Existing files: done only at the sweep's protocol
 # ----------------------------------------------------------------------------
 
@@ -238,13 +281,12 @@ def protocol_problems(all_runs, root):
     problems = []
     for run in all_runs:
         existing = [path for path in run.pickles + [run.resume_state]
-                    if os.path.lexists(os.path.join(root, path))]
+                    if path and os.path.lexists(os.path.join(root, path))]
         if not existing:
             continue
-        dataset = 'CIFAR10' if run.dataset == 'CIFAR' else 'MNIST'
-        want = protocol.of_command(dataset, run.args)
+        want = protocol.of_command(run.dataset, run.args)
         for path in existing:
-            have, unreadable = protocol.of_file(os.path.join(root, path), dataset)
+            have, unreadable = protocol.of_file(os.path.join(root, path), run.dataset)
             if unreadable:
                 problems.append((run, path, unreadable))
                 continue
@@ -289,7 +331,7 @@ def runs_to_do(all_runs, root, args):
     for run in all_runs:
         missing = [seed for seed, path in zip(run.seeds, run.pickles)
                    if not os.path.exists(os.path.join(root, path))]
-        resume = os.path.exists(os.path.join(root, run.resume_state))
+        resume = bool(run.resume_state) and os.path.exists(os.path.join(root, run.resume_state))
         if not missing and not resume:
             run.status = 'skipped'
             print(f'# skip {run.name}: {", ".join(run.pickles)} exist{"s" * (len(run.pickles) == 1)}')
@@ -337,6 +379,8 @@ def write_manifest(root, figure, runs, args, started, finished=None):
 
 def _figure_name(text):
     name = text.lower()
+    if name == SYNTHETIC:
+        return name
     if name.startswith('fig') and not name.startswith('figure'):
         name = 'figure' + name[len('fig'):]  # fig1a, the results folder's name
     if not name.startswith('figure') and name != 'all':
@@ -374,7 +418,9 @@ def get_args_parser():
                     'Arguments after "--" are passed to every run.',
         usage='%(prog)s FIGURE [options] [-- experiment flags]')
     add = parser.add_argument
-    add('figure', type=_figure_name, help='figure1a, figure1b, figure2, figure3 or all (also 1a or fig1a)')
+    add('figure', type=_figure_name,
+        help='figure1a, figure1b, figure2, figure3 or all (also 1a or fig1a); synthetic: the synthetic '
+             'experiment\'s sweep (not part of all)')
     add('--num_seeds', type=int, default=5, help='number of seeds per configuration (default: 5)')
     add('--seeds', type=int, dest='deprecated_seeds', default=None, metavar='N',
         help='deprecated spelling of --num_seeds')
@@ -448,8 +494,15 @@ def _check_args(args, figures):
                         f'{args.seed_start} .. {args.seed_start + args.num_seeds - 1}')
     if not 0 <= args.embedding_seed < SEED_LIMIT:
         problems.append(f'--embedding_seed must be in [0, 2^63), got {args.embedding_seed}')
+    if figures == (SYNTHETIC,):
+        unsupported = [flag for flag, value in (('--shard', args.shard), ('--batch_seeds', args.batch_seeds),
+                                                ('--embedding_dir', args.embedding_dir),
+                                                ('--vary_embedding', args.vary_embedding)) if value]
+        if unsupported:
+            problems.append(f'{", ".join(unsupported)}: not options of the synthetic sweep')
     if args.configs is not None:
-        known = {config.name for figure in figures for config in common.figure_grid(figure)}
+        known = ({name for name, _ in synthetic_configurations()} if figures == (SYNTHETIC,) else
+                 {config.name for figure in figures for config in common.figure_grid(figure)})
         unknown = [name for name in args.configs if name not in known]
         if unknown or not args.configs:
             problems.append(f'--configs: {", ".join(unknown) or "(empty)"} is not a configuration of '
@@ -500,14 +553,17 @@ def _passthrough_problems(args, figures):
     if REPO_DIR not in sys.path:
         sys.path.insert(0, REPO_DIR)
     problems = []
-    for prefix in sorted({common.figure_folder_prefix(figure) for figure in figures}):
+    scripts = ['synthetic'] if figures == (SYNTHETIC,) else sorted(
+        {common.figure_folder_prefix(figure) for figure in figures})
+    grid = SYNTHETIC_GRID_DESTS if figures == (SYNTHETIC,) else common.GRID_DESTS
+    for prefix in scripts:
         parser = importlib.import_module(f'{prefix}_experiments').get_args_parser()
         try:
             parsed = parser.parse_args(args.passthrough)
         except SystemExit:  # the parser has printed its own one-line error
             return [f'the flags after "--" are not valid for {prefix}_experiments.py']
         given = parsed._given
-        for dest in sorted(given & set(common.GRID_DESTS)):
+        for dest in sorted(given & set(grid)):
             problems.append(f'--{dest} is set for each configuration by the figure\'s grid; it '
                             f'cannot be passed after "--"')
         for dest in sorted(given & set(MANAGED_FLAGS)):
@@ -528,7 +584,8 @@ def _plot(figure, root, pdf):
     if REPO_DIR not in sys.path:
         sys.path.insert(0, REPO_DIR)
     import plot_figures
-    folders = [os.path.join(root, folder) for folder in common.figure_folders(figure)]
+    folders = [os.path.join(root, folder) for folder in (
+        [SYNTHETIC_RESULTS] if figure == SYNTHETIC else common.figure_folders(figure))]
     plot_args = [*[folder for folder in folders if os.path.isdir(folder)],
                  '--figure', figure.replace('figure', ''),
                  '--out_dir', os.path.join(root, results_dir(figure))]
@@ -548,7 +605,7 @@ def _select_shard(runs_by_figure, figures, shard):
 
 def main(args):
     """Run (or print, with --dry_run) the sweep, then plot; return an exit status."""
-    figures = FIGURES if args.figure == 'all' else (args.figure,)
+    figures = FIGURES if args.figure == 'all' else (args.figure,)  # 'all': the paper's figures
     problems = _check_args(args, figures) or _passthrough_problems(args, figures)
     if problems:
         print('error: ' + '; '.join(problems), file=sys.stderr)
@@ -557,10 +614,11 @@ def main(args):
     root = os.path.abspath(args.results_root)
     runs_by_figure, seen = {}, set()
     for figure in figures:  # a run shared by two figures (Figure 2's C=32 is 1a's) runs once
-        runs_by_figure[figure] = [run for run in build_runs(figure, args, root) if run.log not in seen]
+        built = build_synthetic_runs(args) if figure == SYNTHETIC else build_runs(figure, args, root)
+        runs_by_figure[figure] = [run for run in built if run.log not in seen]
         seen.update(run.log for run in runs_by_figure[figure])
     try:
-        embedding = describe_embedding(figures, args)
+        embedding = '' if figures == (SYNTHETIC,) else describe_embedding(figures, args)
         if args.shard:
             runs_by_figure = _select_shard(runs_by_figure, figures, args.shard)
         mismatched = protocol_problems([run for runs in runs_by_figure.values() for run in runs], root)
