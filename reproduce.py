@@ -33,7 +33,6 @@ Examples::
 import argparse
 import datetime
 import glob
-import json
 import os
 import shlex
 import shutil
@@ -347,33 +346,6 @@ def runs_to_do(all_runs, root, args):
 
 
 # ----------------------------------------------------------------------------
-# Manifest
-# ----------------------------------------------------------------------------
-
-def write_manifest(root, figure, runs, args, started, finished=None):
-    """Record this invocation in <results_dir>/sweep.json, after the earlier ones."""
-    path = os.path.join(root, results_dir(figure), 'sweep.json')
-    try:
-        with open(path) as stream:
-            history = json.load(stream).get('invocations', [])
-    except (OSError, ValueError, AttributeError):
-        history = []
-    history = [entry for entry in history if isinstance(entry, dict)
-               and entry.get('started_unix') != started]  # this invocation's is replaced
-    invocation = {
-        'started_unix': started, 'started': scheduler.clock(started),
-        'finished': scheduler.clock(finished) if finished else None,
-        'argv': list(args.argv), 'cwd': root, 'code_version': protocol.code_version(),
-        'runs': [{'name': run.name, 'command': run.command(), 'status': run.status,
-                  'returncode': run.returncode, 'seconds': run.seconds,
-                  'pickles': run.pickles, 'log': run.log, **run.extra} for run in runs],
-    }
-    common.atomic_write(path, lambda stream: (json.dump(
-        {'figure': figure, 'invocations': history + [invocation]}, stream, indent=1),
-        stream.write('\n')), binary=False)
-
-
-# ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
 
@@ -510,32 +482,10 @@ def _check_args(args, figures):
     if any(flag in ('-h', '--help') for flag in args.passthrough):
         problems.append('--help after "--" would go to every run; for the experiment flags, run '
                         'python MNIST_experiments.py --help (or CIFAR_experiments.py)')
-    problems += _folder_problems(args.results_root, '--results_root')
+    problems += scheduler.folder_problems(args.results_root, '--results_root')
     if args.gpus and not args.dry_run:
-        problems += _gpu_problems(args.gpus)
+        problems += scheduler.gpu_problems(args.gpus)
     return problems
-
-
-def _folder_problems(folder, flag):
-    """A folder that is a file, lies under a file, or cannot be written: named before any run."""
-    path = os.path.abspath(folder)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        return [f'{flag} {folder}: {path} is not a folder']
-    return [] if common.can_write_in(path) else [f'{flag} {folder}: {path} is not writable']
-
-
-def _gpu_problems(gpus):
-    try:
-        import torch
-        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # no torch, or a broken CUDA install
-        available = 0
-    wanted = max(int(gpu) for gpu in gpus)
-    if wanted >= available:
-        return [f'--gpus {",".join(gpus)}: this machine has {available} CUDA device(s)']
-    return []
 
 
 def _passthrough_problems(args, figures):
@@ -590,6 +540,12 @@ def _plot(figure, root, pdf):
                  '--figure', figure.replace('figure', ''),
                  '--out_dir', os.path.join(root, results_dir(figure))]
     return plot_figures.main(plot_figures.get_args_parser().parse_args(plot_args + ['--pdf'] * pdf))
+
+
+def _manifest(root, figure, runs, args, started, finished=None):
+    """This invocation in <figure's results folder>/sweep.json, after the earlier ones."""
+    scheduler.write_manifest(os.path.join(root, results_dir(figure), 'sweep.json'), {'figure': figure}, runs,
+                             args.argv, root, started, finished)
 
 
 def _select_shard(runs_by_figure, figures, shard):
@@ -657,7 +613,7 @@ def main(args):
     if any(figure != 'figure3' for figure in figures):
         print(f'MNIST embedding: {embedding}')
     for figure in figures:
-        write_manifest(root, figure, runs_by_figure[figure], args, sweep_start)
+        _manifest(root, figure, runs_by_figure[figure], args, sweep_start)
     slots = scheduler.make_slots(args)
     print(f'{len(todo)} run(s) to do, {len(all_runs) - len(todo)} skipped; '
           f'{len(slots)} at a time', flush=True)
@@ -665,7 +621,7 @@ def main(args):
     interrupted = scheduler.run_all_handling_sigterm(todo, root, slots)
     finished = time.time()
     for figure in figures:
-        write_manifest(root, figure, runs_by_figure[figure], args, sweep_start, finished)
+        _manifest(root, figure, runs_by_figure[figure], args, sweep_start, finished)
     return _report(todo, all_runs, figures, root, args, sweep_start, interrupted)
 
 

@@ -10,6 +10,7 @@ is "running elsewhere", not a failure.
 
 reproduce.py builds the jobs (its Run extends Job); this module knows nothing of figures.
 """
+import json
 import os
 import shlex
 import signal
@@ -46,6 +47,50 @@ class Job:
 def clock(seconds):
     return time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(seconds))
 
+
+
+def write_manifest(path, header: dict, jobs, argv, cwd, started, finished=None):
+    """Record an invocation (its command line, working folder, code version and each job's
+    command and outcome) in the JSON file `path`, after the earlier invocations."""
+    import protocol
+    try:
+        with open(path) as stream:
+            history = json.load(stream).get('invocations', [])
+    except (OSError, ValueError, AttributeError):
+        history = []
+    history = [entry for entry in history if isinstance(entry, dict)
+               and entry.get('started_unix') != started]  # this invocation's is replaced
+    invocation = {
+        'started_unix': started, 'started': clock(started), 'finished': clock(finished) if finished else None,
+        'argv': list(argv), 'cwd': cwd, 'code_version': protocol.code_version(),
+        'runs': [{'name': job.name, 'command': job.command(), 'status': job.status,
+                  'returncode': job.returncode, 'seconds': job.seconds,
+                  'pickles': job.pickles, 'log': job.log, **job.extra} for job in jobs],
+    }
+    common.atomic_write(path, lambda stream: (json.dump(
+        {**header, 'invocations': history + [invocation]}, stream, indent=1), stream.write('\n')), binary=False)
+
+
+def folder_problems(folder, flag):
+    """A folder that is a file, lies under a file, or cannot be written: named before any job."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return [f'{flag} {folder}: {path} is not a folder']
+    return [] if common.can_write_in(path) else [f'{flag} {folder}: {path} is not writable']
+
+
+def gpu_problems(gpus):
+    """GPU ids that this machine does not have."""
+    try:
+        import torch
+        available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # no torch, or a broken CUDA install
+        available = 0
+    if max(int(gpu) for gpu in gpus) >= available:
+        return [f'--gpus {",".join(gpus)}: this machine has {available} CUDA device(s)']
+    return []
 
 
 def make_slots(args):
