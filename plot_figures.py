@@ -131,7 +131,7 @@ class Panels:
     """The two axes of a figure and what has been drawn on them, for the axis limits."""
 
     def __init__(self, plt):
-        self.fig, (self.loss, self.error) = plt.subplots(1, 2, figsize=(12, 4.8))
+        self.fig, (self.loss, self.error) = plt.subplots(1, 2, figsize=(12, 5.2))
         self.loss_values, self.loss_starts, self.error_values = [], [], []
 
     def draw(self, runs, color, linestyle, label, smooth_window, reference=False):
@@ -264,8 +264,8 @@ def build_figure(figure, groups, reference=None, smooth_window=DEFAULT_SMOOTH_WI
     what = ('the release\'s stored runs only: no run of this project' if not drawn else
             'lines: mean over runs; shaded: min-max over runs'
             + ('; release: min-max band of its stored runs, thin line their mean' if reference else ''))
-    panels.fig.suptitle(f'Figure {figure}: {subtitle}\n{what}; x: a run stopped on a non-finite loss '
-                        f'(its loss drawn until it exploded)', fontsize=10)
+    panels.fig.suptitle(f'Figure {figure}: {subtitle}\n{what}\nx: a run stopped on a non-finite loss '
+                        f'(its loss drawn until it exploded)', fontsize=9)
     panels.fig.tight_layout()
     return panels.fig, drawn
 

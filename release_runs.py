@@ -269,8 +269,15 @@ def _report_sections(comparisons, others, mine, release, results, figures):
     missing = sorted(release_mnist - mnist_configs, key=lambda config: runs_module.sort_key((config, ())))
     for config in missing:
         yield f'- Not run here: {runs_module.config_text(config)}.'
-    yield ('- Starting errors (epoch 0) equal the release\'s to the image wherever both loaded the same '
-           'embedding files; Figure 2\'s 4-channel runs drew their own embedding in the release and here.')
+    same_start = [c for c in comparisons
+                  if len({round(float(run.test_classif[0]), 4) for run in c.mine + c.theirs}) == 1]
+    differ = [c for c in comparisons if c not in same_start]
+    yield (f'- Starting test errors (epoch 0): equal to the release\'s, to the image, in '
+           f'{len(same_start)} of the {len(comparisons)} configurations'
+           + (': all but ' + '; '.join(f'{runs_module.config_text(c.config)} (here '
+                                        f'{_percent(*c.at("mine", 0))}%, release {_percent(*c.at("theirs", 0))}%)'
+                                        for c in differ) if differ else '')
+           + '. The release\'s Figure 2 4-channel runs drew their own embeddings, as the runs here do.')
     yield ''
     yield '## Test error by epoch'
     yield ''
@@ -304,8 +311,8 @@ def _report_sections(comparisons, others, mine, release, results, figures):
     yield ''
     yield '## Figure 3 (CIFAR-10)'
     yield ''
-    yield ('No CIFAR-10 run was made here: the dataset cannot be had on the machines this was made on, and '
-           'a 300-epoch run needs a GPU. Figure 3 below is drawn from the release\'s stored runs alone. '
+    yield ('This project includes no CIFAR-10 run: a 300-epoch run needs a GPU, and CIFAR-10 was not '
+           'available where these runs were made. Figure 3 below is drawn from the release\'s stored runs alone. '
            'What was checked instead, at report time: the network of each configuration is built, its '
            'forward pass runs on a batch of two images, and its trainable parameters are counted; the '
            'counts equal the `num_parameters` the release stored.')
