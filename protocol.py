@@ -237,18 +237,21 @@ def release_ships(channels, passes) -> bool:
     return release_embedding(channels, passes)['source'] == 'files'
 
 
+SCRIPTS = {'MNIST': 'MNIST_experiments', 'CIFAR10': 'CIFAR_experiments'}  # SYNTHETIC added below
+
+
 def of_command(dataset: str, argv: list) -> dict:
     """The record that MNIST_experiments.py or CIFAR_experiments.py would write when run with
     `argv`: its flags read by the script's own parser, and the embedding files it would load.
     Imports the script, hence torch; raises embeddings.EmbeddingError as the run would."""
     import importlib
 
-    if dataset == SYNTHETIC:
-        import synthetic_experiments
-        args = synthetic_experiments.get_args_parser().parse_args(argv)
-        return build_synthetic(args, synthetic_experiments.integration_method(args), {})
-    module = importlib.import_module('CIFAR_experiments' if dataset == 'CIFAR10' else 'MNIST_experiments')
+    # Imported by name at call time: the scripts import this module, so a plain import would
+    # be a cycle.
+    module = importlib.import_module(SCRIPTS[dataset])
     args = module.get_args_parser().parse_args(argv)
+    if dataset == SYNTHETIC:
+        return build_synthetic(args, module.integration_method(args), {})
     facts = {}
     if dataset == 'MNIST':
         module.apply_release_tbs(args)
@@ -374,6 +377,7 @@ def is_drawn_where_release_had_files(protocol: dict, channels, passes) -> bool:
 # curve. Its protocol is the rest: the data it draws and how it trains. The same idea as above:
 # runs are averaged or reused only when every deciding field agrees.
 SYNTHETIC = 'SYNTHETIC'
+SCRIPTS[SYNTHETIC] = 'synthetic_experiments'
 SYNTHETIC_DECIDING = ('dataset', 'epochs', 'learning_rate', 'method', 'time_weights',
                       'dataset_size', 'data_dim', 'sigma', 'matrix', 'alpha')
 SYNTHETIC_INFORMATIVE = ('integrator', 'code_version', 'torch_version')

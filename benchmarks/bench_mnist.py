@@ -93,7 +93,9 @@ def main(argv=None):
         net = rs.project_mnist_net(args, device)
         return measure.ProjectPipeline(
             args, device, net, torch.compile(net) if compiled else net, train, test,
-            MNIST_experiments.EVAL_CHUNK, MNIST_experiments.first_training_images,
+            MNIST_experiments.EVAL_CHUNK,
+            lambda train_set: MNIST_experiments.first_training_images(
+                train_set, MNIST_experiments.TRAIN_ERROR_IMAGES),
             parameters=list(net.ode_block.parameters()), eval_transform=data.mnist_to_float,
             train_transform=lambda images, generator: data.mnist_to_float(images))
     pipelines = {key: rs.mnist_pipeline(args, device) if key == 'a' else project_pipeline(key == 'c')

@@ -34,7 +34,8 @@ def main(out_path):
         train_set=train, test_set=test,
         train_transform=lambda images, generator: data.mnist_to_float(images),
         eval_transform=data.mnist_to_float,
-        train_eval_sample=MNIST_experiments.first_training_images(train), eval_chunk=16,
+        train_eval_sample=MNIST_experiments.first_training_images(
+            train, MNIST_experiments.TRAIN_ERROR_IMAGES), eval_chunk=16,
         facts={}, training_forward=dist.wrap(net))
     # lr 0 keeps the weights, so the gradient is the first step's, on the one global batch.
     optimizer = torch.optim.SGD(exp.parameters, lr=0.0)

@@ -56,7 +56,8 @@ def test_one_epoch_under_two_ranks_matches_one_process(tmp_path, script, extra):
     assert single.returncode == 0, single.stderr
     folder = tmp_path / 'MNIST_experiments'
     ddp, one = load_results(folder / 'ddp.pkl'), load_results(folder / 'one.pkl')
-    assert sorted(p.name for p in folder.iterdir()) == ['ddp.pkl', 'one.pkl']  # rank 0 wrote once
+    assert sorted(p.name for p in folder.iterdir()) == [  # rank 0 wrote once
+        'ddp.metrics.jsonl', 'ddp.pkl', 'one.metrics.jsonl', 'one.pkl']
     assert ddp['train_loss'].shape == (4,) and ddp['world_size'] == 2
     # Not bit-exact: each global batch is summed as two half-batches plus an all-reduce, so the
     # gradients differ in the last float bits and 4 SGD steps carry that forward. 1e-4 relative

@@ -218,7 +218,7 @@ def test_download_refuses_to_overwrite_a_different_file(tmp_path):
     target.mkdir()
     name = next(iter(embeddings.RELEASE_SHA256))
     (target / name).write_bytes(b'mine')
-    with pytest.raises(embeddings.EmbeddingError, match='exists and is not the release file'):
+    with pytest.raises(embeddings.EmbeddingError, match="exists and is not the release's file"):
         embeddings.download(str(target), base_url='file:///nowhere/')
     assert (target / name).read_bytes() == b'mine'
 

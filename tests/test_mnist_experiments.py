@@ -47,7 +47,7 @@ def test_pickle_schema_and_parameter_count(synthetic_run):
     assert results['model'] == 'SHL' and results['pretrain_pass'] == 1
     assert results['time_weights'] == 'release' and results['seed'] == 3
     assert results['diverged'] is False
-    assert re.search(r'epoch 2/2: train error [\d.]+%, test error [\d.]+%, best', proc.stdout)
+    assert re.search(r'epoch 2/2: lr [\d.e-]+, loss [\d.]+, train error [\d.]+%, test error [\d.]+%, best', proc.stdout)
 
 
 def test_results_unpickle_without_torch(synthetic_run):

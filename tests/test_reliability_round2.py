@@ -1,5 +1,6 @@
 """Reliability, round 2: what a careful user or a hostile input found, one theme per section.
 Each test failed on the code before the fix it covers."""
+import json
 import os
 import pickle
 import subprocess
@@ -45,7 +46,10 @@ def test_two_runs_with_the_same_save_one_wins_and_nothing_is_lost(tmp_path):
     checkpoint = torch.load(tmp_path / 'MNIST_checkpoint' / 'race.pth', weights_only=True)
     assert checkpoint['args']['seed'] == winner
     assert folder_snapshot(tmp_path) == ['MNIST_checkpoint', 'MNIST_checkpoint/race.pth',
-                                         'MNIST_experiments', 'MNIST_experiments/race.pkl']
+                                         'MNIST_experiments', 'MNIST_experiments/race.metrics.jsonl',
+                                         'MNIST_experiments/race.pkl']
+    header = json.loads((tmp_path / 'MNIST_experiments' / 'race.metrics.jsonl').read_text().splitlines()[0])
+    assert header['seed'] == winner
 
 
 def test_a_second_run_is_refused_while_the_first_holds_the_save(tmp_path):

@@ -1,5 +1,7 @@
 """--seeds: K seeds trained in one process as one batched model, each member the run its seed
 alone would have made; members stay independent; interruption and resume as for a single run."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -100,8 +102,12 @@ def test_resume_after_sigterm_and_sigkill_gives_the_uninterrupted_pickles(tmp_pa
         expected = load_results(whole / 'MNIST_experiments' / f'r_s{seed}.pkl')
         for key in ('train_loss', 'train_classif', 'test_classif', 'best_epoch', 'seed'):
             assert np.array_equal(np.asarray(done[key]), np.asarray(expected[key])), key
-    assert sorted(p.name for p in (cut / 'MNIST_experiments').iterdir()) == [
-        f'r_s{seed}.pkl' for seed in SEEDS]
+    assert sorted(p.name for p in (cut / 'MNIST_experiments').iterdir()) == sorted(
+        f'r_s{seed}{suffix}' for seed in SEEDS for suffix in ('.pkl', '.metrics.jsonl'))
+    for seed in SEEDS:  # the metrics file, rebuilt on each resume, neither repeats nor misses an epoch
+        done, expected = (_metric_rows(root / 'MNIST_experiments' / f'r_s{seed}.metrics.jsonl')
+                          for root in (cut, whole))
+        assert done == expected and [row[0] for row in done] == list(range(len(done)))
 
 
 @pytest.mark.parametrize('flags, text', [
@@ -124,3 +130,9 @@ def test_an_existing_member_pickle_is_never_overwritten(tmp_path):
     assert proc.returncode == 2 and 'x_s2.pkl exists' in proc.stderr
     assert (folder / 'x_s2.pkl').read_bytes() == b'precious'
     assert folder_snapshot(tmp_path) == ['MNIST_experiments', 'MNIST_experiments/x_s2.pkl']
+
+
+def _metric_rows(path):
+    """(epoch, train error, test error, loss) of each evaluation line of a metrics file."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    return [(row['epoch'], row['train_error'], row['test_error'], row['train_loss']) for row in rows]
