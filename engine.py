@@ -33,11 +33,12 @@ import torch.nn.functional as F
 
 import distributed
 import protocol
-from cli import EXIT_DIVERGED, EXIT_OK, UsageError, decay_warning, pick_device
-from common import save_pickle
+from cli import (EXIT_DIVERGED, EXIT_OK, EXIT_WRITE_FAILED, FLOAT32_MAX, UsageError, WriteFailed,
+                 check_stored_args, decay_warning, describe_write_error, pick_device)
 from data import DeviceDataset
 from runstate import (CHECKPOINT_FORMAT, RESUME_FORMAT, RunClaim, RunPaths, StopRequest, fault_point,
-                      load_torch, plain_args, prepare_run, rng_state, save_torch, set_rng_state)
+                      load_torch, plain_args, prepare_run, rng_state, save_results, save_torch,
+                      set_rng_state)
 
 TRAIN_EVAL_SIZE = 10_000  # train_classif is measured on 10,000 training images, as in the release
 # On CUDA, reading the loss forces a host-device sync; do it every this many steps (for the
@@ -263,18 +264,30 @@ class Run:
         return text if len(self.members) == 1 else f'seed {self.members[k].args.seed}: {text}'
 
     def restore(self, state: dict) -> Optional[dict]:
-        """Continue from a resume state; returns where an interrupted epoch stopped, if it did."""
-        for name, module in self.exp.parts.items():
-            module.load_state_dict(state['parts'][name])
-        self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['scheduler'])
-        for generator, saved in zip(self.generators, state['data_generators']):
-            generator.set_state(saved.to(generator.get_state().device))
-        set_rng_state(state['rng'])
+        """Continue from a resume state; returns where an interrupted epoch stopped, if it did.
+
+        Its shape was checked when it was loaded (runstate); what does not fit the network its
+        arguments build (a tensor of another shape, an edited argument) is refused here, in one
+        line, before anything is written."""
+        try:
+            for name, module in self.exp.parts.items():
+                module.load_state_dict(state['parts'][name])
+            self.optimizer.load_state_dict(state['optimizer'])
+            self.scheduler.load_state_dict(state['scheduler'])
+            for generator, saved in zip(self.generators, state['data_generators']):
+                generator.set_state(saved.to(generator.get_state().device))
+            set_rng_state(state['rng'])
+            position = state['position']
+            if position is not None:
+                _check_position(position, len(self.members), len(self.exp.train_set))
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            raise UsageError(f'resume state {self.resume_path} is not a resume state of this project '
+                             f'(it does not fit the network its arguments build: '
+                             f'{_first_line(exc)})') from None
         for member, saved in zip(self.members, state['progress']):
             member.progress = Progress(**saved)
-        self.epoch, self.elapsed, position = state['epoch'], state['elapsed'], state['position']
-        started_with = state.get('code_version', 'unknown')
+        self.epoch, self.elapsed = state['epoch'], state['elapsed']
+        started_with = str(state.get('code_version', 'unknown'))
         if not started_with.endswith(self.code_version):  # a run continued under other code says so
             self.code_version = f'{started_with}, resumed under {self.code_version}'
         else:
@@ -357,24 +370,68 @@ class Run:
 
     def finish(self) -> int:
         """Write each member's results pickle (rank 0), remove the resume state; the exit status
-        (3 if any member diverged)."""
+        (3 if any member diverged).
+
+        A member whose pickle exists already keeps it: a batch killed between two of its
+        members' pickles is continued with --resume, which writes the missing ones."""
         for member in self.members:
             if self.dist.is_main:
-                save_pickle(results_record(self, member), member.paths.results)
+                if os.path.lexists(member.paths.results):
+                    continue
+                save_results(results_record(self, member), member.paths.results)
+                fault_point('results')
             self.dist.print(f'results written to {member.paths.results}')
         if self.dist.is_main and os.path.exists(self.resume_path):
-            os.remove(self.resume_path)
+            try:
+                os.remove(self.resume_path)
+            except OSError as exc:
+                raise WriteFailed(self.resume_path, exc) from None
         return EXIT_OK if len(self.live()) == len(self.members) else EXIT_DIVERGED
+
+    def write_failed(self, exc: WriteFailed) -> int:
+        """A file could not be written (a full disk, a folder turned read-only): one line that
+        says which and how to continue; exit status 4."""
+        saved = os.path.exists(self.resume_path)
+        how = (f'the run so far is saved in {self.resume_path}: make room (or the folder '
+               f'writable again) and continue with --resume' if saved else
+               'nothing of the run was saved yet: make room (or the folder writable) and rerun '
+               'the same command')
+        print(f'error: cannot write {exc.path} ({describe_write_error(exc.error)}); {how}',
+              file=sys.stderr)
+        return EXIT_WRITE_FAILED
+
+    def lr_overflows(self) -> bool:
+        """Whether the learning rate, after its decays, is beyond float32: the next update would
+        overflow the weights (torch refuses to even apply it)."""
+        lr = self.optimizer.param_groups[0]['lr']
+        return not (math.isfinite(lr) and lr <= FLOAT32_MAX)
+
+    def diverge_on_lr(self, epoch: int):
+        """Every live member diverges in `epoch` (1-based) before its first step: its rate is no
+        longer a float32 number. Recorded as any divergence: curves so far, exit status 3."""
+        lr = self.optimizer.param_groups[0]['lr']
+        for k in self.live():
+            self.members[k].progress.diverged_epoch = epoch
+        self.dist.print(f'training diverged: the learning rate reached {lr:.3g} by its decays, beyond '
+                        f'float32, before epoch {epoch}; curves so far are kept')
 
 
 def fit(exp: Experiment, started: 'Started') -> int:
     """Train, evaluate, checkpoint and pickle one run. Returns the exit status."""
-    args, resume_state, dist, stop = started.args, started.resume_state, started.dist, started.stop
+    started.stop.defer()  # from here a signal finishes the step and saves (see StopRequest)
     run = Run(exp, started)
+    try:
+        return _fit(run, exp, started)
+    except WriteFailed as exc:
+        return run.write_failed(exc)
+
+
+def _fit(run: Run, exp: Experiment, started: 'Started') -> int:
+    args, resume_state, dist, stop = started.args, started.resume_state, started.dist, started.stop
     position = run.restore(resume_state) if resume_state is not None else None
     if decay_warning(args):
         dist.print(decay_warning(args), file=sys.stderr)
-    # SIGINT/SIGTERM are recorded by `stop` from start_run on: a step finishes, the state is saved.
+    # SIGINT/SIGTERM are recorded by `stop` from here on: a step finishes, the state is saved.
     if resume_state is None:
         improved = run.evaluate()  # epoch 0: the model before training, every member's first best
         run.save_resume()
@@ -384,6 +441,9 @@ def fit(exp: Experiment, started: 'Started') -> int:
         # write again the checkpoints of the members at their best now (same content).
         run.save_checkpoints([k for k in run.live() if run.members[k].progress.best_epoch == run.epoch])
     for epoch in range(run.epoch, args.epochs):
+        if run.lr_overflows():
+            run.diverge_on_lr(epoch + 1)
+            return run.finish()
         epoch_start = time.perf_counter()
         diverged = [k for k in range(len(run.members)) if k not in run.live()]
         outcome = train_one_epoch(exp, run.optimizer, run.generators, args.batch_size, dist, stop,
@@ -404,6 +464,24 @@ def fit(exp: Experiment, started: 'Started') -> int:
         if dist.any(stop.requested) and epoch + 1 < args.epochs:
             return run.interrupted(stop)
     return run.finish()
+
+
+def _check_position(position: dict, members: int, train_size: int):
+    """Where an interrupted epoch stopped: a step within the epoch, and each member's data order
+    a permutation of the training set (a crafted one would index out of it)."""
+    permutation, step = position['permutation'], position['step']
+    if (not isinstance(step, int) or not isinstance(permutation, torch.Tensor)
+            or tuple(permutation.shape) != (members, train_size)
+            or not isinstance(position['losses'], torch.Tensor) or not isinstance(position['diverged'], dict)):
+        raise ValueError('its position in the interrupted epoch is malformed')
+    if not 0 <= step <= train_size or not torch.equal(
+            torch.sort(permutation, dim=1).values, torch.arange(train_size).expand(members, -1)):
+        raise ValueError('its data order is not a permutation of the training set')
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0][:160] if text else type(exc).__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,18 +559,20 @@ class Started:
 
 
 @contextlib.contextmanager
-def start_run(args, folder_prefix: str):
+def start_run(args, folder_prefix: str, check_stored=None):
     """Claim the run's files, apply the existing-file rules, join the process group, draw the seed.
 
     The claim (locks and folders) comes before any work, so that a second process with the same
     --save, or a folder that cannot be written, is refused at once. If the run then fails (a
     refusal, missing data, any exception), what the claim created is removed again.
+    check_stored(namespace): the script's checks of the arguments a resume state holds.
     """
     claim = RunClaim()
     failed = True
     with StopRequest() as stop:
         try:
-            args, members, resume_path, resume_state = prepare_run(args, folder_prefix, claim)
+            args, members, resume_path, resume_state = prepare_run(args, folder_prefix, claim,
+                                                                   check_stored)
             dist = distributed.setup(args, pick_device(args))
             try:
                 if args.seed is None and len(members) == 1 and not getattr(args, 'seeds', None):
@@ -505,6 +585,7 @@ def start_run(args, folder_prefix: str):
             finally:
                 dist.close()
         finally:
+            stop.defer()  # a signal now must not cut the release short
             claim.release(failed)
 
 
@@ -526,18 +607,45 @@ def load_datasets(args, dist, load_real: Callable, image_shape: tuple, full_size
     return train, test
 
 
-def load_checkpoint(path, dataset: str) -> dict:
-    """A best-model checkpoint of this project for `dataset`, or a UsageError."""
+def load_checkpoint(path, dataset: str, parser, required: tuple, parts: tuple, check_args=None):
+    """A best-model checkpoint of this project for `dataset`, checked before use: its format, its
+    arguments (those in `required` present, each of a value the command line accepts, then
+    check_args(namespace), the script's checks), and its parts (`parts`, state dicts).
+    Returns (checkpoint, arguments as a Namespace), or raises a one-line UsageError."""
     checkpoint = load_torch(path, 'checkpoint')
     if not isinstance(checkpoint, dict) or checkpoint.get('dataset') != dataset:
         raise UsageError(f'{path} is not a checkpoint of this project for {dataset}')
-    return checkpoint
+
+    def refuse(why):
+        raise UsageError(f'{path} is not a checkpoint of this project ({why})')
+
+    if checkpoint.get('format') != CHECKPOINT_FORMAT:
+        refuse(f'format {checkpoint.get("format")!r}; this version writes {CHECKPOINT_FORMAT}')
+    try:
+        stored = check_stored_args(parser, checkpoint.get('args'), required)
+        if check_args is not None:
+            check_args(stored)
+    except UsageError as exc:
+        refuse(str(exc))
+    for name in parts:
+        if not isinstance(checkpoint.get(name), dict):
+            refuse(f'no {name}')
+    if not isinstance(checkpoint.get('epoch'), int) or isinstance(checkpoint.get('epoch'), bool):
+        refuse(f'its epoch is {checkpoint.get("epoch")!r}')
+    if not isinstance(checkpoint.get('test_error'), float):
+        refuse(f'its test error is {checkpoint.get("test_error")!r}')
+    return checkpoint, stored
 
 
-def evaluate_checkpoint(model, checkpoint: dict, parts: dict, test_set, transform, chunk) -> int:
+def evaluate_checkpoint(model, checkpoint: dict, parts: dict, test_set, transform, chunk,
+                        path: str) -> int:
     """--evaluate: load the checkpoint's parts, print the test error, write nothing."""
-    for name, module in parts.items():
-        module.load_state_dict(checkpoint[name])
+    try:
+        for name, module in parts.items():
+            module.load_state_dict(checkpoint[name])
+    except (RuntimeError, TypeError, KeyError, ValueError, AttributeError) as exc:
+        raise UsageError(f'{path} is not a checkpoint of this project (it does not fit the network '
+                         f'its arguments build: {_first_line(exc)})') from None
     model.eval()
     error = count_errors(model, test_set.images, test_set.labels, transform, chunk).item() / len(test_set)
     print(f'test error {100 * error:.4f}% on {len(test_set)} images (checkpoint of epoch '

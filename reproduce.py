@@ -198,7 +198,8 @@ def make_run(figure, config, seeds, args):
                script=os.path.join(SCRIPT_DIR, f'{dataset}_experiments.py'), args=run_args,
                pickles=[os.path.join(out_dir, f'{config.name}_s{seed}.pkl') for seed in seeds],
                log=os.path.join(out_dir, 'logs', name + '.log'),
-               resume_state=os.path.join(out_dir, name + RESUME_SUFFIX))
+               resume_state=os.path.join(out_dir, common.resume_state_name(
+                   stem, seeds if len(seeds) > 1 else None)))
 
 
 # ----------------------------------------------------------------------------

@@ -334,7 +334,7 @@ def test_a_batch_skips_done_members_and_resumes_its_state(capsys, tmp_path):
         (done / f'RKHS_l20_c4_s{seed}.pkl').write_bytes(b'')
     shared = tmp_path / 'MNIST_experiments' / 'fig1a'
     shared.mkdir(parents=True)
-    (shared / 'RKHS_l20_p0_s0-1-2-3.resume.pt').write_bytes(b'')
+    (shared / 'RKHS_l20_p0_s0to3.batch-resume.pt').write_bytes(b'')
     _, commands, comments = _dry_run(capsys, ['figure2', '--seeds', '4', '--batch_seeds', '4',
                                               '--results_root', str(tmp_path)])
     by_config = {_flag(c, '--save'): c for c in commands}
