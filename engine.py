@@ -306,7 +306,7 @@ class Run:
                 'data_generators': [g.get_state() for g in self.generators], 'rng': rng_state(),
                 'progress': [vars(m.progress) for m in self.members], 'epoch': self.epoch,
                 'elapsed': self.seconds(), 'position': position, 'code_version': self.code_version,
-            }, self.resume_path)
+            }, self.resume_path, fault='write-state')
             fault_point('resume')
 
     def save_checkpoints(self, members: list[int]):
@@ -591,6 +591,7 @@ def start_run(args, folder_prefix: str, check_stored=None):
 
 def load_datasets(args, dist, load_real: Callable, image_shape: tuple, full_sizes: tuple):
     """Train and test sets on the CPU: synthetic or real (rank 0 downloads first), cut to --subset."""
+    fault_point('data')
     if args.synthetic:
         n_train, n_test = (min(args.subset or size, size) for size in full_sizes)
         from data import synthetic_dataset

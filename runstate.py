@@ -61,22 +61,23 @@ def fault_point(name: str, path: str | None = None):
 # Torch files
 # ---------------------------------------------------------------------------------------------
 
-def save_torch(obj, path):
+def save_torch(obj, path, fault: str = 'write-checkpoint'):
     """torch.save, atomically. The file is serialised in memory first: torch's own writer turns a
-    full disk into 'unexpected pos ...', while a plain write of the bytes says ENOSPC."""
+    full disk into 'unexpected pos ...', while a plain write of the bytes says ENOSPC.
+    A failed write raises cli.WriteFailed. `fault`: the name of its fault point (tests)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    _write_bytes(buffer.getbuffer(), path)
+    _write_bytes(buffer.getbuffer(), path, fault)
 
 
 def save_results(record: dict, path: str):
     """A results pickle, atomically (see save_torch)."""
-    _write_bytes(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL), path)
+    _write_bytes(pickle.dumps(record, protocol=pickle.HIGHEST_PROTOCOL), path, 'write-results')
 
 
-def _write_bytes(data, path: str):
+def _write_bytes(data, path: str, fault: str):
     def write(f):
-        fault_point('write', path)
+        fault_point(fault, path)
         f.write(data)
     try:
         atomic_write(path, write)
@@ -199,7 +200,7 @@ def prepare_run(args, folder_prefix: str, claim: 'RunClaim', check_stored=None):
                '--checkpoint')
     written = [paths.results for _, paths in members if os.path.lexists(paths.results)]
     if len(written) == len(members):
-        _refuse_finished_run(args, members, resume, written)
+        _refuse_finished_run(args, members, resume, written, claim.active)
     if not args.resume:
         if written:
             hint = (f'; {resume} holds the rest of its batch: continue it with --resume, which '
@@ -232,8 +233,8 @@ def prepare_run(args, folder_prefix: str, claim: 'RunClaim', check_stored=None):
         try:
             check_stored(stored)
         except UsageError as exc:
-            raise UsageError(f'resume state {resume} is not a resume state of this project: its '
-                             f'arguments do not hold ({exc})') from None
+            raise UsageError(f'resume state {resume} is not a resume state of this project '
+                             f'({exc})') from None
     members = member_runs(stored, folder_prefix)
     claim.make_folders([paths for _, paths in members])
     for path in written:  # a batch killed while it wrote its members' pickles (see Run.finish)
@@ -241,13 +242,15 @@ def prepare_run(args, folder_prefix: str, claim: 'RunClaim', check_stored=None):
     return stored, members, resume, state
 
 
-def _refuse_finished_run(args, members, resume, written):
+def _refuse_finished_run(args, members, resume, written, remove: bool):
     """Every results file of the run exists. A resume state left beside them by a kill between
     the last pickle and its removal is removed (when it is the state of the run that wrote
-    them); then --resume has nothing to do, and a fresh run is refused."""
+    them; by rank 0 only, `remove`); then --resume has nothing to do, and a fresh run is
+    refused. The stale lock file such a kill leaves is removed when the claim is released."""
     removed = os.path.lexists(resume) and _is_leftover_state(resume, members)
-    if removed:
-        os.remove(resume)
+    if removed and remove:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(resume)
     note = (f'; removed {resume}, which the finished run had left behind (killed before it '
             f'could remove it)' if removed else '')
     if args.resume and removed:
