@@ -469,10 +469,10 @@ def _fit(run: Run, exp: Experiment, started: 'Started') -> int:
 def _check_position(position: dict, members: int, train_size: int):
     """Where an interrupted epoch stopped: a step within the epoch, and each member's data order
     a permutation of the training set (a crafted one would index out of it)."""
-    permutation, step = position['permutation'], position['step']
+    permutation, step, losses = position['permutation'], position['step'], position['losses']
     if (not isinstance(step, int) or not isinstance(permutation, torch.Tensor)
-            or tuple(permutation.shape) != (members, train_size)
-            or not isinstance(position['losses'], torch.Tensor) or not isinstance(position['diverged'], dict)):
+            or tuple(permutation.shape) != (members, train_size) or not isinstance(losses, torch.Tensor)
+            or tuple(losses.shape) != (members, step) or not isinstance(position['diverged'], dict)):
         raise ValueError('its position in the interrupted epoch is malformed')
     if not 0 <= step <= train_size or not torch.equal(
             torch.sort(permutation, dim=1).values, torch.arange(train_size).expand(members, -1)):

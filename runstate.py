@@ -171,11 +171,10 @@ def _seeds_text(seeds) -> str:
     return ' '.join(map(str, seeds))
 
 
-def _batch_hint(args, exclude: str | None = None) -> str:
-    """'; ... holds the interrupted batch of --seeds ...' for each batch state of this --save
-    other than `exclude`: what a run without those --seeds should mention."""
-    stem = os.path.splitext(args.save)[0]
-    found = [(path, seeds) for path, seeds in batch_states(args.results_dir, stem) if path != exclude]
+def _batch_hint(args) -> str:
+    """'; ... holds the interrupted batch of --seeds ...' for each batch state of this --save:
+    what a run without those --seeds (or with others) should mention."""
+    found = batch_states(args.results_dir, os.path.splitext(args.save)[0])
     return ''.join(f'; {path} holds the interrupted batch of --save {args.save} --seeds '
                    f'{_seeds_text(seeds)}: continue it with --seeds {_seeds_text(seeds)} --resume'
                    for path, seeds in found)
