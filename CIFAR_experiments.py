@@ -69,17 +69,63 @@ def make_forward(net, args, device):
     return forward
 
 
+# The arguments that decide the network (checked in every checkpoint and resume state).
+NETWORK_ARGS = ('model', 'layers')
+# Each block of the third stage keeps about three 256 x 8 x 8 maps per image for the backward pass.
+STAGE3_ACTIVATIONS_PER_IMAGE = 3 * 256 * 8 * 8
+
+
+def check_network(args, training: bool = False):
+    """--layers is >= 1 and the network fits in memory: refused here, in one line, before
+    anything is allocated. Applies to the command line and to checkpoints and resume states."""
+    if args.layers < 1:
+        raise cli.UsageError(f'--layers must be >= 1, got {args.layers}')
+    cli.check_fits_in_memory(f'--layers {args.layers}', training_bytes(args, training),
+                             cli.pick_device(args))
+
+
+def training_bytes(args, training: bool) -> int:
+    """A lower bound of the bytes the network takes in training: its parameters and buffers, as
+    many gradients, and the third stage's activations for one batch. The counts are read off
+    the network built on the meta device (nothing allocated) with 1 and 2 third-stage blocks."""
+    with torch.device('meta'):
+        sizes = [sum(t.numel() for t in (*net.parameters(), *net.buffers()))
+                 for net in (models.CifarResNet(args.model, layers) for layers in (1, 2))]
+    tensors = sizes[0] + (sizes[1] - sizes[0]) * (args.layers - 1)
+    batch = args.batch_size if training else 0
+    return 4 * (2 * tensors + batch * args.layers * STAGE3_ACTIVATIONS_PER_IMAGE)
+
+
+def validate_args(args):
+    cli.validate_common_args(args, FOLDER_PREFIX, data.CIFAR_TRAIN_SIZE)
+    if args.evaluate is None:
+        check_network(args, training=True)
+
+
+def check_stored_args(stored):
+    """The arguments a resume state holds, checked as a command line's are."""
+    cli.check_stored_args(get_args_parser(), vars(stored), NETWORK_ARGS)
+    stored.evaluate = None
+    validate_args(stored)
+
+
 def evaluate_only(args) -> int:
     """--evaluate: rebuild the checkpoint's network, print its test error, write nothing."""
-    checkpoint = engine.load_checkpoint(args.evaluate, DATASET)
-    stored = checkpoint['args']
     device = cli.pick_device(args)
+
+    def check(stored):
+        stored.device = args.device
+        check_network(stored)
+
+    checkpoint, stored = engine.load_checkpoint(args.evaluate, DATASET, get_args_parser(),
+                                                NETWORK_ARGS, ('model',), check)
     _, test_set = load_data(args, distributed.SINGLE)
-    net = models.CifarResNet(stored['model'], stored['layers']).to(device)
+    net = models.CifarResNet(stored.model, stored.layers).to(device)
     transform = data.CifarTransform(device)
     return engine.evaluate_checkpoint(net, checkpoint, {'model': net}, test_set.to(device),
                                       transform.normalize,
-                                      engine.eval_chunk(EVAL_CHUNK, device, args.test_batch_size))
+                                      engine.eval_chunk(EVAL_CHUNK, device, args.test_batch_size),
+                                      args.evaluate)
 
 
 def build_experiment(started: engine.Started) -> engine.Experiment:
@@ -111,10 +157,10 @@ def build_experiment(started: engine.Started) -> engine.Experiment:
 
 @cli.cli_errors
 def main(args) -> int:
-    cli.validate_common_args(args, FOLDER_PREFIX, data.CIFAR_TRAIN_SIZE)
+    validate_args(args)
     if args.evaluate:
         return evaluate_only(args)
-    with engine.start_run(args, FOLDER_PREFIX) as started:
+    with engine.start_run(args, FOLDER_PREFIX, check_stored_args) as started:
         return engine.fit(build_experiment(started), started)
 
 

@@ -7,7 +7,6 @@ best model to MNIST_checkpoint/<save name>.pth. See README.md for every flag and
 """
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
@@ -103,19 +102,54 @@ def apply_release_tbs(args):
 def validate_args(args):
     apply_release_tbs(args)
     cli.validate_common_args(args, DATASET, data.MNIST_TRAIN_SIZE)
+    if args.evaluate is not None:
+        return  # the network comes from the checkpoint: checked when it is loaded
     if args.train_error_images < 1:
         raise cli.UsageError(f'--train_error_images must be >= 1, got {args.train_error_images}')
-    for name in ('in_channels', 'dim_int'):
-        if getattr(args, name) < 1:
-            raise cli.UsageError(f'--{name} must be >= 1, got {getattr(args, name)}')
     if args.pretrain < 0:
         raise cli.UsageError(f'--pretrain must be >= 0, got {args.pretrain}')
-    if not (math.isfinite(args.pretrain_lr) and args.pretrain_lr > 0):
-        raise cli.UsageError(f'--pretrain_lr must be positive and finite, got {args.pretrain_lr}')
+    cli.positive_float32('pretrain_lr', args.pretrain_lr)
     if args.embedding_seed is not None and not 0 <= args.embedding_seed < 2 ** 63:
         raise cli.UsageError(f'--embedding_seed must be in [0, 2^63), got {args.embedding_seed}')
     if args.seeds is not None:
         _validate_seeds(args)
+    check_network(args, len(args.seeds or [None]), training=True)
+
+
+# The arguments that decide the network (checked in every checkpoint and resume state).
+NETWORK_ARGS = ('model', 'in_channels', 'dim_int', 'layers', 'method', 'time_weights')
+
+
+def check_network(args, members: int = 1, training: bool = False):
+    """The network's sizes are >= 1 and it fits in memory: a --layers 100000000 is refused here,
+    in one line, before anything is allocated (building its time schedule alone would take
+    hours). Applies to the command line, and to the arguments a checkpoint or state holds."""
+    for name in ('layers', 'in_channels', 'dim_int'):
+        if getattr(args, name) < 1:
+            raise cli.UsageError(f'--{name} must be >= 1, got {getattr(args, name)}')
+    batch = args.batch_size if training else 0  # the global batch: an over-estimate under torchrun
+    cli.check_fits_in_memory(
+        f'--layers {args.layers} --in_channels {args.in_channels} --dim_int {args.dim_int}'
+        + (f' with {members} seeds' if members > 1 else ''),
+        members * block_training_bytes(args, batch), cli.pick_device(args))
+
+
+def block_training_bytes(args, batch: int) -> int:
+    """A lower bound of the bytes one member's ODE block takes in training: its parameters and
+    buffers, as many gradients, the activations a batch of `batch` images keeps for the backward
+    pass (the state and the hidden layer at every evaluation), and the time schedule's Python
+    objects (about 200 bytes per evaluation). The parameter count is read off the residual type
+    itself, built on the meta device (nothing allocated) with 1 and 2 steps."""
+    field = models.residual_type(args.model)
+    with torch.device('meta'):
+        sizes = [sum(t.numel() for t in (*module.parameters(), *module.buffers()))
+                 for module in (field(args.in_channels, args.dim_int, steps, 'linear') for steps in (1, 2))]
+    per_node = sizes[1] - sizes[0]
+    tensors = sizes[0] + per_node * (args.layers - 1)
+    evaluations = args.layers * len(models.STAGE_FRACTIONS[args.method])
+    state = models.MNIST_STATE_SIZE ** 2
+    activations = evaluations * batch * (args.in_channels + args.dim_int) * state
+    return 4 * (2 * tensors + activations) + 200 * evaluations
 
 
 def _validate_seeds(args):
@@ -199,6 +233,7 @@ def pretrain(net: models.MNISTODENet, train_set, args, dist, stop: runstate.Stop
     Pretraining is not resumable: a few passes of two small networks, cheaper to redo than to
     save. On SIGINT/SIGTERM it stops after the current batch and says that nothing was saved.
     """
+    stop.defer()  # from here a signal stops after the current batch, with the line below
     device = train_set.labels.device
     embedding = nn.Sequential(net.input_net, net.output_net)
     optimizer = torch.optim.SGD(embedding.parameters(), lr=args.pretrain_lr)
@@ -229,18 +264,34 @@ def pretrain(net: models.MNISTODENet, train_set, args, dist, stop: runstate.Stop
     dist.broadcast_module(embedding)
 
 
+PARTS = ('input_net', 'ode_block', 'output_net')
+
+
 def evaluate_only(args) -> int:
     """--evaluate: rebuild the checkpoint's model, print its test error, write nothing."""
-    checkpoint = engine.load_checkpoint(args.evaluate, DATASET)
-    stored = checkpoint['args']
     device = cli.pick_device(args)
+
+    def check(stored):
+        stored.device = args.device
+        check_network(stored)
+
+    checkpoint, stored = engine.load_checkpoint(args.evaluate, DATASET, get_args_parser(),
+                                                NETWORK_ARGS, PARTS, check)
     _, test_set = load_data(args, distributed.SINGLE)
-    net = models.MNISTODENet(stored['model'], stored['in_channels'], stored['dim_int'],
-                             stored['layers'], stored['method'], stored['time_weights'])
+    net = models.MNISTODENet(stored.model, stored.in_channels, stored.dim_int, stored.layers,
+                             stored.method, stored.time_weights)
     net.to(device)
-    parts = {'input_net': net.input_net, 'ode_block': net.ode_block, 'output_net': net.output_net}
+    parts = {name: getattr(net, name) for name in PARTS}
     return engine.evaluate_checkpoint(net, checkpoint, parts, test_set.to(device), data.mnist_to_float,
-                                      engine.eval_chunk(EVAL_CHUNK, device, args.test_batch_size))
+                                      engine.eval_chunk(EVAL_CHUNK, device, args.test_batch_size),
+                                      args.evaluate)
+
+
+def check_stored_args(stored):
+    """The arguments a resume state holds, checked as a command line's are."""
+    cli.check_stored_args(get_args_parser(), vars(stored), NETWORK_ARGS)
+    stored.evaluate = None
+    validate_args(stored)
 
 
 def build_network(args, resume_state) -> tuple[models.MNISTODENet, dict]:
@@ -314,7 +365,7 @@ def main(args) -> int:
     if args.evaluate:
         return evaluate_only(args)
     try:
-        with engine.start_run(args, DATASET) as started:
+        with engine.start_run(args, DATASET, check_stored_args) as started:
             return engine.fit(build_experiment(started), started)
     except PretrainingStopped as exc:  # the claim has removed what it created: nothing is left
         print(exc, file=sys.stderr if exc.status == cli.EXIT_DIVERGED else sys.stdout)

@@ -20,11 +20,11 @@ this project's own `models.mnist_input_network` / `mnist_output_network`.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
-from common import DownloadError, download_verified, sha256, torch_load_failure
+import common
+from common import DownloadError, OneLineArgumentParser, download_verified, open_regular, torch_load_failure
 
 DEFAULT_DIR = 'MNIST_pretrained_models'
 # The default folder is the repository's, whatever the working directory, so that a run started
@@ -138,6 +138,15 @@ def find(directory: str | None, channels: int, passes: int, required: bool = Fal
     return paths
 
 
+def sha256(path: str) -> str:
+    """The file's SHA-256 (common.sha256: only a regular file is read, since a FIFO or a link to
+    /dev/zero would block or never end), with EmbeddingError for what cannot be read."""
+    try:
+        return common.sha256(path)
+    except DownloadError as exc:
+        raise EmbeddingError(str(exc)) from None
+
+
 def load_state(path: str, expected: dict) -> dict:
     """The state dict of the nn.Sequential in a release embedding file, checked against `expected`.
 
@@ -153,16 +162,20 @@ def load_state(path: str, expected: dict) -> dict:
     # Exactly the classes the release's files contain; anything else is refused unread.
     allowed = [nn.Sequential, nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.Flatten, nn.Linear]
     try:
-        with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+        f = open_regular(path)
+    except OSError as exc:
+        raise EmbeddingError(f'embedding file {path} cannot be read ({exc.strerror or exc})') from None
+    try:
+        with f, torch.serialization.safe_globals(allowed), warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            content = torch.load(path, map_location='cpu', weights_only=True)
+            content = torch.load(f, map_location='cpu', weights_only=True)
     except Exception as exc:
         raise EmbeddingError(f'embedding file {path} {_load_failure(path, exc)}') from None
     model = content.get('model') if isinstance(content, dict) else None
-    if not isinstance(model, nn.Sequential):
+    if type(model) is not nn.Sequential:
         raise EmbeddingError(f'embedding file {path} is not a release embedding '
                              f"(no nn.Sequential under 'model')")
-    state = model.state_dict()
+    state = _tensors_of(path, model, tuple(allowed))
     shapes = {key: tuple(value.shape) for key, value in state.items()}
     wanted = {key: tuple(value.shape) for key, value in expected.items()}
     if shapes != wanted:
@@ -170,7 +183,67 @@ def load_state(path: str, expected: dict) -> dict:
         raise EmbeddingError(f'embedding file {path} has the wrong architecture for its channel '
                              f'count (first difference at {differing!r}: '
                              f'{shapes.get(differing)} here, {wanted.get(differing)} expected)')
+    for key, tensor in state.items():
+        why = _tensor_defect(key, tensor, expected[key])
+        if why:
+            raise EmbeddingError(f'embedding file {path} is corrupt ({key} {why})')
     return state
+
+
+def _tensors_of(path: str, model, allowed: tuple) -> dict:
+    """The parameters and persistent buffers of a loaded network, by state-dict name, read
+    from the modules' own dictionaries: nothing of the loaded objects is called (a crafted file
+    can make `state_dict` an attribute, or a module contain itself). Raises EmbeddingError
+    ('corrupt') for anything a torch.nn module saved by torch never holds."""
+    import torch
+
+    def corrupt(why):
+        raise EmbeddingError(f'embedding file {path} is corrupt ({why})')
+
+    tensors, seen, pending = {}, set(), [('', model)]
+    while pending:
+        prefix, module = pending.pop()
+        where = prefix.rstrip('.') or 'the network'
+        if id(module) in seen:
+            corrupt(f'{where} contains itself')
+        seen.add(id(module))
+        attributes = vars(module)
+        hiding = sorted(name for name in attributes if hasattr(type(module), name))
+        if hiding:
+            corrupt(f'{where} has an attribute {hiding[0]!r} that hides its class\'s')
+        if any(isinstance(value, dict) and value for name, value in attributes.items()
+               if name.endswith('hooks')):
+            corrupt(f'{where} carries hooks')
+        groups = [attributes.get(name) for name in ('_parameters', '_buffers', '_modules')]
+        skipped = attributes.get('_non_persistent_buffers_set', set())
+        if not all(isinstance(group, dict) for group in groups) or not isinstance(skipped, set):
+            corrupt(f'{where} is not a torch.nn module as torch saves it')
+        parameters, buffers, children = groups
+        for name, tensor in [*parameters.items(), *((n, b) for n, b in buffers.items() if n not in skipped)]:
+            if tensor is not None:
+                if not isinstance(name, str) or type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+                    corrupt(f'{prefix}{name} is not a tensor')
+                tensors[prefix + name] = tensor
+        for name, child in children.items():
+            if not isinstance(name, str) or type(child) not in allowed:
+                corrupt(f'{prefix}{name} is not one of the six torch.nn classes')
+            pending.append((f'{prefix}{name}.', child))
+    return dict(sorted(tensors.items()))
+
+
+def _tensor_defect(key: str, tensor, expected) -> str | None:
+    """What makes a tensor unusable as the release's weight `key`, or None."""
+    import torch
+
+    if tensor.layout != torch.strided or tensor.is_quantized:
+        return f'is stored as a {tensor.layout} tensor, not a dense one'
+    if tensor.dtype != expected.dtype:
+        return f'holds {tensor.dtype}, not {expected.dtype}'
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        return 'holds NaN or infinite values'
+    if key.endswith(('running_var', 'num_batches_tracked')) and bool((tensor < 0).any()):
+        return 'holds negative values'
+    return None
 
 
 def _load_failure(path: str, exc: Exception) -> str:
@@ -206,10 +279,19 @@ def is_release(record: dict) -> bool:
 def download(directory: str, base_url: str = DOWNLOAD_URL, log=print) -> int:
     """Fetch every release file missing from `directory`, all or nothing, each SHA-256 verified
     (common.download_verified). Returns the number of files fetched."""
+    check_folder(directory)
     try:
         return download_verified(RELEASE_SHA256, base_url, directory, log)
     except DownloadError as exc:
         raise EmbeddingError(str(exc)) from None
+
+
+def check_folder(directory: str):
+    """--dir names a folder, or a place where one can be made (checked further when written)."""
+    if not directory:
+        raise EmbeddingError('--dir must name a folder, got an empty name')
+    if os.path.lexists(directory) and not os.path.isdir(directory):
+        raise EmbeddingError(f'--dir {directory} is not a folder')
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +299,7 @@ def download(directory: str, base_url: str = DOWNLOAD_URL, log=print) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(
+    parser = OneLineArgumentParser(
         description="Check for, or download, the paper release's MNIST embedding files.")
     parser.add_argument('--dir', default=DEFAULT_PATH,
                         help=f'folder of the files (default: {DEFAULT_DIR} in the repository, where '
@@ -228,8 +310,20 @@ def get_args_parser():
     return parser
 
 
+def file_status(path: str) -> str:
+    """'missing', 'release', 'DIFFERS from the release', or what is wrong with the file."""
+    if not os.path.lexists(path):
+        return 'missing'
+    try:
+        digest = sha256(path)
+    except EmbeddingError as exc:
+        return f'UNUSABLE: {str(exc).removeprefix(path + " ")}'
+    return 'release' if digest == RELEASE_SHA256[os.path.basename(path)] else 'DIFFERS from the release'
+
+
 def main(args) -> int:
     try:
+        check_folder(args.dir)
         if args.download:
             fetched = download(args.dir, base_url=DOWNLOAD_URL)  # read now, so tests can point it elsewhere
             print(f'{args.dir}: {fetched} file(s) downloaded, all {len(RELEASE_SHA256)} release '
@@ -238,13 +332,13 @@ def main(args) -> int:
     except EmbeddingError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
-    status = {name: ('missing' if not os.path.isfile(os.path.join(args.dir, name)) else
-                     'release' if sha256(os.path.join(args.dir, name)) == RELEASE_SHA256[name]
-                     else 'DIFFERS from the release')
-              for name in RELEASE_SHA256}
+    status = {name: file_status(os.path.join(args.dir, name)) for name in RELEASE_SHA256}
     for name, state in status.items():
         print(f'{name}: {state}')
-    counts = {state: list(status.values()).count(state) for state in set(status.values())}
+    counts = {}
+    for state in status.values():
+        kind = state.split(':')[0]
+        counts[kind] = counts.get(kind, 0) + 1
     print(f'{args.dir}: ' + ', '.join(f'{n} {state}' for state, n in sorted(counts.items()))
           + ('' if counts.get('release') == len(status) else
              '; python embeddings.py --download fetches the missing ones'))

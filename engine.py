@@ -34,11 +34,13 @@ import torch.nn.functional as F
 
 import distributed
 import protocol
-from cli import EXIT_DIVERGED, EXIT_OK, UsageError, decay_warning, pick_device
-from common import METRICS_SUFFIX, atomic_write, save_pickle
+from cli import (EXIT_DIVERGED, EXIT_OK, EXIT_WRITE_FAILED, FLOAT32_MAX, UsageError, WriteFailed,
+                 check_stored_args, decay_warning, describe_write_error, pick_device)
+from common import METRICS_SUFFIX
 from data import DeviceDataset
 from runstate import (CHECKPOINT_FORMAT, RESUME_FORMAT, RunClaim, RunPaths, StopRequest, fault_point,
-                      load_torch, plain_args, prepare_run, rng_state, save_torch, set_rng_state)
+                      load_torch, plain_args, prepare_run, rng_state, save_results, save_text, save_torch,
+                      set_rng_state)
 
 TRAIN_EVAL_SIZE = 10_000  # train_classif is measured on 10,000 training images, as in the release
 # On CUDA, reading the loss forces a host-device sync; do it every this many steps (for the
@@ -266,18 +268,36 @@ class Run:
         return text if len(self.members) == 1 else f'seed {self.members[k].args.seed}: {text}'
 
     def restore(self, state: dict) -> Optional[dict]:
-        """Continue from a resume state; returns where an interrupted epoch stopped, if it did."""
-        for name, module in self.exp.parts.items():
-            module.load_state_dict(state['parts'][name])
-        self.optimizer.load_state_dict(state['optimizer'])
-        self.scheduler.load_state_dict(state['scheduler'])
-        for generator, saved in zip(self.generators, state['data_generators']):
-            generator.set_state(saved.to(generator.get_state().device))
-        set_rng_state(state['rng'])
+        """Continue from a resume state; returns where an interrupted epoch stopped, if it did.
+
+        Its shape was checked when it was loaded (runstate); what does not fit the network its
+        arguments build (a tensor of another shape, an edited argument) is refused here, in one
+        line, before anything is written."""
+        try:
+            for name, module in self.exp.parts.items():
+                module.load_state_dict(state['parts'][name])
+            self.optimizer.load_state_dict(state['optimizer'])
+            self.scheduler.load_state_dict(state['scheduler'])
+            for generator, saved in zip(self.generators, state['data_generators']):
+                generator.set_state(saved.to(generator.get_state().device))
+            set_rng_state(state['rng'])
+            position = state['position']
+            if position is not None:
+                _check_position(position, len(self.members), len(self.exp.train_set))
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
+            raise UsageError(f'resume state {self.resume_path} is not a resume state of this project '
+                             f'(it does not fit the network its arguments build: '
+                             f'{_first_line(exc)})') from None
         for member, saved in zip(self.members, state['progress']):
             member.progress = Progress(**saved)
-        self.epoch, self.elapsed, position = state['epoch'], state['elapsed'], state['position']
-        started_with = state.get('code_version', 'unknown')
+            # A state saved before learning rates and evaluation times were recorded: unknown
+            # (None) for the epochs it holds, so that later entries keep their epoch's index.
+            if 'learning_rates' not in saved:
+                member.progress.learning_rates = [None] * state['epoch']
+            if 'evaluated_at' not in saved:
+                member.progress.evaluated_at = [None] * len(member.progress.test_classif)
+        self.epoch, self.elapsed = state['epoch'], state['elapsed']
+        started_with = str(state.get('code_version', 'unknown'))
         if not started_with.endswith(self.code_version):  # a run continued under other code says so
             self.code_version = f'{started_with}, resumed under {self.code_version}'
         else:
@@ -296,8 +316,9 @@ class Run:
                 'data_generators': [g.get_state() for g in self.generators], 'rng': rng_state(),
                 'progress': [vars(m.progress) for m in self.members], 'epoch': self.epoch,
                 'elapsed': self.seconds(), 'position': position, 'code_version': self.code_version,
-            }, self.resume_path)
+            }, self.resume_path, fault='write-state')
             fault_point('resume')
+            self.write_metrics()  # after the state: a metrics file never runs ahead of what is saved
 
     def save_checkpoints(self, members: list[int]):
         for k in members if self.dist.is_main else ():
@@ -329,7 +350,6 @@ class Run:
                 progress.epoch_times.append(seconds)
             progress.evaluated_at.append(time.time())
         self.dist.print(self._evaluation_line(train_errors, test_errors, seconds))
-        self.write_metrics()
         return improved
 
     def _evaluation_line(self, train_errors, test_errors, seconds) -> str:
@@ -373,14 +393,15 @@ class Run:
             for epoch, (train, test) in enumerate(zip(progress.train_classif, progress.test_classif)):
                 lines.append({
                     'epoch': epoch, 'iterations': min(epoch * steps, len(progress.train_loss)),
-                    'lr': progress.learning_rates[epoch - 1] if epoch else None,
+                    'lr': progress.learning_rates[epoch - 1] if 0 < epoch <= len(progress.learning_rates) else None,
                     'train_loss': self.epoch_loss(k, epoch) if epoch else None,
                     'train_error': train, 'test_error': test,
                     'epoch_seconds': progress.epoch_times[epoch - 1] if 0 < epoch <= len(progress.epoch_times) else None,
                     'time': (time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(progress.evaluated_at[epoch]))
-                             if epoch < len(progress.evaluated_at) else None)})
+                             if epoch < len(progress.evaluated_at) and progress.evaluated_at[epoch] is not None
+                             else None)})
             text = ''.join(json.dumps(line, allow_nan=True) + '\n' for line in lines)
-            atomic_write(metrics_path(member.paths.results), lambda f: f.write(text), binary=False)
+            save_text(text, metrics_path(member.paths.results))
 
     def record_losses(self, outcome: EpochOutcome, epoch: int):
         """Append the epoch's losses and learning rate of each live member; mark those that
@@ -403,24 +424,69 @@ class Run:
 
     def finish(self) -> int:
         """Write each member's results pickle (rank 0), remove the resume state; the exit status
-        (3 if any member diverged)."""
+        (3 if any member diverged).
+
+        A member whose pickle exists already keeps it: a batch killed between two of its
+        members' pickles is continued with --resume, which writes the missing ones."""
+        self.write_metrics()  # the last epoch's loss of a member that diverged in it
         for member in self.members:
             if self.dist.is_main:
-                save_pickle(results_record(self, member), member.paths.results)
+                if os.path.lexists(member.paths.results):
+                    continue
+                save_results(results_record(self, member), member.paths.results)
+                fault_point('results')
             self.dist.print(f'results written to {member.paths.results}')
         if self.dist.is_main and os.path.exists(self.resume_path):
-            os.remove(self.resume_path)
+            try:
+                os.remove(self.resume_path)
+            except OSError as exc:
+                raise WriteFailed(self.resume_path, exc) from None
         return EXIT_OK if len(self.live()) == len(self.members) else EXIT_DIVERGED
+
+    def write_failed(self, exc: WriteFailed) -> int:
+        """A file could not be written (a full disk, a folder turned read-only): one line that
+        says which and how to continue; exit status 4."""
+        saved = os.path.exists(self.resume_path)
+        how = (f'the run so far is saved in {self.resume_path}: make room (or the folder '
+               f'writable again) and continue with --resume' if saved else
+               'nothing of the run was saved yet: make room (or the folder writable) and rerun '
+               'the same command')
+        print(f'error: cannot write {exc.path} ({describe_write_error(exc.error)}); {how}',
+              file=sys.stderr)
+        return EXIT_WRITE_FAILED
+
+    def lr_overflows(self) -> bool:
+        """Whether the learning rate, after its decays, is beyond float32: the next update would
+        overflow the weights (torch refuses to even apply it)."""
+        lr = self.optimizer.param_groups[0]['lr']
+        return not (math.isfinite(lr) and lr <= FLOAT32_MAX)
+
+    def diverge_on_lr(self, epoch: int):
+        """Every live member diverges in `epoch` (1-based) before its first step: its rate is no
+        longer a float32 number. Recorded as any divergence: curves so far, exit status 3."""
+        lr = self.optimizer.param_groups[0]['lr']
+        for k in self.live():
+            self.members[k].progress.diverged_epoch = epoch
+        self.dist.print(f'training diverged: the learning rate reached {lr:.3g} by its decays, beyond '
+                        f'float32, before epoch {epoch}; curves so far are kept')
 
 
 def fit(exp: Experiment, started: 'Started') -> int:
     """Train, evaluate, checkpoint and pickle one run. Returns the exit status."""
-    args, resume_state, dist, stop = started.args, started.resume_state, started.dist, started.stop
+    started.stop.defer()  # from here a signal finishes the step and saves (see StopRequest)
     run = Run(exp, started)
+    try:
+        return _fit(run, exp, started)
+    except WriteFailed as exc:
+        return run.write_failed(exc)
+
+
+def _fit(run: Run, exp: Experiment, started: 'Started') -> int:
+    args, resume_state, dist, stop = started.args, started.resume_state, started.dist, started.stop
     position = run.restore(resume_state) if resume_state is not None else None
     if decay_warning(args):
         dist.print(decay_warning(args), file=sys.stderr)
-    # SIGINT/SIGTERM are recorded by `stop` from start_run on: a step finishes, the state is saved.
+    # SIGINT/SIGTERM are recorded by `stop` from here on: a step finishes, the state is saved.
     if resume_state is None:
         improved = run.evaluate()  # epoch 0: the model before training, every member's first best
         run.save_resume()
@@ -430,6 +496,9 @@ def fit(exp: Experiment, started: 'Started') -> int:
         # write again the checkpoints of the members at their best now (same content).
         run.save_checkpoints([k for k in run.live() if run.members[k].progress.best_epoch == run.epoch])
     for epoch in range(run.epoch, args.epochs):
+        if run.lr_overflows():
+            run.diverge_on_lr(epoch + 1)
+            return run.finish()
         epoch_start = time.perf_counter()
         diverged = [k for k in range(len(run.members)) if k not in run.live()]
         outcome = train_one_epoch(exp, run.optimizer, run.generators, args.batch_size, dist, stop,
@@ -450,6 +519,24 @@ def fit(exp: Experiment, started: 'Started') -> int:
         if dist.any(stop.requested) and epoch + 1 < args.epochs:
             return run.interrupted(stop)
     return run.finish()
+
+
+def _check_position(position: dict, members: int, train_size: int):
+    """Where an interrupted epoch stopped: a step within the epoch, and each member's data order
+    a permutation of the training set (a crafted one would index out of it)."""
+    permutation, step, losses = position['permutation'], position['step'], position['losses']
+    if (not isinstance(step, int) or not isinstance(permutation, torch.Tensor)
+            or tuple(permutation.shape) != (members, train_size) or not isinstance(losses, torch.Tensor)
+            or tuple(losses.shape) != (members, step) or not isinstance(position['diverged'], dict)):
+        raise ValueError('its position in the interrupted epoch is malformed')
+    if not 0 <= step <= train_size or not torch.equal(
+            torch.sort(permutation, dim=1).values, torch.arange(train_size).expand(members, -1)):
+        raise ValueError('its data order is not a permutation of the training set')
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0][:160] if text else type(exc).__name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -536,18 +623,20 @@ class Started:
 
 
 @contextlib.contextmanager
-def start_run(args, folder_prefix: str):
+def start_run(args, folder_prefix: str, check_stored=None):
     """Claim the run's files, apply the existing-file rules, join the process group, draw the seed.
 
     The claim (locks and folders) comes before any work, so that a second process with the same
     --save, or a folder that cannot be written, is refused at once. If the run then fails (a
     refusal, missing data, any exception), what the claim created is removed again.
+    check_stored(namespace): the script's checks of the arguments a resume state holds.
     """
     claim = RunClaim()
     failed = True
     with StopRequest() as stop:
         try:
-            args, members, resume_path, resume_state = prepare_run(args, folder_prefix, claim)
+            args, members, resume_path, resume_state = prepare_run(args, folder_prefix, claim,
+                                                                   check_stored)
             dist = distributed.setup(args, pick_device(args))
             try:
                 if args.seed is None and len(members) == 1 and not getattr(args, 'seeds', None):
@@ -560,11 +649,13 @@ def start_run(args, folder_prefix: str):
             finally:
                 dist.close()
         finally:
+            stop.defer()  # a signal now must not cut the release short
             claim.release(failed)
 
 
 def load_datasets(args, dist, load_real: Callable, image_shape: tuple, full_sizes: tuple):
     """Train and test sets on the CPU: synthetic or real (rank 0 downloads first), cut to --subset."""
+    fault_point('data')
     if args.synthetic:
         n_train, n_test = (min(args.subset or size, size) for size in full_sizes)
         from data import synthetic_dataset
@@ -581,12 +672,34 @@ def load_datasets(args, dist, load_real: Callable, image_shape: tuple, full_size
     return train, test
 
 
-def load_checkpoint(path, dataset: str) -> dict:
-    """A best-model checkpoint of this project for `dataset`, or a UsageError."""
+def load_checkpoint(path, dataset: str, parser, required: tuple, parts: tuple, check_args=None):
+    """A best-model checkpoint of this project for `dataset`, checked before use: its format, its
+    arguments (those in `required` present, each of a value the command line accepts, then
+    check_args(namespace), the script's checks), and its parts (`parts`, state dicts).
+    Returns (checkpoint, arguments as a Namespace), or raises a one-line UsageError."""
     checkpoint = load_torch(path, 'checkpoint')
     if not isinstance(checkpoint, dict) or checkpoint.get('dataset') != dataset:
         raise UsageError(f'{path} is not a checkpoint of this project for {dataset}')
-    return checkpoint
+
+    def refuse(why):
+        raise UsageError(f'{path} is not a checkpoint of this project ({why})')
+
+    if checkpoint.get('format') != CHECKPOINT_FORMAT:
+        refuse(f'format {checkpoint.get("format")!r}; this version writes {CHECKPOINT_FORMAT}')
+    try:
+        stored = check_stored_args(parser, checkpoint.get('args'), required)
+        if check_args is not None:
+            check_args(stored)
+    except UsageError as exc:
+        refuse(str(exc))
+    for name in parts:
+        if not isinstance(checkpoint.get(name), dict):
+            refuse(f'no {name}')
+    if not isinstance(checkpoint.get('epoch'), int) or isinstance(checkpoint.get('epoch'), bool):
+        refuse(f'its epoch is {checkpoint.get("epoch")!r}')
+    if not isinstance(checkpoint.get('test_error'), float):
+        refuse(f'its test error is {checkpoint.get("test_error")!r}')
+    return checkpoint, stored
 
 
 def _recorded_images(stored: dict, full: int) -> str:
@@ -597,10 +710,15 @@ def _recorded_images(stored: dict, full: int) -> str:
     return f'its first {min(subset, full):,} test images (--subset)' if subset else f'{full:,} test images'
 
 
-def evaluate_checkpoint(model, checkpoint: dict, parts: dict, test_set, transform, chunk) -> int:
+def evaluate_checkpoint(model, checkpoint: dict, parts: dict, test_set, transform, chunk,
+                        path: str) -> int:
     """--evaluate: load the checkpoint's parts, print the test error, write nothing."""
-    for name, module in parts.items():
-        module.load_state_dict(checkpoint[name])
+    try:
+        for name, module in parts.items():
+            module.load_state_dict(checkpoint[name])
+    except (RuntimeError, TypeError, KeyError, ValueError, AttributeError) as exc:
+        raise UsageError(f'{path} is not a checkpoint of this project (it does not fit the network '
+                         f'its arguments build: {_first_line(exc)})') from None
     model.eval()
     error = count_errors(model, test_set.images, test_set.labels, transform, chunk).item() / len(test_set)
     stored = checkpoint.get('args', {})

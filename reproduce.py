@@ -32,7 +32,6 @@ Examples::
 
 import argparse
 import datetime
-import glob
 import os
 import shlex
 import shutil
@@ -185,16 +184,7 @@ def saved_batches(figure, config, root, seeds):
     """The seed lists of this configuration's interrupted runs (their resume states) that lie
     within `seeds`: each is continued as one process."""
     out_dir = os.path.join(root, results_dir(config.shared_from or figure))
-    batches = []
-    for path in sorted(glob.glob(os.path.join(glob.escape(out_dir), f'{glob.escape(config.name)}_s*.resume.pt'))):
-        text = os.path.basename(path)[len(config.name) + 2:-len('.resume.pt')]
-        try:
-            batch = [int(part) for part in text.split('-')]
-        except ValueError:
-            continue
-        if len(batch) > 1 and set(batch) <= set(seeds):
-            batches.append(batch)
-    return batches
+    return [batch for _, batch in common.batch_states(out_dir, config.name) if set(batch) <= set(seeds)]
 
 
 def make_run(figure, config, seeds, args):
@@ -230,7 +220,7 @@ def make_run(figure, config, seeds, args):
                seeds=list(seeds),
                checkpoints=[os.path.join(ckpt_dir, f'{config.name}_s{seed}.pth') for seed in seeds],
                resume_state=os.path.join(out_dir, common.resume_state_name(
-                   stem if len(seeds) == 1 else config.name, seeds if len(seeds) > 1 else None)))
+                   stem, seeds if len(seeds) > 1 else None)))
 
 
 # ----------------------------------------------------------------------------

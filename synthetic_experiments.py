@@ -179,6 +179,7 @@ def train(net, data, args, stop: runstate.StopRequest) -> dict:
     parameters = [p for p in net.ode_block.parameters() if p.requires_grad]
     curves = {'train': [], 'test': [], 'diverged_epoch': None, 'stopped': False}
     every = max(1, args.epochs // PROGRESS_LINES)
+    stop.defer()  # from here a signal ends the loop after its step, with the line run() prints
     for epoch in range(args.epochs):
         for parameter in parameters:
             parameter.grad = None
@@ -264,7 +265,7 @@ def main(args) -> int:
     claim, failed = runstate.RunClaim(), True
     with runstate.StopRequest() as stop:
         try:
-            claim.lock([results_path], f'--save {args.save}')
+            claim.lock([results_path], f'--save {args.save}', '--save', '--results_dir')
             if os.path.exists(results_path):
                 raise cli.UsageError(f'{results_path} exists; results are never overwritten: choose '
                                      f'another --save or move the file')

@@ -145,7 +145,7 @@ def test_a_seeds_runs_locks_stop_a_single_run_of_its_seed(tmp_path, monkeypatch,
     single = [*SMALL, '--epochs', '0', '--seed', '2', '--save', 'batch_s2.pkl',
               '--checkpoint', 'elsewhere/batch_s2.pth']
     try:
-        state = tmp_path / 'MNIST_experiments' / 'batch_s1-2.resume.pt'
+        state = tmp_path / 'MNIST_experiments' / 'batch_s1-2.batch-resume.pt'
         deadline = time.time() + 120
         while not state.exists() and time.time() < deadline:  # it is training
             time.sleep(0.2)
@@ -217,11 +217,11 @@ def test_gpus_implies_20_seeds_per_process(capsys, tmp_path):
 def test_a_kill_during_a_write_leaves_the_old_file_and_the_run_resumes(tmp_path, monkeypatch):
     argv = [*SMALL, '--epochs', '2', '--seed', '9', '--save', 'w.pkl']
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE')}
-    # The writes of a run: metrics file, resume state and checkpoint after the evaluation before
-    # training (1, 2, 3), then the metrics file and the resume state after epoch 1 (4, 5): killed
-    # in 5, its new content complete on disk and not yet renamed over the old.
+    # The writes of a run: resume state, metrics file and checkpoint after the evaluation before
+    # training (1, 2, 3), then the resume state after epoch 1 (4): killed in 4, its new content
+    # complete on disk and not yet renamed over the old.
     killed = subprocess.run([sys.executable, str(REPO / 'MNIST_experiments.py'), *argv], cwd=tmp_path,
-                            env={**env, common.FAULT_ENV: 'write@5'}, capture_output=True, text=True,
+                            env={**env, common.FAULT_ENV: 'write@4'}, capture_output=True, text=True,
                             timeout=300)
     assert killed.returncode == -9, killed.stderr
     folder = tmp_path / 'MNIST_experiments'

@@ -32,7 +32,6 @@ evaluation in eval mode, index 0 of the error curves before training.
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 

@@ -406,7 +406,7 @@ def test_a_batch_skips_done_members_and_resumes_its_state(capsys, tmp_path):
     argv = ['figure2', '--num_seeds', '4', '--batch_seeds', '4']
     _existing(tmp_path, ['figure2', '--num_seeds', '4'], ['RKHS_l20_c8_s0', 'RKHS_l20_c8_s1'] +
               [f'RKHS_l20_c4_s{seed}' for seed in range(4)])
-    _existing(tmp_path, argv, ['RKHS_l20_p0_s0-1-2-3.resume.pt'])
+    _existing(tmp_path, argv, ['RKHS_l20_p0_s0-1-2-3.resume.pt'])  # its batch's state
     _, commands, comments = _dry_run(capsys, argv + ['--results_root', str(tmp_path)])
     by_config = {_flag(c, '--save'): c for c in commands}
     assert sorted(by_config) == ['RKHS_l20_c8.pkl', 'RKHS_l20_p0.pkl']

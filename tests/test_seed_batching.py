@@ -88,7 +88,7 @@ def test_resume_after_sigterm_and_sigkill_gives_the_uninterrupted_pickles(tmp_pa
     stopped = run_script('MNIST_experiments.py', *argv, '--save', 'r.pkl', cwd=cut,
                          env={'RESNET_ODE_FAULT': 'step@2:SIGTERM'})
     assert stopped.returncode == 143, stopped.stderr
-    state = torch.load(cut / 'MNIST_experiments' / 'r_s3-5-8.resume.pt', weights_only=True)
+    state = torch.load(cut / 'MNIST_experiments' / 'r_s3-5-8.batch-resume.pt', weights_only=True)
     for k, seed in enumerate(SEEDS):  # each member's data order is its own seed's single run's
         expected = torch.randperm(384, generator=torch.Generator().manual_seed(seed))
         assert torch.equal(state['position']['permutation'][k], expected)

@@ -1,8 +1,6 @@
 """The synthetic experiment (synthetic_experiments.py): the release's computation reproduced to
 1e-6, its flags and pickle keys, refusals, divergence, interruption, and the fixed defects."""
-import math
 import pickle
-import signal
 import sys
 
 import numpy as np
