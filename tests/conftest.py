@@ -47,8 +47,80 @@ def release_dir():
     return RELEASE_DIR
 
 
-def run_script(script, *args, cwd, env=None, timeout=600):
-    """Run one of the repository's scripts as a user would, in `cwd`."""
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: a test that takes more than a few seconds on 2 CPU cores '
+                                       '(real MNIST, whole processes, signals); deselect with -m "not slow"')
+
+
+# The scripts run_script runs in this process when the process boundary is not what is tested:
+# importing torch in a new interpreter costs about a second, and most tests start several runs.
+IN_PROCESS_SCRIPTS = ('MNIST_experiments.py', 'CIFAR_experiments.py', 'synthetic_experiments.py',
+                      'embeddings.py', 'plot_figures.py', 'reproduce.py', 'release_runs.py')
+
+
+def _needs_a_process(script, env) -> bool:
+    """A fault that kills or stops the process (SIGKILL, the default, or SIGSTOP) would kill or
+    stop pytest itself; a SIGINT/SIGTERM fault is handled by the run, as in its own process."""
+    if script not in IN_PROCESS_SCRIPTS:
+        return True
+    spec = (env or {}).get('RESNET_ODE_FAULT')
+    if not spec:
+        return False
+    action = spec.partition('@')[2].partition(':')[2]
+    return action in ('', 'SIGKILL', 'SIGSTOP')
+
+
+def run_main(script, *args, cwd, env=None):
+    """Run a script's main(parse_args(args)) in this process, in `cwd`, with `env` added to the
+    environment: what a subprocess does, without starting an interpreter. Returns an object with
+    returncode, stdout and stderr, as subprocess.run does: argparse's exits give their status,
+    an uncaught exception status 1 with its traceback on stderr."""
+    import contextlib
+    import importlib
+    import io
+    import traceback
+    from types import SimpleNamespace
+
+    import torch
+
+    import common
+    module = importlib.import_module(script[:-len('.py')])
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, previous, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    os.environ.update(env or {})
+    for key in ('RANK', 'WORLD_SIZE'):
+        os.environ.pop(key, None)
+    common._fault_counts.clear()  # each run counts its fault points from zero, as a new process
+    saved_argv, sys.argv = sys.argv, [script, *argv]  # argparse names the program from argv[0]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                parsed = (module.parse_args(argv) if not hasattr(module, 'get_args_parser')
+                          else module.get_args_parser().parse_args(argv))
+                status = module.main(parsed)
+            except SystemExit as exc:  # argparse's refusals and --help
+                status = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            except Exception:
+                traceback.print_exc()
+                status = 1
+    finally:
+        os.chdir(previous)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.set_num_threads(threads)
+        common._fault_counts.clear()
+    return SimpleNamespace(returncode=status, stdout=out.getvalue(), stderr=err.getvalue())
+
+
+def run_script(script, *args, cwd, env=None, timeout=600, process=False):
+    """Run one of the repository's scripts as a user would, in `cwd`: in its own process when
+    `process` is set or a fault will kill it (see _needs_a_process), else in this one (run_main),
+    which gives the same exit status, stdout and stderr."""
+    if not process and not _needs_a_process(script, env):
+        return run_main(script, *args, cwd=cwd, env=env)
     full_env = dict(os.environ, **(env or {}))
     full_env.pop('RANK', None)
     full_env.pop('WORLD_SIZE', None)
