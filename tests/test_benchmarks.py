@@ -13,6 +13,8 @@ import models
 from benchmarks import measure
 from benchmarks import release_style as rs
 
+pytestmark = pytest.mark.slow  # whole benchmark processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = {'euler': 1, 'midpoint': 2, 'rk4': 4}
 

@@ -38,6 +38,7 @@ def synthetic_run(tmp_path_factory):
     return cwd
 
 
+@pytest.mark.slow
 def test_pickle_schema(synthetic_run):
     results = load_results(synthetic_run / 'CIFAR_experiments' / 'smoke.pkl')
     for key, kind in {'model': str, 'num_layers': int, 'num_parameters': int, 'batch_size': int,
@@ -93,6 +94,7 @@ def _write_fake_cifar(root, per_batch):
     return written
 
 
+@pytest.mark.slow
 def test_fake_cifar_folder_loads_through_torchvision(tmp_path, monkeypatch):
     written = _write_fake_cifar(tmp_path / 'data', per_batch=20)
     # The fake files cannot match the real archive's MD5 sums: skip that check, in this test only.

@@ -11,6 +11,8 @@ import torch
 import models
 from conftest import REPO, load_results, run_script
 
+pytestmark = pytest.mark.slow  # torchrun: several processes and a rendezvous per test
+
 TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
 
 

@@ -37,6 +37,7 @@ def _own_embedding(folder, channels, passes=0, seed=0):
     (['--pretrain', '3'], 361),                        # 32 channels, 3 passes: 3.61%
     (['--in_channels', '8', '--dim_int', '8'], 9235),  # 8 channels, 0 passes: 92.35%
 ])
+@pytest.mark.slow
 def test_release_embedding_gives_the_stored_runs_starting_error(tmp_path, mnist_root, release_dir,
                                                                  extra, errors):
     """The release's 20 stored seeds of each configuration all start at these test errors."""

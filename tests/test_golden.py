@@ -219,6 +219,7 @@ def compact_json(value, indent: str = '') -> str:
 
 
 @pytest.mark.parametrize('name', sorted(RUNS))
+@pytest.mark.slow
 def test_golden_run_matches_its_pin(tmp_path, name):
     expected = json.loads((GOLDEN / f'{name}.json').read_text())
     actual = json.loads(json.dumps(run_and_summarise(name, tmp_path)))
@@ -261,6 +262,7 @@ def _reference_settings(pinned: dict) -> dict:
 
 
 @pytest.mark.parametrize('name', sorted(RUNS))
+@pytest.mark.slow
 def test_pins_agree_with_the_reference_loop(name):
     """The pinned numbers are what the independent loop of test_reference_loop.py computes from
     the settings the pinned run recorded: curves, best epoch and best weights."""

@@ -81,6 +81,7 @@ def test_checkpoint_loads_weights_only_and_evaluate_matches(synthetic_run):
     assert folder_snapshot(cwd) == before
 
 
+@pytest.mark.slow
 def test_pretraining_changes_embedding_then_training_leaves_it_untouched(synthetic_run, tmp_path):
     cwd, _ = synthetic_run
     final = torch.load(cwd / 'MNIST_checkpoint' / 'run.pth', weights_only=True)
@@ -134,6 +135,7 @@ def test_failed_download_keeps_an_existing_root_as_it_was(tmp_path):
     assert folder_snapshot(tmp_path) == ['data', 'data/notes.txt']
 
 
+@pytest.mark.slow
 def test_real_mnist_subset_end_to_end(tmp_path, mnist_root):
     proc = run_script('MNIST_experiments.py', '--data_root', mnist_root, '--subset', '2048',
                       '--layers', '5', '--epochs', '1', '--batch_size', '64', '--seed', '0',
@@ -147,6 +149,7 @@ def test_real_mnist_subset_end_to_end(tmp_path, mnist_root):
     assert results['train_loss'][-8:].mean() < results['train_loss'][:8].mean()
 
 
+@pytest.mark.slow
 def test_compile_flag_trains_the_same_curves(tmp_path):
     """--compile (torch.compile, inductor) through the real command line, against eager."""
     common = ['--synthetic', '--subset', '512', '--layers', '2', '--in_channels', '8',

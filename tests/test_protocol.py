@@ -139,6 +139,7 @@ def test_the_default_folder_without_the_files_warns_that_the_start_differs(tmp_p
         'source': 'drawn', 'seed': 3}
 
 
+@pytest.mark.slow
 def test_a_run_from_another_working_directory_starts_where_the_paper_started(tmp_path, mnist_root, release_dir):
     """The default --embedding_dir is the repository's folder, whatever the working directory: a
     copy of the scripts with the release's files beside them, run from elsewhere, starts at
@@ -159,6 +160,7 @@ def test_a_run_from_another_working_directory_starts_where_the_paper_started(tmp
     assert round(float(results['test_classif'][0]), 4) == 0.8746
 
 
+@pytest.mark.slow
 def test_the_metrics_file_grows_while_the_run_goes(tmp_path):
     """Read mid-run (the run paused by SIGSTOP at its third step, in epoch 2): the header and the
     lines of epochs 0 and 1; at the end one line per epoch, equal to the pickle's curves."""

@@ -134,6 +134,7 @@ def test_seeds_is_refused_under_torchrun(tmp_path, monkeypatch, capsys):
 
 # --- a --seeds run's locks stop a single run of one of its seeds while it runs --------------------
 
+@pytest.mark.slow
 def test_a_seeds_runs_locks_stop_a_single_run_of_its_seed(tmp_path, monkeypatch, capsys):
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', common.FAULT_ENV)}
     holder = subprocess.Popen([sys.executable, str(REPO / 'MNIST_experiments.py'), *SMALL,
@@ -214,6 +215,7 @@ def test_gpus_implies_20_seeds_per_process(capsys, tmp_path):
 
 # --- a kill during a file write leaves the old file intact ----------------------------------------
 
+@pytest.mark.slow
 def test_a_kill_during_a_write_leaves_the_old_file_and_the_run_resumes(tmp_path, monkeypatch):
     argv = [*SMALL, '--epochs', '2', '--seed', '9', '--save', 'w.pkl']
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE')}

@@ -311,6 +311,7 @@ def trained_part(dataset: str, checkpoint: dict) -> dict:
 
 
 @pytest.mark.parametrize('case', sorted(CASES))
+@pytest.mark.slow
 def test_script_equals_the_reference_loop(tmp_path, monkeypatch, case):
     dataset, settings = CASES[case]
     results, checkpoint = run_script(dataset, settings, tmp_path, monkeypatch)
@@ -330,6 +331,7 @@ def test_script_equals_the_reference_loop(tmp_path, monkeypatch, case):
                                    msg=lambda text: f'{name}: {text}')
 
 
+@pytest.mark.slow
 def test_the_reference_tells_the_mistakes_apart(tmp_path):
     """Each mistake the comparison must catch changes the reference's own curves far beyond RTOL:
     a rate decayed one epoch late, a summed loss, a training error on other images."""

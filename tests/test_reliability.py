@@ -39,6 +39,7 @@ def _assert_same_run(cwd, reference):
     ('step@8:SIGINT', 130),         # Ctrl-C mid-epoch: saves where it stopped
     ('step@3:SIGTERM', 143),
 ])
+@pytest.mark.slow
 def test_interrupted_then_resumed_run_is_bit_identical(tmp_path, reference, fault, status):
     proc = run_script('MNIST_experiments.py', *RUN, cwd=tmp_path, env={'RESNET_ODE_FAULT': fault})
     assert proc.returncode == status, proc.stderr

@@ -28,6 +28,7 @@ def _one_line_error(proc):
 
 # --- 1. two runs with the same --save at once ----------------------------------------------------
 
+@pytest.mark.slow
 def test_two_runs_with_the_same_save_one_wins_and_nothing_is_lost(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE')}
     procs = {seed: subprocess.Popen([sys.executable, str(REPO / 'MNIST_experiments.py'), *SMALL,
@@ -52,6 +53,7 @@ def test_two_runs_with_the_same_save_one_wins_and_nothing_is_lost(tmp_path):
     assert header['seed'] == winner
 
 
+@pytest.mark.slow
 def test_a_second_run_is_refused_while_the_first_holds_the_save(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE')}
     first = subprocess.Popen([sys.executable, str(REPO / 'MNIST_experiments.py'), *SMALL,

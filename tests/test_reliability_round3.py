@@ -233,6 +233,7 @@ def _wait_for(path, proc, seconds=180):
     assert path.exists(), 'the first run never saved its state'
 
 
+@pytest.mark.slow
 def test_the_same_save_in_another_results_dir_is_refused_at_once(tmp_path):
     first = _start_long_run(tmp_path, '--results_dir', 'A', '--save', 'x.pkl')
     try:
@@ -311,6 +312,7 @@ def batch_killed_after_first_pickle(tmp_path_factory):
     return cwd
 
 
+@pytest.mark.slow
 def test_a_batch_killed_between_its_pickles_is_finished_by_resume(batch_killed_after_first_pickle,
                                                                   finished_references, tmp_path):
     cwd = _copy(batch_killed_after_first_pickle, tmp_path)

@@ -297,6 +297,7 @@ FAKE_SCRIPT = textwrap.dedent('''
 ''').replace('REPO)', repr(str(REPO)) + ')', 1)
 
 
+@pytest.mark.slow
 def test_sweep_with_fake_script(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce.scheduler, 'gpu_problems', lambda gpus: [])  # no GPU needed: nothing runs on one
     scripts = tmp_path / 'scripts'
@@ -361,6 +362,7 @@ def test_missing_script_is_an_error(capsys, tmp_path, monkeypatch):
 
 @pytest.mark.skipif(not (REPO / 'MNIST_experiments.py').exists(),
                     reason='MNIST_experiments.py is not in the repository yet')
+@pytest.mark.slow
 def test_tiny_real_sweep(capsys, tmp_path):
     argv = ['figure1a', '--seeds', '1', '--jobs', '2', '--results_root', str(tmp_path),
             '--', '--synthetic', '--subset', '256', '--epochs', '1']
@@ -437,6 +439,7 @@ def test_bad_shards_and_batch_sizes_are_refused():
     assert reproduce.main(reproduce.parse_args(['figure1a', '--dry_run', '--batch_seeds', '0'])) == 2
 
 
+@pytest.mark.slow
 def test_tiny_batched_sweep(capsys, tmp_path):
     argv = ['figure2', '--seeds', '2', '--batch_seeds', '2', '--results_root', str(tmp_path),
             '--embedding_dir', 'none', '--', '--synthetic', '--subset', '128', '--epochs', '1']
@@ -457,6 +460,7 @@ def test_tiny_batched_sweep(capsys, tmp_path):
 
 # --- reliability: two sweeps on one root, refusals before anything runs ------------------------
 
+@pytest.mark.slow
 def test_a_run_held_by_another_process_is_running_elsewhere_and_its_log_is_kept(capsys, tmp_path):
     """A second sweep meets a run that another process holds (here a run paused by SIGSTOP at its
     first step, its lock held): 'running elsewhere', not a failure; the shared log is appended to,

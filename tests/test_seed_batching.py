@@ -25,6 +25,7 @@ def _main(tmp_path, monkeypatch, *argv):
 
 @pytest.mark.parametrize('model', ['RKHS', 'SHL'])
 @pytest.mark.parametrize('method', ['euler', 'midpoint', 'rk4'])
+@pytest.mark.slow
 def test_each_member_is_the_single_run_of_its_seed(tmp_path, monkeypatch, model, method):
     flags = ['--model', model, '--method', method, '--layers', '3']
     assert _main(tmp_path, monkeypatch, *flags, '--seeds', *map(str, SEEDS), '--save', 'b.pkl') == 0
@@ -78,6 +79,7 @@ def test_a_diverging_member_leaves_the_others_unchanged(tmp_path, monkeypatch):
             np.testing.assert_array_equal(wild[key], calm[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_resume_after_sigterm_and_sigkill_gives_the_uninterrupted_pickles(tmp_path):
     argv = [*COMMON, '--layers', '2', '--model', 'SHL', '--seeds', *map(str, SEEDS)]
     whole = tmp_path / 'whole'

@@ -120,6 +120,7 @@ def release_losses(seed, model='RKHS', N=100, d=2, q=2, r=20, layers=10, nu=-1.0
     ('RKHS', ['-q', '4', '-r', '200'], {'q': 4, 'r': 200}),
     ('SHL', ['-q', '4', '-r', '4'], {'q': 4, 'r': 4}),                 # where the release's SHL ran
 ])
+@pytest.mark.slow
 def test_same_seed_gives_the_release_losses(tmp_path, model, flags, release):
     status, record = run_main(tmp_path, '--model', model, '--seed', 3, '--epochs', 50, *flags)
     expected = release_losses(3, model, **release)
@@ -430,6 +431,7 @@ def test_synthetic_sweep_refusals(tmp_path, capsys):
     assert status == 0 and '# skip SHL_q2_r2_s0' in out and '# 4 run(s) to do, 1 skipped' in out
 
 
+@pytest.mark.slow
 def test_tiny_synthetic_sweep_runs_and_draws_the_figure(tmp_path, capsys):
     status, out, _ = _reproduce(capsys, '--configs', 'SHL_q2_r2', '--num_seeds', 2, '--jobs', 2,
                                 '--results_root', tmp_path, '--', '--epochs', 5, '-N', 10)
