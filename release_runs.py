@@ -186,16 +186,19 @@ def verdicts(comparisons) -> tuple[list, list, list]:
 # The report: REPRODUCTION.md, regenerated from the committed runs alone
 # ---------------------------------------------------------------------------------------------
 
-# How the committed runs in results/ were made. Two chains ran side by side, one thread each.
+# How the committed runs in results/ were made: first two chains side by side, one thread each;
+# from RKHS L=10 (Figure 1a) on, one chain with both threads, in the order below. Runs were
+# stopped with SIGTERM and continued with --resume where the machine was needed for other work
+# (each run's log shows where).
 SWEEP_COMMANDS = """\
-export OMP_NUM_THREADS=1   # two chains side by side, one thread each
 E=../shared/data/MNIST_pretrained_models
-# chain A
+# First, two chains side by side with OMP_NUM_THREADS=1: Figure 1a (done: RKHS L=5, and the first
+# 24 epochs of RKHS L=10) and Figure 1b (done: RKHS L=5).
+# Then one chain, both threads (OMP_NUM_THREADS unset); a command skips the runs already done.
 python reproduce.py figure1a --num_seeds 1 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
-python reproduce.py figure1a --seed_start 1 --num_seeds 2 --configs RKHS_l5_p0,SHL_l5_p0 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
-# chain B, at the same time
 python reproduce.py figure1b --num_seeds 1 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
 python reproduce.py figure2 --num_seeds 1 --configs RKHS_l20_c8,RKHS_l20_c4 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
+python reproduce.py figure1a --seed_start 1 --num_seeds 2 --configs RKHS_l5_p0,SHL_l5_p0 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
 python reproduce.py figure1b --seed_start 1 --num_seeds 2 --configs RKHS_l5_p3,SHL_l5_p3 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data"""
 MACHINE = ('a virtual machine with 2 cores of an AMD EPYC processor (x86_64), no GPU, shared during '
            'the sweep with other work (tests and development); the times below are therefore upper '
