@@ -5,6 +5,7 @@ issue; each test failed on the code before the fix it covers (the hangs by timin
 In-process runs (MNIST_experiments.main) where only the outcome matters; real processes where
 the exit status, the one stderr line, a signal or a kill is what is tested.
 """
+import contextlib
 import errno
 import fcntl
 import json
@@ -59,6 +60,18 @@ def _same_curves(path, reference_path):
     done, expected = load_results(path), load_results(reference_path)
     for key in CURVES:
         np.testing.assert_array_equal(done[key], expected[key], err_msg=key)
+
+@contextlib.contextmanager
+def _held_lock(path):
+    """Another process's lock on `path`, as a running run holds it (created with its folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    holder = os.open(path, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        os.close(holder)
+
 
 
 # --- 1. a crafted results pickle: no native crash, refused in one warning ------------------------
@@ -276,14 +289,9 @@ def test_a_checkpoint_that_could_replace_a_results_file_or_state_is_refused(tmp_
 def test_a_held_checkpoint_lock_refuses_the_run(tmp_path, monkeypatch, capsys):
     """The lock beside the checkpoint is taken, whatever --save says."""
     monkeypatch.chdir(tmp_path)
-    (tmp_path / 'ck').mkdir()
-    holder = os.open(tmp_path / 'ck' / '.shared.pth.lock', os.O_RDWR | os.O_CREAT)
-    fcntl.flock(holder, fcntl.LOCK_EX)
-    try:
+    with _held_lock(tmp_path / 'ck' / '.shared.pth.lock'):
         assert _main([*SMALL, '--epochs', '0', '--seed', '0', '--save', 'own.pkl',
                       '--checkpoint', 'ck/shared.pth']) == 2
-    finally:
-        os.close(holder)
     assert 'another process is running checkpoint ck/shared.pth' in _error_line(capsys.readouterr().err)
     assert not (tmp_path / 'MNIST_experiments').exists()
 
@@ -422,13 +430,8 @@ def test_resume_without_the_batch_seeds_names_the_batch_state(interrupted_batch,
 
 def test_the_batch_state_is_locked(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / 'MNIST_experiments').mkdir()
-    holder = os.open(tmp_path / 'MNIST_experiments' / '.q_s3-5.batch-resume.pt.lock', os.O_RDWR | os.O_CREAT)
-    fcntl.flock(holder, fcntl.LOCK_EX)
-    try:
+    with _held_lock(tmp_path / 'MNIST_experiments' / '.q_s3-5.batch-resume.pt.lock'):
         assert _main([*SMALL, '--epochs', '0', '--seeds', '3', '5', '--save', 'q.pkl']) == 2
-    finally:
-        os.close(holder)
     assert 'another process is running --save q.pkl --seeds 3 5' in _error_line(capsys.readouterr().err)
 
 
