@@ -1,8 +1,9 @@
 """Helper for test_distributed.py, run plainly (one process) or under torchrun.
 
 `ddp_first_step.py OUT`: one SGD step of the MNIST setup through the real engine; the ODE block's
-gradient is saved to OUT. `ddp_first_step.py pretrain PREFIX`: every rank pretrains A and B and
-saves them to PREFIX<rank>.pt."""
+gradient is saved to OUT. `ddp_first_step.py OUT PREFIX` then also has every rank pretrain A and B
+and save them to PREFIX<rank>.pt, in the same process group (one torchrun for both checks)."""
+import argparse
 import os
 import sys
 
@@ -18,12 +19,11 @@ import runstate  # noqa: E402
 GLOBAL_BATCH = 64
 
 
-def main(out_path):
+def first_step(out_path, dist):
     args = MNIST_experiments.get_args_parser().parse_args(
         ['--synthetic', '--layers', '3', '--in_channels', '8', '--dim_int', '4', '--seed', '0',
          '--batch_size', str(GLOBAL_BATCH)])
     args.embedding_seed = 0
-    dist = distributed.setup(args, torch.device('cpu'))
     train, test = data.synthetic_dataset(MNIST_experiments.MNIST_IMAGE_SHAPE, GLOBAL_BATCH, 16)
     net, _ = MNIST_experiments.build_network(args, None)
     net.freeze_embedding()
@@ -44,27 +44,25 @@ def main(out_path):
         outcome = engine.train_one_epoch(exp, optimizer, [generator], GLOBAL_BATCH, dist, stop, 'step')
     if dist.is_main:
         torch.save({'grads': [p.grad for p in exp.parameters], 'loss': outcome.losses}, out_path)
-    dist.close()
 
 
-def pretrain_on_every_rank(out_prefix):
+def pretrain_on_every_rank(out_prefix, dist):
     """Each rank pretrains A and B through the script's own function and saves what it has."""
     args = MNIST_experiments.get_args_parser().parse_args(
         ['--synthetic', '--in_channels', '4', '--pretrain', '1', '--pretrain_lr', '0.05',
          '--batch_size', str(GLOBAL_BATCH), '--seed', '0'])
     args.embedding_seed = 0
-    dist = distributed.setup(args, torch.device('cpu'))
     train, _ = data.synthetic_dataset(MNIST_experiments.MNIST_IMAGE_SHAPE, 4 * GLOBAL_BATCH, 16)
     net, _ = MNIST_experiments.build_network(args, None)
     MNIST_experiments.pretrain(net, train, args, dist, runstate.StopRequest())
     net.freeze_embedding()
     torch.save({'input_net': net.input_net.state_dict(), 'output_net': net.output_net.state_dict()},
                f'{out_prefix}{dist.rank}.pt')
-    dist.close()
 
 
 if __name__ == '__main__':
-    if sys.argv[1] == 'pretrain':
-        pretrain_on_every_rank(sys.argv[2])
-    else:
-        main(sys.argv[1])
+    group = distributed.setup(argparse.Namespace(batch_size=GLOBAL_BATCH), torch.device('cpu'))
+    first_step(sys.argv[1], group)
+    if len(sys.argv) > 2:
+        pretrain_on_every_rank(sys.argv[2], group)
+    group.close()

@@ -31,8 +31,9 @@ def test_epochs_0_pickle_records_parameter_count(tmp_path, monkeypatch, model, l
 @pytest.fixture(scope='module')
 def synthetic_run(tmp_path_factory):
     cwd = tmp_path_factory.mktemp('cifar_synthetic')
-    proc = run_script('CIFAR_experiments.py', '--synthetic', '--subset', '256', '--layers', '1',
-                      '--epochs', '1', '--batch_size', '128', '--lr_init', '0.05', '--seed', '7',
+    # The full-width network on the fewest images that still make two SGD steps.
+    proc = run_script('CIFAR_experiments.py', '--synthetic', '--subset', '32', '--layers', '1',
+                      '--epochs', '1', '--batch_size', '16', '--lr_init', '0.05', '--seed', '7',
                       '--save', 'smoke.pkl', cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     return cwd
@@ -45,7 +46,7 @@ def test_pickle_schema(synthetic_run):
                       'train_loss': np.ndarray, 'train_classif': np.ndarray,
                       'test_classif': np.ndarray, 'computation_time': float}.items():
         assert isinstance(results[key], kind), key
-    assert results['train_loss'].shape == (2,)  # 256 images, batch 128
+    assert results['train_loss'].shape == (2,)  # 32 images, batch 16
     assert results['train_classif'].shape == results['test_classif'].shape == (2,)
     assert results['num_parameters'] == 5_858_122
 
@@ -62,7 +63,7 @@ def test_rkhs_fixed_layers_unchanged_and_checkpoint_evaluates(synthetic_run):
     results = load_results(synthetic_run / 'CIFAR_experiments' / 'smoke.pkl')
     before = folder_snapshot(synthetic_run)
     proc = run_script('CIFAR_experiments.py', '--evaluate', 'CIFAR_checkpoint/smoke.pth',
-                      '--synthetic', '--subset', '256', cwd=synthetic_run)
+                      '--synthetic', '--subset', '32', cwd=synthetic_run)
     assert proc.returncode == 0, proc.stderr
     printed = float(re.search(r'test error ([\d.]+)%', proc.stdout).group(1))
     assert printed == pytest.approx(100 * float(results['test_classif'].min()), abs=1e-4)
@@ -96,17 +97,18 @@ def _write_fake_cifar(root, per_batch):
 
 @pytest.mark.slow
 def test_fake_cifar_folder_loads_through_torchvision(tmp_path, monkeypatch):
-    written = _write_fake_cifar(tmp_path / 'data', per_batch=20)
+    written = _write_fake_cifar(tmp_path / 'data', per_batch=8)
     # The fake files cannot match the real archive's MD5 sums: skip that check, in this test only.
     monkeypatch.setattr(torchvision.datasets.cifar, 'check_integrity', lambda *a, **k: True)
     train, test = data.load_cifar10(str(tmp_path / 'data'))
-    assert train.images.shape == (100, 3, 32, 32) and test.images.shape == (20, 3, 32, 32)
-    assert torch.equal(train.images[:20], torch.from_numpy(written['data_batch_1'][0]))
+    assert train.images.shape == (40, 3, 32, 32) and test.images.shape == (8, 3, 32, 32)
+    assert torch.equal(train.images[:8], torch.from_numpy(written['data_batch_1'][0]))
+    assert torch.equal(train.images[32:], torch.from_numpy(written['data_batch_5'][0]))
     assert test.labels.tolist() == written['test_batch'][1]
 
     monkeypatch.chdir(tmp_path)
     args = CIFAR_experiments.get_args_parser().parse_args(
-        ['--data_root', 'data', '--layers', '1', '--epochs', '1', '--batch_size', '50',
+        ['--data_root', 'data', '--layers', '1', '--epochs', '1', '--batch_size', '20',
          '--seed', '0', '--save', 'fake.pkl'])
     assert CIFAR_experiments.main(args) == 0
     results = load_results(tmp_path / 'CIFAR_experiments' / 'fake.pkl')

@@ -33,13 +33,22 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def test_first_step_gradient_equals_one_process(tmp_path):
-    single = subprocess.run([sys.executable, str(REPO / 'tests' / 'ddp_first_step.py'),
-                             tmp_path / 'single.pt'], capture_output=True, text=True, timeout=300)
-    assert single.returncode == 0, single.stderr
-    ranks = _torchrun(REPO / 'tests' / 'ddp_first_step.py', tmp_path / 'ddp.pt', cwd=tmp_path)
+@pytest.fixture(scope='module')
+def two_ranks(tmp_path_factory):
+    """One torchrun of tests/ddp_first_step.py: the first step's gradient (ddp.pt), then every
+    rank's pretrained A and B (rank0.pt, rank1.pt)."""
+    folder = tmp_path_factory.mktemp('two_ranks')
+    ranks = _torchrun(REPO / 'tests' / 'ddp_first_step.py', folder / 'ddp.pt', folder / 'rank', cwd=folder)
     assert ranks.returncode == 0, ranks.stderr
-    one, two = (torch.load(tmp_path / name, weights_only=True) for name in ('single.pt', 'ddp.pt'))
+    return folder
+
+
+def test_first_step_gradient_equals_one_process(tmp_path, two_ranks):
+    import ddp_first_step
+    import distributed
+    ddp_first_step.first_step(tmp_path / 'single.pt', distributed.SINGLE)  # one process: this one
+    one = torch.load(tmp_path / 'single.pt', weights_only=True)
+    two = torch.load(two_ranks / 'ddp.pt', weights_only=True)
     assert torch.count_nonzero(one['grads'][0]) > 0
     for g_one, g_two in zip(one['grads'], two['grads']):
         # Summation order differs (two half-batch sums, then an all-reduce): float tolerance.
@@ -99,9 +108,10 @@ def test_bad_flag_exits_2_on_each_rank_before_any_collective(tmp_path, bad):
     assert not (tmp_path / 'MNIST_experiments').exists()
 
 
-@pytest.mark.parametrize('bad', BAD_FLAGS)
-def test_bad_flag_under_torchrun_fails_with_status_2_without_hanging(tmp_path, bad):
-    proc = _torchrun(REPO / 'MNIST_experiments.py', '--synthetic', *bad, '--save', 'x.pkl',
+def test_bad_flag_under_torchrun_fails_with_status_2_without_hanging(tmp_path):
+    # One bad flag under torchrun itself (both are checked on each rank above): the batch that
+    # only two processes make wrong.
+    proc = _torchrun(REPO / 'MNIST_experiments.py', '--synthetic', *BAD_FLAGS[1], '--save', 'x.pkl',
                      cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
@@ -111,10 +121,8 @@ def test_bad_flag_under_torchrun_fails_with_status_2_without_hanging(tmp_path, b
     assert not (tmp_path / 'MNIST_experiments').exists()
 
 
-def test_pretrained_embedding_is_identical_on_every_rank(tmp_path):
-    proc = _torchrun(REPO / 'tests' / 'ddp_first_step.py', 'pretrain', tmp_path / 'rank', cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    rank0, rank1 = (torch.load(tmp_path / f'rank{r}.pt', weights_only=True) for r in (0, 1))
+def test_pretrained_embedding_is_identical_on_every_rank(two_ranks):
+    rank0, rank1 = (torch.load(two_ranks / f'rank{r}.pt', weights_only=True) for r in (0, 1))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
 

@@ -86,11 +86,13 @@ def test_pretraining_changes_embedding_then_training_leaves_it_untouched(synthet
     cwd, _ = synthetic_run
     final = torch.load(cwd / 'MNIST_checkpoint' / 'run.pth', weights_only=True)
     assert final['epoch'] > 0  # the best model is a trained one, so the comparison means something
-    # The same command, killed right after the epoch-0 checkpoint: A and B as pretraining left them.
+    # The same command, stopped (SIGTERM) right after the epoch-0 checkpoint: A and B as
+    # pretraining left them. The run stops at its next step, before any other checkpoint.
     proc = run_script('MNIST_experiments.py', *SYNTHETIC_RUN, cwd=tmp_path,
-                      env={'RESNET_ODE_FAULT': 'checkpoint@1'})
-    assert proc.returncode == -9
+                      env={'RESNET_ODE_FAULT': 'checkpoint@1:SIGTERM'})
+    assert proc.returncode == 143, proc.stderr
     pretrained = torch.load(tmp_path / 'MNIST_checkpoint' / 'run.pth', weights_only=True)
+    assert pretrained['epoch'] == 0
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(3)  # --embedding_seed defaults to --seed
         initial = models.mnist_input_network(8).state_dict()
