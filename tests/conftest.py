@@ -115,6 +115,20 @@ def run_main(script, *args, cwd, env=None):
     return SimpleNamespace(returncode=status, stdout=out.getvalue(), stderr=err.getvalue())
 
 
+def _die_with_pytest():
+    """In a child, before it runs: SIGKILL it when pytest dies (Linux), so that a test session
+    killed halfway never leaves a run behind (the lock holders train for 1000 epochs)."""
+    if sys.platform.startswith('linux'):
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+def start_process(command, **kwargs):
+    """subprocess.Popen for the tests: the child dies with pytest."""
+    return subprocess.Popen([str(part) for part in command], preexec_fn=_die_with_pytest, **kwargs)
+
+
 def run_script(script, *args, cwd, env=None, timeout=600, process=False):
     """Run one of the repository's scripts as a user would, in `cwd`: in its own process when
     `process` is set or a fault will kill it (see _needs_a_process), else in this one (run_main),
@@ -125,7 +139,8 @@ def run_script(script, *args, cwd, env=None, timeout=600, process=False):
     full_env.pop('RANK', None)
     full_env.pop('WORLD_SIZE', None)
     return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd,
-                          env=full_env, capture_output=True, text=True, timeout=timeout)
+                          env=full_env, capture_output=True, text=True, timeout=timeout,
+                          preexec_fn=_die_with_pytest)
 
 
 def load_results(path):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import models
 from benchmarks import measure
 from benchmarks import release_style as rs
+from conftest import start_process
 
 pytestmark = pytest.mark.slow  # whole benchmark processes
 
@@ -21,7 +22,7 @@ STAGES = {'euler': 1, 'midpoint': 2, 'rk4': 4}
 
 def _run(script, *flags):
     env = dict(os.environ, OMP_NUM_THREADS='1')  # two small jobs side by side on a small machine
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, 'benchmarks', script), *flags,
+    return start_process([sys.executable, os.path.join(ROOT, 'benchmarks', script), *flags,
                              '--device', 'cpu'], cwd=ROOT, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import models
-from conftest import REPO, load_results, run_script
+from conftest import REPO, load_results, run_script, start_process
 
 pytestmark = pytest.mark.slow  # torchrun: several processes and a rendezvous per test
 
@@ -91,7 +91,7 @@ def test_bad_flag_exits_2_on_each_rank_before_any_collective(tmp_path, bad):
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')}
     env.update(WORLD_SIZE='2', MASTER_ADDR='127.0.0.1')
     ports = _free_ports(2)
-    procs = [subprocess.Popen([sys.executable, str(REPO / 'MNIST_experiments.py'), '--synthetic',
+    procs = [start_process([sys.executable, str(REPO / 'MNIST_experiments.py'), '--synthetic',
                                *bad, '--save', 'x.pkl'], cwd=tmp_path, text=True,
                               env={**env, 'RANK': str(rank), 'LOCAL_RANK': str(rank),
                                    'MASTER_PORT': str(ports[rank])},

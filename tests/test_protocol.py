@@ -17,7 +17,7 @@ import CIFAR_experiments  # noqa: E402
 import MNIST_experiments  # noqa: E402
 import embeddings  # noqa: E402
 import protocol  # noqa: E402
-from conftest import REPO, folder_snapshot, load_results  # noqa: E402
+from conftest import REPO, folder_snapshot, load_results, start_process  # noqa: E402
 
 TINY = ['--synthetic', '--subset', '64', '--layers', '1', '--in_channels', '4', '--dim_int', '4',
         '--batch_size', '32', '--epochs', '2', '--decay_steps', '1', '--seed', '3']
@@ -169,7 +169,7 @@ def test_the_metrics_file_grows_while_the_run_goes(tmp_path):
     argv = TINY + ['--epochs', '4', '--decay_steps', '2', '--embedding_dir', 'none', '--save', 'g.pkl']
     path = tmp_path / 'MNIST_experiments' / 'g.metrics.jsonl'
     env = dict(os.environ, RESNET_ODE_FAULT='step@3:SIGSTOP')
-    process = subprocess.Popen([sys.executable, str(REPO / 'MNIST_experiments.py'), *argv], cwd=tmp_path,
+    process = start_process([sys.executable, str(REPO / 'MNIST_experiments.py'), *argv], cwd=tmp_path,
                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for _ in range(1200):

@@ -15,7 +15,7 @@ import MNIST_experiments
 import common
 import models
 import reproduce
-from conftest import MNIST_RAW_FILES, REPO, folder_snapshot, load_results
+from conftest import MNIST_RAW_FILES, REPO, folder_snapshot, load_results, start_process
 
 SMALL = ['--synthetic', '--subset', '256', '--layers', '2', '--in_channels', '4', '--dim_int', '4',
          '--batch_size', '64', '--embedding_dir', 'none']
@@ -137,7 +137,7 @@ def test_seeds_is_refused_under_torchrun(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_a_seeds_runs_locks_stop_a_single_run_of_its_seed(tmp_path, monkeypatch, capsys):
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', common.FAULT_ENV)}
-    holder = subprocess.Popen([sys.executable, str(REPO / 'MNIST_experiments.py'), *SMALL,
+    holder = start_process([sys.executable, str(REPO / 'MNIST_experiments.py'), *SMALL,
                                '--subset', '2048', '--epochs', '1000', '--seeds', '1', '2',
                                '--save', 'batch.pkl'], cwd=tmp_path, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

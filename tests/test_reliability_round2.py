@@ -13,7 +13,7 @@ import torch
 
 import common
 import plot_figures
-from conftest import REPO, folder_snapshot, load_results, run_script
+from conftest import REPO, folder_snapshot, load_results, run_script, start_process
 
 SMALL = ['--synthetic', '--subset', '256', '--layers', '2', '--in_channels', '4', '--dim_int', '4',
          '--batch_size', '64', '--embedding_dir', 'none']
@@ -31,7 +31,7 @@ def _one_line_error(proc):
 @pytest.mark.slow
 def test_two_runs_with_the_same_save_one_wins_and_nothing_is_lost(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE')}
-    procs = {seed: subprocess.Popen([sys.executable, str(REPO / 'MNIST_experiments.py'), *SMALL,
+    procs = {seed: start_process([sys.executable, str(REPO / 'MNIST_experiments.py'), *SMALL,
                                      '--epochs', '3', '--seed', str(seed), '--save', 'race.pkl'],
                                     cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE)
@@ -56,7 +56,7 @@ def test_two_runs_with_the_same_save_one_wins_and_nothing_is_lost(tmp_path):
 @pytest.mark.slow
 def test_a_second_run_is_refused_while_the_first_holds_the_save(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE')}
-    first = subprocess.Popen([sys.executable, str(REPO / 'MNIST_experiments.py'), *SMALL,
+    first = start_process([sys.executable, str(REPO / 'MNIST_experiments.py'), *SMALL,
                               '--subset', '2048', '--epochs', '1000', '--seed', '1', '--save', 'held.pkl'],
                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -30,7 +30,7 @@ import embeddings
 import models
 import reproduce
 import runstate
-from conftest import MNIST_ROOT, REPO, folder_snapshot, load_results, run_script
+from conftest import MNIST_ROOT, REPO, folder_snapshot, load_results, run_script, start_process
 
 SMALL = ['--synthetic', '--subset', '256', '--layers', '2', '--in_channels', '4', '--dim_int', '4',
          '--batch_size', '64', '--embedding_dir', 'none']
@@ -233,7 +233,7 @@ def test_a_fifo_named_like_a_pickle_fails_at_once(tmp_path):
 def _start_long_run(cwd, *extra):
     """A run that trains for a long time, and the path of its resume state once it exists."""
     env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE')}
-    proc = subprocess.Popen([sys.executable, str(REPO / 'MNIST_experiments.py'), *SMALL, '--subset', '2048',
+    proc = start_process([sys.executable, str(REPO / 'MNIST_experiments.py'), *SMALL, '--subset', '2048',
                              '--epochs', '1000', '--seed', '1', *extra], cwd=cwd, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc

@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 import reproduce  # noqa: E402
-from conftest import run_script  # noqa: E402
+from conftest import run_script, start_process  # noqa: E402
 
 MNIST_CONFIGS_1A = [f'{m}_l{L}_p0' for m in ('RKHS', 'SHL') for L in (5, 10, 20)]
 
@@ -334,7 +334,7 @@ def test_sweep_with_fake_script(capsys, tmp_path, monkeypatch):
     assert 'sweep wall time' in out
     assert (results / 'figure1a.png').stat().st_size > 10_000
     # a failed run's line quotes its log's last line; a progress line follows every run
-    assert f'failed SHL_l20_p0_s0 (exit 1, ' in out and ': simulated crash (log: ' in out
+    assert 'failed SHL_l20_p0_s0 (exit 1, ' in out and ': simulated crash (log: ' in out
     assert out.count('progress: ') == 12 and 'progress: 12 done' not in out
     assert 'progress: 10 done, 0 running, 0 waiting, 2 failed of 12' in out
 
@@ -491,7 +491,7 @@ def test_a_run_held_by_another_process_is_running_elsewhere_and_its_log_is_kept(
     log.write_text('# the first process\'s log\n')
     env = dict(os.environ, RESNET_ODE_FAULT='step@1:SIGSTOP', PYTHONUNBUFFERED='1')
     with open(log, 'a') as handle:
-        holder = subprocess.Popen(run.command(), cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT)
+        holder = start_process(run.command(), cwd=tmp_path, env=env, stdout=handle, stderr=subprocess.STDOUT)
     try:
         lock = tmp_path / 'MNIST_experiments' / 'fig2' / '.RKHS_l20_c4_s0.lock'
         for _ in range(600):  # until it has stopped itself at its first step, holding the lock
