@@ -113,8 +113,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, *, layers: int, epochs
     add('--device', default=None,
         help='torch device, e.g. cpu, cuda, cuda:1 (default cuda if available, else cpu)')
     add('--seed', type=int, default=None,
-        help='random seed; drawn and recorded when not given. With a seed, CPU runs are bit-for-bit '
-             'repeatable')
+        help='random seed; drawn and recorded when not given. With a seed and one CPU thread '
+             '(OMP_NUM_THREADS=1), runs are bit-for-bit repeatable')
     add('--subset', type=int, default=None,
         help='use only the first N training and N test images (quick checks)')
     add('--synthetic', action='store_true',
