@@ -115,13 +115,25 @@ def run_main(script, *args, cwd, env=None):
     return SimpleNamespace(returncode=status, stdout=out.getvalue(), stderr=err.getvalue())
 
 
+def _parent_death_signal():
+    """prctl(PR_SET_PDEATHSIG, SIGKILL), looked up here in the parent: between fork and exec the
+    child only calls it (no dlopen there, whose locks another thread may hold). None off Linux."""
+    if not sys.platform.startswith('linux'):
+        return None
+    import ctypes
+    import functools
+    import signal
+    return functools.partial(ctypes.CDLL(None, use_errno=True).prctl, 1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+
+
+_SET_PARENT_DEATH_SIGNAL = _parent_death_signal()
+
+
 def _die_with_pytest():
-    """In a child, before it runs: SIGKILL it when pytest dies (Linux), so that a test session
-    killed halfway never leaves a run behind (the lock holders train for 1000 epochs)."""
-    if sys.platform.startswith('linux'):
-        import ctypes
-        import signal
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    """In a child, before it runs: SIGKILL it when pytest dies, so that a test session killed
+    halfway never leaves a run behind (the lock holders train for 1000 epochs)."""
+    if _SET_PARENT_DEATH_SIGNAL is not None:
+        _SET_PARENT_DEATH_SIGNAL()
 
 
 def start_process(command, **kwargs):
