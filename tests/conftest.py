@@ -70,11 +70,13 @@ def _needs_a_process(script, env) -> bool:
     return action in ('', 'SIGKILL', 'SIGSTOP')
 
 
-def run_main(script, *args, cwd, env=None):
+def run_main(script, *args, cwd, env=None, threads=None):
     """Run a script's main(parse_args(args)) in this process, in `cwd`, with `env` added to the
-    environment: what a subprocess does, without starting an interpreter. Returns an object with
-    returncode, stdout and stderr, as subprocess.run does: argparse's exits give their status,
-    an uncaught exception status 1 with its traceback on stderr."""
+    environment and `threads` torch threads if given: what a subprocess does, without starting an
+    interpreter. Like a lone process it sees no RANK or WORLD_SIZE, and a fault point only if
+    `env` sets one. Returns an object with returncode, stdout and stderr, as subprocess.run does:
+    argparse's exits give their status, an uncaught exception status 1 with its traceback on
+    stderr. The environment, working directory and thread count are restored afterwards."""
     import contextlib
     import importlib
     import io
@@ -87,10 +89,13 @@ def run_main(script, *args, cwd, env=None):
     module = importlib.import_module(script[:-len('.py')])
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
-    saved_env, previous, threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
-    os.environ.update(env or {})
-    for key in ('RANK', 'WORLD_SIZE'):
+    saved_env, previous, saved_threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
+    for key in ('RANK', 'WORLD_SIZE', 'RESNET_ODE_FAULT'):
         os.environ.pop(key, None)
+    os.environ.update({key: value for key, value in (env or {}).items()
+                       if key not in ('RANK', 'WORLD_SIZE')})
+    if threads is not None:
+        torch.set_num_threads(threads)
     common._fault_counts.clear()  # each run counts its fault points from zero, as a new process
     saved_argv, sys.argv = sys.argv, [script, *argv]  # argparse names the program from argv[0]
     os.chdir(cwd)
@@ -110,7 +115,7 @@ def run_main(script, *args, cwd, env=None):
         sys.argv = saved_argv
         os.environ.clear()
         os.environ.update(saved_env)
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved_threads)
         common._fault_counts.clear()
     return SimpleNamespace(returncode=status, stdout=out.getvalue(), stderr=err.getvalue())
 

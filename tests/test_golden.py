@@ -16,7 +16,6 @@ message:
 """
 import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -132,15 +131,8 @@ def run_and_summarise(name: str, cwd: Path) -> dict:
     if '--embedding_dir' in argv and argv[argv.index('--embedding_dir') + 1] == 'emb':
         _write_embedding_files(cwd / 'emb')
     from conftest import run_main
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # one thread: the same summation order everywhere (run_main restores it)
-    fault = os.environ.pop('RESNET_ODE_FAULT', None)
-    try:
-        proc = run_main(script, *argv, '--save', f'{name}.pkl', cwd=cwd)
-    finally:
-        torch.set_num_threads(threads)
-        if fault is not None:
-            os.environ['RESNET_ODE_FAULT'] = fault
+    # One thread: the same summation order on every machine.
+    proc = run_main(script, *argv, '--save', f'{name}.pkl', cwd=cwd, threads=1)
     assert proc.returncode == 0, proc.stderr
     folder = 'MNIST' if script.startswith('MNIST') else 'CIFAR'
     with open(cwd / f'{folder}_experiments' / f'{name}.pkl', 'rb') as f:
