@@ -28,7 +28,7 @@ import argparse
 import json
 import os
 import sys
-from collections import OrderedDict, namedtuple
+from collections import OrderedDict
 
 import numpy as np
 
@@ -352,77 +352,6 @@ SYNTHETIC_FOLDER = 'synthetic_experiments'
 SYNTHETIC_Q_COLORS = {2: 'tab:blue', 4: 'tab:orange', 8: 'tab:green'}
 SYNTHETIC_R_STYLES = {20: '--', 200: '-'}
 SYNTHETIC_SHL_STYLE = ':'
-# One curve: nu is the RKHS features' law (None for SHL, which has no random features).
-SyntheticConfig = namedtuple('SyntheticConfig', ['model', 'num_layers', 'q', 'r', 'nu'])
-SyntheticRun = namedtuple('SyntheticRun', ['path', 'config', 'protocol', 'seed', 'train_loss',
-                                           'test_loss', 'diverged'])
-
-
-def _integer(value):
-    if value is None:
-        return None
-    if isinstance(value, bool) or float(value) != int(value):
-        raise ValueError(f'{value!r} is not an integer')
-    return int(value)
-
-
-def _float_curve(value):
-    array = np.asarray(value)
-    if array.dtype.kind not in 'iuf':
-        raise ValueError(f'a curve of {array.dtype}, not numbers')
-    return array.astype(float).reshape(-1)
-
-
-def read_synthetic_run(path):
-    """One pickle of synthetic_experiments.py as a SyntheticRun, or None (with a warning)."""
-    import protocol
-
-    try:
-        data = common.load_results(path)
-    except Exception as exc:  # a crafted or unreadable file is skipped, never fatal
-        runs_module.warn(f'skipping {path}: {type(exc).__name__}: {exc}')
-        return None
-    record = data.get('protocol') if isinstance(data, dict) else None
-    if not isinstance(record, dict) or record.get('dataset') != protocol.SYNTHETIC:
-        runs_module.warn(f'skipping {path}: not a synthetic_experiments.py results file with its protocol record')
-        return None
-    try:
-        model = str(data['model'])
-        config = SyntheticConfig(model, _integer(data['num_layers']), _integer(data['q']),
-                                 _integer(data['r']), float(data['nu']) if model == 'RKHS' else None)
-        curves = _float_curve(data['train loss']), _float_curve(data['test loss'])
-    except (KeyError, TypeError, ValueError) as exc:
-        runs_module.warn(f'skipping {path}: {type(exc).__name__}: {exc}')
-        return None
-    deciding = tuple((key, str(record.get(key))) for key in protocol.SYNTHETIC_DECIDING)
-    return SyntheticRun(path, config, deciding, _integer(data.get('seed')), *curves,
-                        bool(data.get('diverged', False)))
-
-
-def load_synthetic_runs(folders):
-    """The synthetic runs under `folders` that share one protocol: the most common one (the
-    others are named in a warning, never averaged in), one run per (configuration, seed)."""
-    runs = [run for folder in folders for path in runs_module.find_pickles(folder) if path.endswith('.pkl')
-            for run in [read_synthetic_run(path)] if run is not None]
-    counts = OrderedDict()
-    for run in runs:
-        counts[run.protocol] = counts.get(run.protocol, 0) + 1
-    if not counts:
-        return []
-    chosen = max(counts, key=counts.get)
-    for other, count in counts.items():
-        if other != chosen:
-            differing = ', '.join(f'{key} {value}' for (key, value), (_, mine) in zip(other, chosen)
-                                  if value != mine)
-            runs_module.warn(f'{count} synthetic run(s) of another protocol ({differing}) are not drawn')
-    kept, seen = [], set()
-    for run in runs:
-        if run.protocol == chosen and (run.seed is None or (run.config, run.seed) not in seen):
-            seen.add((run.config, run.seed))
-            kept.append(run)
-    return kept
-
-
 def _synthetic_features(nu):
     return 'Gaussian features' if nu < 0 else f'Student-t features (nu = {nu:g})'
 
@@ -519,7 +448,7 @@ def synthetic_main(args):
     if absent:
         print(f'error: not a folder: {", ".join(absent)}', file=sys.stderr)
         return 2
-    runs = load_synthetic_runs(folders)
+    runs = runs_module.load_synthetic_runs(folders)
     if not runs:
         print(f'figure {SYNTHETIC_FIGURE}: no runs found in {", ".join(folders)}, figure skipped')
         return 0

@@ -10,6 +10,9 @@ runs), and checked: a file that is not a run, or whose numbers cannot be plotted
 text where numbers belong, error rates outside [0, 1], more epochs than it claims), is skipped
 with one warning naming it; the others are still read.
 
+The synthetic experiment's pickles (loss curves, no error rates) are read apart, as
+`SyntheticRun`s, with the same checks.
+
 Torch-free: plot_figures.py and release_runs.py import it.
 """
 from __future__ import annotations
@@ -348,3 +351,61 @@ def sort_key(group: tuple) -> tuple:
             return tuple(value(part) for part in item)
         return (item is None, isinstance(item, str), '' if item is None else item)
     return value(group[0]), repr(group[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# The synthetic experiment's runs (synthetic_experiments.py): curves of training loss, no errors
+# ---------------------------------------------------------------------------------------------
+
+# One curve: nu is the RKHS features' law (None for SHL, which has no random features).
+SyntheticConfig = namedtuple('SyntheticConfig', ['model', 'num_layers', 'q', 'r', 'nu'])
+SyntheticRun = namedtuple('SyntheticRun', ['path', 'config', 'protocol', 'seed', 'train_loss',
+                                           'test_loss', 'diverged'])
+
+
+def read_synthetic_run(path: str) -> SyntheticRun | None:
+    """One pickle of synthetic_experiments.py, or None (with a warning) for anything else."""
+    try:
+        data = common.load_results(path)
+    except Exception as exc:  # a crafted or unreadable file is skipped, never fatal
+        warn(f'skipping {path}: {type(exc).__name__}: {exc}')
+        return None
+    record = data.get('protocol') if isinstance(data, dict) else None
+    if not isinstance(record, dict) or record.get('dataset') != protocol.SYNTHETIC:
+        warn(f'skipping {path}: not a synthetic_experiments.py results file with its protocol record')
+        return None
+    try:
+        model = str(data['model'])
+        config = SyntheticConfig(model, *(_integer(data, key, required=True) for key in ('num_layers', 'q', 'r')),
+                                 float(data['nu']) if model == 'RKHS' else None)
+        curves = _curve(data, 'train loss', rates=False), _curve(data, 'test loss', rates=False)
+    except (KeyError, TypeError, ValueError) as exc:  # NotARun is a ValueError
+        warn(f'skipping {path}: {type(exc).__name__}: {exc}')
+        return None
+    deciding = tuple((key, str(record.get(key))) for key in protocol.SYNTHETIC_DECIDING)
+    return SyntheticRun(path, config, deciding, _integer(data, 'seed'), *curves,
+                        bool(data.get('diverged', False)))
+
+
+def load_synthetic_runs(folders) -> list[SyntheticRun]:
+    """The synthetic runs under `folders` that share one protocol: the most common one (the
+    others are named in a warning, never averaged in), one run per (configuration, seed)."""
+    runs = [run for folder in folders for path in find_pickles(folder) if path.endswith('.pkl')
+            for run in [read_synthetic_run(path)] if run is not None]
+    counts = OrderedDict()
+    for run in runs:
+        counts[run.protocol] = counts.get(run.protocol, 0) + 1
+    if not counts:
+        return []
+    chosen = max(counts, key=counts.get)
+    for other, count in counts.items():
+        if other != chosen:
+            differing = ', '.join(f'{key} {value}' for (key, value), (_, mine) in zip(other, chosen)
+                                  if value != mine)
+            warn(f'{count} synthetic run(s) of another protocol ({differing}) are not drawn')
+    kept, seen = [], set()
+    for run in runs:
+        if run.protocol == chosen and (run.seed is None or (run.config, run.seed) not in seen):
+            seen.add((run.config, run.seed))
+            kept.append(run)
+    return kept

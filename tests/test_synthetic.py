@@ -15,6 +15,7 @@ from conftest import REPO, folder_snapshot, load_results, run_script
 sys.path.insert(0, str(REPO))
 import models  # noqa: E402
 import synthetic_experiments  # noqa: E402
+import runs as runs_module  # noqa: E402
 
 RELEASE_KEYS = {'model', 'matrix', 'num_layers', 'N', 'q', 'r', 'train loss', 'test loss',
                 'computation_time', 'num_parameters'}
@@ -334,6 +335,35 @@ def _fake_run(folder, name, model, q, r, nu, seed, curve, learning_rate=1.0, epo
         pickle.dump(record, f)
 
 
+def test_synthetic_reader_skips_each_file_that_is_not_a_usable_synthetic_run(tmp_path, capsys):
+    _fake_run(tmp_path, 'good.pkl', 'RKHS', 2, 20, -1.0, 0, [1.0, 0.5])
+    with open(tmp_path / 'good.pkl', 'rb') as f:
+        good = pickle.load(f)
+    broken = {
+        'half_layer.pkl': (dict(good, num_layers=2.5), 'NotARun: num_layers is 2.5, not an integer'),
+        'square_curve.pkl': (dict(good, **{'train loss': np.ones((2, 2))}),
+                             'NotARun: train loss is not a list of numbers (float64, 2-D)'),
+        'no_r.pkl': ({key: value for key, value in good.items() if key != 'r'},
+                     'NotARun: r is NoneType, not a number'),
+        'mnist.pkl': (dict(good, protocol=dict(good['protocol'], dataset='MNIST')),
+                      'not a synthetic_experiments.py results file with its protocol record'),
+    }
+    for name, (record, _) in broken.items():
+        with open(tmp_path / name, 'wb') as f:
+            pickle.dump(record, f)
+    (tmp_path / 'garbage.pkl').write_bytes(b'not a pickle')
+
+    loaded = runs_module.load_synthetic_runs([str(tmp_path)])
+
+    assert [run.path for run in loaded] == [str(tmp_path / 'good.pkl')]
+    assert loaded[0].config == runs_module.SyntheticConfig('RKHS', 10, 2, 20, -1.0)
+    np.testing.assert_array_equal(loaded[0].train_loss, [1.0, 0.5])
+    err = capsys.readouterr().err
+    for name, (_, why) in broken.items():
+        assert f'warning: skipping {tmp_path / name}: {why}\n' in err
+    assert f'warning: skipping {tmp_path / "garbage.pkl"}: ' in err
+
+
 def test_synthetic_figure_draws_the_mean_over_seeds(tmp_path, capsys):
     import plot_figures
     rng = np.random.default_rng(0)
@@ -349,7 +379,7 @@ def test_synthetic_figure_draws_the_mean_over_seeds(tmp_path, capsys):
     _fake_run(runs, 'other_protocol.pkl', 'RKHS', 2, 20, -1.0, 9, np.ones(40), learning_rate=0.5)
     _fake_run(runs, 'same_seed_again.pkl', 'RKHS', 2, 20, -1.0, 0, np.ones(40))
 
-    loaded = plot_figures.load_synthetic_runs([str(runs)])
+    loaded = runs_module.load_synthetic_runs([str(runs)])
     assert 'of another protocol (learning_rate 0.5)' in capsys.readouterr().err
     written, lines = plot_figures.plot_synthetic(loaded, str(tmp_path / 'figs'))
     gauss, student = 'Gaussian features', 'Student-t features (nu = 1)'
@@ -380,7 +410,7 @@ def test_synthetic_figure_leaves_diverged_runs_out_of_the_mean(tmp_path):
     _fake_run(tmp_path, 'c.pkl', 'SHL', 2, 2, -1.0, 2, [8.0, 1e4], epochs=4, diverged=True)
     _fake_run(tmp_path, 'd.pkl', 'RKHS', 2, 2, -1.0, 0, [3.0, 1e5], epochs=4, diverged=True)
     _fake_run(tmp_path, 'e.pkl', 'RKHS', 2, 2, -1.0, 1, [1.0, 1e3, 1e6], epochs=4, diverged=True)
-    _, lines = plot_figures.plot_synthetic(plot_figures.load_synthetic_runs([str(tmp_path)]), str(tmp_path))
+    _, lines = plot_figures.plot_synthetic(runs_module.load_synthetic_runs([str(tmp_path)]), str(tmp_path))
     assert lines[('Gaussian features', 'SHL q=r=2 L=10 (n=2; 1 diverged, left out)')].tolist() == [3.0, 1.5, 0.625, 0.5]
     # every run diverged: all are drawn, each index averaged over the runs that reach it
     assert lines[('Gaussian features', 'RKHS q=2 r=2 L=10 (n=2, all diverged)')].tolist() == [2.0, 50500.0, 1e6]
