@@ -40,6 +40,9 @@ REPORT_FIGURES = os.path.join('docs', 'reproduction')
 
 EPOCHS_SHOWN = (0, 1, 3, 10, 20, 35)  # and the last
 Z_LIMIT = 2.0  # a run further than this many of the release's standard deviations is "outside"
+# A run's verdict: within Z_LIMIT, beyond it, stopped early (non-finite loss), or completed where
+# fewer than two of the release's runs did (SHL L=5 after 3 passes: 1 of 20), so no spread exists.
+VERDICTS = ('inside', 'OUTSIDE', 'stopped', 'no spread')
 
 
 def download(directory: str = DEFAULT_DIR, base_url: str = DOWNLOAD_URL, log=print) -> int:
@@ -75,11 +78,21 @@ class Comparison:
 
     def z_score(self, run) -> float:
         """How many of the release's standard deviations a completed run's final error lies from
-        the mean of the release's completed runs (NaN for a run that stopped early)."""
+        the mean of the release's completed runs (NaN for a run that stopped early, and when
+        fewer than two of the release's runs completed: no spread to measure against)."""
         mean, std, _ = self.release_final()
         if run.stopped_early or not np.isfinite(std) or std == 0:
             return float('nan')
         return float((run.test_classif[-1] - mean) / std)
+
+    def verdict(self, run) -> str:
+        """One of VERDICTS: where a run stands against the release's completed runs."""
+        if run.stopped_early:
+            return 'stopped'
+        z = self.z_score(run)
+        if not np.isfinite(z):
+            return 'no spread'
+        return 'inside' if abs(z) <= Z_LIMIT else 'OUTSIDE'
 
 
 def compare(mine_runs, release_runs):
@@ -141,12 +154,11 @@ def run_table(comparisons) -> str:
     for c in comparisons:
         mean, std, count = c.release_final()
         for run in sorted(c.mine, key=lambda run: (run.seed is None, run.seed or 0)):
-            z = c.z_score(run)
+            z, verdict = c.z_score(run), c.verdict(run)
             if run.stopped_early:
                 final, verdict = f'stopped at epoch {run.epochs_done}', '–'
             else:
                 final = f'{100 * run.test_classif[-1]:.2f}'
-                verdict = 'inside' if abs(z) <= Z_LIMIT else 'OUTSIDE'
             lines.append('| ' + ' | '.join([
                 os.path.splitext(os.path.basename(run.path))[0], runs_module.config_text(c.config), final,
                 f'{count}: {runs_module.format_spread(mean, std)}', '–' if not np.isfinite(z) else f'{z:+.2f}',
@@ -168,18 +180,13 @@ def _shown_path(path):
     return path if relative.startswith('..') else relative
 
 
-def verdicts(comparisons) -> tuple[list, list, list]:
-    """(inside, outside, stopped) lists of (comparison, run)."""
-    inside, outside, stopped = [], [], []
+def verdicts(comparisons) -> dict:
+    """{verdict: [(comparison, run), ...]} for each of VERDICTS."""
+    by_verdict = {verdict: [] for verdict in VERDICTS}
     for c in comparisons:
         for run in c.mine:
-            if run.stopped_early:
-                stopped.append((c, run))
-            elif abs(c.z_score(run)) <= Z_LIMIT:
-                inside.append((c, run))
-            else:
-                outside.append((c, run))
-    return inside, outside, stopped
+            by_verdict[c.verdict(run)].append((c, run))
+    return by_verdict
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +224,11 @@ def write_report(reference: str, results: str = RESULTS_DIR, out: str = REPORT):
     print(f'wrote {out} and {len(figures)} figure(s) in {REPORT_FIGURES}/')
 
 
+def _mean_or_dash(values) -> str:
+    """The mean to one decimal, or "–" when no run recorded the time."""
+    return f'{np.mean(values):.1f}' if values else '–'
+
+
 def _report_figures(mine, release, folder) -> dict:
     import plot_figures
     groups, reference = runs_module.group_runs(mine), runs_module.group_runs(release)
@@ -233,7 +245,8 @@ def _report_figures(mine, release, folder) -> dict:
 
 
 def _report_sections(comparisons, others, mine, release, results, figures):
-    inside, outside, stopped = verdicts(comparisons)
+    by_verdict = verdicts(comparisons)
+    inside, outside, stopped = by_verdict['inside'], by_verdict['OUTSIDE'], by_verdict['stopped']
     mnist_configs = {c.config for c in comparisons if c.config.dataset == 'MNIST'}
     release_mnist = {run.config for run in release if run.config.dataset == 'MNIST'}
     yield '# Does it reproduce the paper?'
@@ -252,7 +265,9 @@ def _report_sections(comparisons, others, mine, release, results, figures):
     completed = len(inside) + len(outside)
     epochs = sorted({c.epochs for c in comparisons})
     yield (f'- {len(inside)} of the {completed} runs here that completed their '
-           f'{" or ".join(map(str, epochs))} epochs end within '
+           f'{" or ".join(map(str, epochs))} epochs'
+           + (' where two or more of the release\'s runs did' if by_verdict['no spread'] else '')
+           + ' end within '
            f'{Z_LIMIT:g} standard deviations of the release\'s completed runs of their configuration'
            + (':' if outside else '.'))
     for c, run in outside:
@@ -260,6 +275,12 @@ def _report_sections(comparisons, others, mine, release, results, figures):
         yield (f'  - outside: {_run_name(run)} ({runs_module.config_text(c.config)}) ends at '
                f'{100 * run.test_classif[-1]:.2f}%, the release\'s {count} completed runs at '
                f'{runs_module.format_spread(mean, std)}% (z = {c.z_score(run):+.2f}).')
+    for c, run in by_verdict['no spread']:
+        mean, _, count = c.release_final()
+        yield (f'- {_run_name(run)} ({runs_module.config_text(c.config)}) completed its epochs at '
+               f'{100 * run.test_classif[-1]:.2f}%; of the release\'s {len(c.theirs)} runs of that '
+               f'configuration only {count} completed'
+               + (f' (at {100 * mean:.2f}%)' if count else '') + ', too few for a spread to compare with.')
     for c, run in stopped:
         yield (f'- {_run_name(run)} ({runs_module.config_text(c.config)}) stopped on a non-finite loss '
                f'after epoch {run.epochs_done}; of the release\'s {len(c.theirs)} runs of that '
@@ -342,10 +363,10 @@ def _report_sections(comparisons, others, mine, release, results, figures):
     yield '| configuration | runs | minutes per run (mean) | seconds per epoch (mean) |'
     yield '|---|---|---|---|'
     for c in comparisons:
-        minutes = [_minutes(run) for run in c.mine]
+        minutes = [value for value in map(_minutes, c.mine) if np.isfinite(value)]
         seconds = [run.seconds_per_epoch for run in c.mine if np.isfinite(run.seconds_per_epoch)]
-        yield (f'| {runs_module.config_text(c.config)} | {len(c.mine)} | {np.nanmean(minutes):.1f} | '
-               f'{np.mean(seconds):.1f} |')
+        yield (f'| {runs_module.config_text(c.config)} | {len(c.mine)} | {_mean_or_dash(minutes)} | '
+               f'{_mean_or_dash(seconds)} |')
     yield ''
     yield ('The best checkpoint of each configuration\'s seed-0 run is committed beside its pickle '
            '(`results/MNIST_checkpoint/<figure>/<name>_s0.pth`). To print its test error:')

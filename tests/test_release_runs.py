@@ -190,8 +190,30 @@ def test_table_arithmetic_on_hand_made_runs(monkeypatch):
     rows = [line.split(' | ') for line in release_runs.run_table(comparisons).splitlines()[2:]]
     assert [(row[2], row[4], row[5].rstrip(' |')) for row in rows] == [
         ('11.00', '-0.50', 'inside'), ('20.00', '+4.00', 'OUTSIDE'), ('stopped at epoch 2', '–', '–')]
-    inside, outside, stopped = release_runs.verdicts(comparisons)
-    assert (len(inside), len(outside), len(stopped)) == (1, 1, 1)
+    by_verdict = release_runs.verdicts(comparisons)
+    assert {verdict: [run.seed for _, run in pairs] for verdict, pairs in by_verdict.items()} == {
+        'inside': [0], 'OUTSIDE': [1], 'stopped': [2], 'no spread': []}
+
+
+def test_a_completed_run_against_a_single_completed_release_run_has_no_verdict(monkeypatch, tmp_path):
+    """SHL L=5 after 3 passes: 19 of the release's 20 runs stopped on a NaN. A run here that
+    completes has one release run to compare with, no spread: neither inside nor OUTSIDE."""
+    import protocol
+    monkeypatch.setitem(protocol.RELEASE, 'MNIST', dict(protocol.RELEASE['MNIST'], epochs=4))
+    theirs = [_run(0, [0.9, 0.5, 0.3, 0.2, 0.10], release=True), _run(1, [0.9, 0.5], release=True)]
+    mine = [_run(0, [0.9, 0.45, 0.3, 0.2, 0.30])]  # far from 10%, but against a single run
+    comparisons, _ = release_runs.compare(mine, theirs)
+    (c,) = comparisons
+    assert c.release_final()[2] == 1 and np.isnan(c.z_score(mine[0])) and c.verdict(mine[0]) == 'no spread'
+    assert release_runs.verdicts(comparisons)['no spread'] == [(c, mine[0])]
+    row = release_runs.run_table(comparisons).splitlines()[2].split(' | ')
+    assert [row[2], row[3], row[4], row[5]] == ['30.00', '1: 10.00 ± –', '–', 'no spread |']
+    summary = list(release_runs._report_sections(comparisons, [], mine, theirs, str(tmp_path), {}))
+    assert ('- RKHS_l5_p0_s0 (RKHS L=5, C=32, 0 pass(es)) completed its epochs at 30.00%; of the '
+            "release's 2 runs of that configuration only 1 completed (at 10.00%), too few for a "
+            'spread to compare with.') in summary
+    assert any(line.startswith('- 0 of the 0 runs here that completed their 4 epochs where two or more')
+               for line in summary)
 
 
 def test_the_report_is_regenerated_identically(tmp_path, monkeypatch, capsys):
