@@ -105,6 +105,9 @@ def compare(mine_runs, release_runs):
     comparisons, others = {}, []
     for run in mine_runs:
         theirs = release_by_config.get(run.config)
+        if run.in_progress:  # its last epoch is not its final one: no verdict yet
+            others.append((run, f'in progress: {run.epochs_done} of {run.protocol["epochs"]} epochs done'))
+            continue
         if not theirs:
             others.append((run, 'the release stored no run of this configuration'))
             continue

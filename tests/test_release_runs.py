@@ -174,9 +174,12 @@ def test_table_arithmetic_on_hand_made_runs(monkeypatch):
         [0.9, 0.5, 0.4]])]  # the last stopped after 2 epochs
     mine = [_run(0, [0.9, 0.45, 0.3, 0.2, 0.11]), _run(1, [0.9, 0.5, 0.3, 0.2, 0.20]),
             _run(2, [0.9, 0.5, 0.3], stopped=True), _run(3, [0.9, 0.5], epochs=1)]
-    comparisons, others = release_runs.compare(mine, theirs)
-    (c,), ((other, why),) = comparisons, others
+    in_progress = _run(4, [0.9, 0.5, 0.3])
+    in_progress.in_progress = True  # read from the metrics file of a run still going
+    comparisons, others = release_runs.compare(mine + [in_progress], theirs)
+    (c,), ((other, why), (going, going_why)) = comparisons, others
     assert other.seed == 3 and why == 'epochs 1 (release: 4)'
+    assert going is in_progress and going_why == 'in progress: 2 of 4 epochs done'
     assert [run.seed for run in c.mine] == [0, 1, 2]
     mean, std, count = c.release_final()
     assert count == 3 and mean == pytest.approx(0.12) and std == pytest.approx(0.02)
