@@ -451,10 +451,15 @@ def main(args) -> int:
         if absent or not args.folders:
             raise common.DownloadError(f'not a folder: {", ".join(absent)}' if absent else
                                        'give the folders of the runs to compare, e.g. results/MNIST_experiments')
+        mine, release = runs_module.load_runs(args.folders), runs_module.load_runs([args.reference])
+        for runs, where in ((mine, ', '.join(args.folders)), (release, args.reference)):
+            if not runs:
+                raise common.DownloadError(f'no runs to compare in {where} (results pickles, or the '
+                                           f'metrics files of runs in progress)')
     except common.DownloadError as exc:
         print(f'error: {exc}', file=sys.stderr)
         return common.EXIT_USAGE
-    comparisons, others = compare(runs_module.load_runs(args.folders), runs_module.load_runs([args.reference]))
+    comparisons, others = compare(mine, release)
     print(epoch_table(comparisons), '', run_table(comparisons), '', 'Not compared:', others_table(others),
           sep='\n')
     return 0

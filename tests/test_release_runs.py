@@ -219,11 +219,9 @@ def test_a_completed_run_against_a_single_completed_release_run_has_no_verdict(m
                for line in summary)
 
 
-def test_the_report_is_regenerated_identically(tmp_path, monkeypatch, capsys):
-    """The report from committed files alone: written twice, the same text."""
-    results, reference = tmp_path / 'results', tmp_path / 'reference'
-    import protocol
-    monkeypatch.setitem(protocol.RELEASE, 'MNIST', dict(protocol.RELEASE['MNIST'], epochs=4))
+def _write_runs(results, reference):
+    """Two runs here and two of the release, RKHS L=5, as pickles: the release's protocol
+    shortened to 4 epochs (the caller patches protocol.RELEASE)."""
     for seed, test in enumerate([[0.9, 0.45, 0.3, 0.2, 0.11], [0.9, 0.5, 0.3, 0.2, 0.12]]):
         run = _run(seed, test)
         path = results / 'MNIST_experiments' / 'fig1a' / f'RKHS_l5_p0_s{seed}.pkl'
@@ -239,6 +237,35 @@ def test_the_report_is_regenerated_identically(tmp_path, monkeypatch, capsys):
         with open(path, 'wb') as f:
             pickle.dump({'model': 'RKHS', 'num_layers': 5, 'in_channels': 32, 'dim_int': 32, 'pretrain_pass': 0,
                          'test_classif': np.array(test), 'train_loss': np.ones(4)}, f)
+
+
+RUN_ROW = '| RKHS_l5_p0_s0 | RKHS L=5, C=32, 0 pass(es) | 11.00 | 2: 11.00 ± 1.41 | +0.00 | inside |'
+
+
+def test_compare_command_prints_the_tables_and_refuses_a_folder_without_runs(tmp_path, monkeypatch, capsys):
+    import protocol
+    monkeypatch.setitem(protocol.RELEASE, 'MNIST', dict(protocol.RELEASE['MNIST'], epochs=4))
+    results, reference, empty = tmp_path / 'results', tmp_path / 'reference', tmp_path / 'empty'
+    _write_runs(results, reference)
+    empty.mkdir()
+    parse = release_runs.get_args_parser().parse_args
+    assert release_runs.main(parse([str(results / 'MNIST_experiments'), '--reference', str(reference)])) == 0
+    out = capsys.readouterr().out
+    assert RUN_ROW in out.splitlines() and out.rstrip().endswith('Not compared:\nNone.')
+    for folders, reference_folder, where in (([empty], reference, empty), ([results], empty, empty)):
+        status = release_runs.main(parse([*map(str, folders), '--reference', str(reference_folder)]))
+        captured = capsys.readouterr()
+        assert status == 2 and captured.out == ''
+        assert captured.err == (f'error: no runs to compare in {where} (results pickles, or the metrics '
+                                f'files of runs in progress)\n')
+
+
+def test_the_report_is_regenerated_identically(tmp_path, monkeypatch, capsys):
+    """The report from committed files alone: written twice, the same text."""
+    results, reference = tmp_path / 'results', tmp_path / 'reference'
+    import protocol
+    monkeypatch.setitem(protocol.RELEASE, 'MNIST', dict(protocol.RELEASE['MNIST'], epochs=4))
+    _write_runs(results, reference)
     texts = []
     for attempt in range(2):
         out = tmp_path / f'REPORT{attempt}.md'
@@ -246,6 +273,6 @@ def test_the_report_is_regenerated_identically(tmp_path, monkeypatch, capsys):
         texts.append(out.read_text())
     assert texts[0] == texts[1]
     assert '- 2 of the 2 runs here that completed their 4 epochs end within 2 standard deviations' in texts[0]
-    assert '| RKHS_l5_p0_s0 | RKHS L=5, C=32, 0 pass(es) | 11.00 | 2: 11.00 ± 1.41 | +0.00 | inside |' in texts[0]
+    assert RUN_ROW in texts[0]
     assert (tmp_path / 'docs' / 'reproduction' / 'figure1a.png').stat().st_size > 10_000
     shutil.rmtree(tmp_path / 'docs')
