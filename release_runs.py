@@ -51,6 +51,25 @@ def download(directory: str = DEFAULT_DIR, base_url: str = DOWNLOAD_URL, log=pri
     return common.download_verified(common.read_sha256sums(SHA256SUMS), base_url, directory, log)
 
 
+def reference_problem(directory: str) -> str | None:
+    """Why `directory` does not hold the release's 335 stored runs byte for byte (the pinned
+    SHA-256 of each), or None when it does."""
+    missing, differing = [], []
+    for name, digest in common.read_sha256sums(SHA256SUMS).items():
+        path = os.path.join(directory, name)
+        if not os.path.lexists(path):
+            missing.append(name)
+            continue
+        try:
+            if common.sha256(path) != digest:
+                differing.append(name)
+        except common.DownloadError:  # not a regular file, or unreadable
+            differing.append(name)
+    parts = [f'{len(names)} {what}, e.g. {names[0]}'
+             for names, what in ((missing, 'missing'), (differing, 'not the release\'s bytes')) if names]
+    return '; '.join(parts) or None
+
+
 # ---------------------------------------------------------------------------------------------
 # Comparison
 # ---------------------------------------------------------------------------------------------
@@ -444,7 +463,11 @@ def main(args) -> int:
         if not os.path.isdir(args.reference):
             raise common.DownloadError(f'no folder {args.reference}: python release_runs.py --download '
                                        f'fetches the release\'s runs there, or pass --reference')
-        if args.report:
+        if args.report:  # the report states what the release stored: the whole set, verified
+            problem = reference_problem(args.reference)
+            if problem:
+                raise common.DownloadError(f'{args.reference} is not the release\'s 335 stored runs ({problem}); '
+                                           f'python release_runs.py --download fetches them')
             write_report(args.reference)
             return 0
         absent = [folder for folder in args.folders if not os.path.isdir(folder)]

@@ -276,3 +276,31 @@ def test_the_report_is_regenerated_identically(tmp_path, monkeypatch, capsys):
     assert RUN_ROW in texts[0]
     assert (tmp_path / 'docs' / 'reproduction' / 'figure1a.png').stat().st_size > 10_000
     shutil.rmtree(tmp_path / 'docs')
+
+
+def test_the_report_refuses_a_reference_that_is_not_the_whole_release(tmp_path, capsys):
+    (tmp_path / 'MNIST_experiments').mkdir()
+    (tmp_path / 'MNIST_experiments' / 'RKHS_l5_q32_p0_0.pkl').write_bytes(b'not the release file')
+    report = Path(release_runs.REPORT)
+    before = (report.read_bytes(), report.stat().st_mtime_ns)
+    status = release_runs.main(release_runs.get_args_parser().parse_args(['--report', '--reference', str(tmp_path)]))
+    captured = capsys.readouterr()
+    assert status == 2 and captured.out == ''
+    assert captured.err == (f"error: {tmp_path} is not the release's 335 stored runs (334 missing, e.g. "
+                            f"CIFAR_experiments/RKHS_l10_10.pkl; 1 not the release's bytes, e.g. "
+                            f"MNIST_experiments/RKHS_l5_q32_p0_0.pkl); python release_runs.py --download "
+                            f"fetches them\n")
+    assert (report.read_bytes(), report.stat().st_mtime_ns) == before
+
+
+@needs_release_runs
+def test_reference_check_on_a_copy_of_the_release(tmp_path):
+    copy = tmp_path / 'release_runs'
+    shutil.copytree(SHARED_RUNS, copy)
+    assert release_runs.reference_problem(str(copy)) is None
+    changed = copy / 'MNIST_experiments' / 'SHL_l20_q32_p3_7.pkl'
+    changed.write_bytes(changed.read_bytes()[:-1] + b'\0')
+    (copy / 'CIFAR_experiments' / 'SHL_l10_11.pkl').unlink()
+    assert release_runs.reference_problem(str(copy)) == (
+        "1 missing, e.g. CIFAR_experiments/SHL_l10_11.pkl; "
+        "1 not the release's bytes, e.g. MNIST_experiments/SHL_l20_q32_p3_7.pkl")
