@@ -15,8 +15,9 @@ are recorded (before that epoch's step).
 
 It reproduces the script synthetic.py of the paper's public release (rbarboni/FlowResNets), which
 its README never mentions: the same flags with their short forms and defaults, the same pickle
-keys, the same random draws in the same order (one seed gives the release's data, Omega and
-losses), written to synthetic_experiments/<save>. Deviations, each a defect of the release:
+keys, the same random draws in the same order as the version of synthetic.py it was transcribed
+from (docs/deviations.md says why that version), written to synthetic_experiments/<save>.
+Deviations, each a defect of the release:
 SHL runs for any q and r (the release's SHL layers had swapped shapes, so it ran only when q = r);
 a non-finite loss ends the run with the curves so far in the pickle and exit status 3 (the release
 crashed); --method is honoured when given (the release always integrated with midpoint: that is
