@@ -224,11 +224,15 @@ E=../shared/data/MNIST_pretrained_models
 # First, two chains side by side with OMP_NUM_THREADS=1: Figure 1a (done: RKHS L=5, and the first
 # 24 epochs of RKHS L=10) and Figure 1b (done: RKHS L=5).
 # Then one chain, both threads (OMP_NUM_THREADS unset); a command skips the runs already done.
+# Figure 1a, up to and including SHL L=10 (it was stopped as it began SHL L=20):
 python reproduce.py figure1a --num_seeds 1 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
-python reproduce.py figure1b --num_seeds 1 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
+# Then the shortest configurations first, and Figure 1a's SHL L=20 last:
+python reproduce.py figure1b --num_seeds 1 --configs RKHS_l10_p3,RKHS_l20_p3,SHL_l5_p3 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
 python reproduce.py figure2 --num_seeds 1 --configs RKHS_l20_c8,RKHS_l20_c4 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
 python reproduce.py figure1a --seed_start 1 --num_seeds 2 --configs RKHS_l5_p0,SHL_l5_p0 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
-python reproduce.py figure1b --seed_start 1 --num_seeds 2 --configs RKHS_l5_p3,SHL_l5_p3 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data"""
+python reproduce.py figure1b --seed_start 1 --num_seeds 2 --configs RKHS_l5_p3,SHL_l5_p3 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
+python reproduce.py figure1b --num_seeds 1 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
+python reproduce.py figure1a --num_seeds 1 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data"""
 MACHINE = ('a virtual machine with 2 cores of an AMD EPYC processor (x86_64), no GPU, shared during '
            'the sweep with other work (tests and development); the times below are therefore upper '
            'bounds for these cores')
