@@ -304,3 +304,13 @@ def test_reference_check_on_a_copy_of_the_release(tmp_path):
     assert release_runs.reference_problem(str(copy)) == (
         "1 missing, e.g. CIFAR_experiments/SHL_l10_11.pkl; "
         "1 not the release's bytes, e.g. MNIST_experiments/SHL_l20_q32_p3_7.pkl")
+
+
+@pytest.mark.slow
+@needs_release_runs
+def test_the_committed_report_is_what_the_committed_runs_give(tmp_path, capsys):
+    """REPRODUCTION.md, regenerated from results/ and the release's runs, is the committed text:
+    a run added to results/ without regenerating the report, or a report edited by hand, fails."""
+    out = tmp_path / 'REPRODUCTION.md'
+    release_runs.write_report(str(SHARED_RUNS), results=str(REPO / 'results'), out=str(out))
+    assert out.read_text() == (REPO / 'REPRODUCTION.md').read_text()
