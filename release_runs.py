@@ -211,6 +211,38 @@ def verdicts(comparisons) -> dict:
     return by_verdict
 
 
+def _figure_of(config) -> str:
+    """The paper's MNIST figure of a configuration: 1b after pretraining, 2 below 32 channels."""
+    return '1b' if config.pretrain_pass else '2' if config.in_channels != 32 else '1a'
+
+
+def headline_table(comparisons) -> str:
+    """The README's table: each MNIST configuration's final test error here, and the release's."""
+    lines = ['| configuration | final test error here | the release\'s runs, mean ± std (20 runs unless said) |',
+             '|---|---|---|']
+    mnist = [c for c in comparisons if c.config.dataset == 'MNIST']
+    for c in sorted(mnist, key=lambda c: (_figure_of(c.config), runs_module.sort_key((c.config, ())))):
+        config, finals = c.config, runs_module.final_errors(c.mine)
+        name = (f'Figure {_figure_of(config)}, {config.model} L={config.num_layers}'
+                + (f', {config.pretrain_pass} pretraining passes' if config.pretrain_pass else '')
+                + (f', {config.in_channels} channels' if config.in_channels != 32 else ''))
+        here = (f'{100 * finals[0]:.2f}%' if finals.size == 1 and len(c.mine) == 1 else
+                f'{runs_module.format_spread(*runs_module.mean_std(finals))}% ({finals.size} runs)' if finals.size
+                else '–')
+        stopped = runs_module.stops(c.mine)
+        if stopped:
+            here += (f'; {len(stopped)} stopped early (after epoch{"s" * (len(stopped) > 1)} '
+                     f'{", ".join(map(str, stopped))})')
+        mean, std, count = c.release_final()
+        release = f'{runs_module.format_spread(mean, std)}%'
+        if count != len(c.theirs):
+            release += f' ({count} of {len(c.theirs)} completed)'
+        elif count != 20:
+            release += f' ({count} runs)'
+        lines.append(f'| {name} | {here} | {release} |')
+    return '\n'.join(lines)
+
+
 # ---------------------------------------------------------------------------------------------
 # The report: REPRODUCTION.md, regenerated from the committed runs alone
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +280,7 @@ def write_report(reference: str, results: str = RESULTS_DIR, out: str = REPORT):
     text = '\n'.join(_report_sections(comparisons, others, mine, release, results, figures)) + '\n'
     common.atomic_write(out, lambda f: f.write(text), binary=False)
     print(f'wrote {out} and {len(figures)} figure(s) in {REPORT_FIGURES}/')
+    print('\nThe README\'s table ("Does it reproduce the paper?"):\n' + headline_table(comparisons))
 
 
 def _mean_or_dash(values) -> str:

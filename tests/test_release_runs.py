@@ -196,6 +196,9 @@ def test_table_arithmetic_on_hand_made_runs(monkeypatch):
     by_verdict = release_runs.verdicts(comparisons)
     assert {verdict: [run.seed for _, run in pairs] for verdict, pairs in by_verdict.items()} == {
         'inside': [0], 'OUTSIDE': [1], 'stopped': [2], 'no spread': []}
+    assert release_runs.headline_table(comparisons).splitlines()[2] == (
+        '| Figure 1a, RKHS L=5 | 15.50 ± 6.36% (2 runs); 1 stopped early (after epoch 2) '
+        '| 12.00 ± 2.00% (3 of 4 completed) |')
 
 
 def test_a_completed_run_against_a_single_completed_release_run_has_no_verdict(monkeypatch, tmp_path):
@@ -309,8 +312,11 @@ def test_reference_check_on_a_copy_of_the_release(tmp_path):
 @pytest.mark.slow
 @needs_release_runs
 def test_the_committed_report_is_what_the_committed_runs_give(tmp_path, capsys):
-    """REPRODUCTION.md, regenerated from results/ and the release's runs, is the committed text:
-    a run added to results/ without regenerating the report, or a report edited by hand, fails."""
+    """REPRODUCTION.md, regenerated from results/ and the release's runs, is the committed text,
+    and the README's table is the one it prints: a run added to results/ without regenerating
+    the report and the README, or a hand edit of their numbers, fails."""
     out = tmp_path / 'REPRODUCTION.md'
     release_runs.write_report(str(SHARED_RUNS), results=str(REPO / 'results'), out=str(out))
     assert out.read_text() == (REPO / 'REPRODUCTION.md').read_text()
+    table = capsys.readouterr().out.split('("Does it reproduce the paper?"):\n')[1].strip()
+    assert table.startswith('| configuration |') and table in (REPO / 'README.md').read_text()
