@@ -172,8 +172,16 @@ def run_from_dict(data, path: str) -> Run:
                seconds_per_epoch=_seconds_per_epoch(data, len(test_classif) - 1))
 
 
-def read_run(path: str) -> Run | None:
-    """One results pickle as a Run, or None with one warning naming the file and the reason."""
+def _is_synthetic(data) -> bool:
+    """A results dict of synthetic_experiments.py (its protocol record says so)."""
+    record = data.get('protocol') if isinstance(data, dict) else None
+    return isinstance(record, dict) and record.get('dataset') == protocol.SYNTHETIC
+
+
+def read_run(path: str, synthetic: list | None = None) -> Run | None:
+    """One results pickle as a Run, or None with one warning naming the file and the reason. A
+    synthetic_experiments.py pickle is not a run of Figures 1 to 3: it is appended to
+    `synthetic` when a list is given (the caller says it once for all), else warned about."""
     try:
         data = common.load_results(path)
     except common.UnsafePickle as exc:
@@ -181,6 +189,12 @@ def read_run(path: str) -> Run | None:
         return None
     except Exception as exc:  # any unreadable file is skipped, not fatal
         warn(f'skipping unreadable pickle {path}: {type(exc).__name__}: {exc}')
+        return None
+    if _is_synthetic(data):
+        if synthetic is None:
+            warn(f'skipping {path}: a synthetic_experiments.py run (plot_figures.py --figure synthetic draws it)')
+        else:
+            synthetic.append(path)
         return None
     try:
         with warnings.catch_warnings():
@@ -234,14 +248,14 @@ def load_runs(folders) -> list[Run]:
     configuration, seed and exact protocol in another file) would count one seed twice: only
     the first is kept, with a warning.
     """
-    runs, paths, seen, copies = [], set(), set(), []
+    runs, paths, seen, copies, synthetic = [], set(), set(), [], []
     for folder in folders:
         for path in find_pickles(folder):
             real = os.path.realpath(path)
             if real in paths:
                 continue
             paths.add(real)
-            run = read_metrics(path) if path.endswith(common.METRICS_SUFFIX) else read_run(path)
+            run = read_metrics(path) if path.endswith(common.METRICS_SUFFIX) else read_run(path, synthetic)
             if run is None:
                 continue
             if run.seed is not None:
@@ -255,6 +269,9 @@ def load_runs(folders) -> list[Run]:
     if copies:
         warn(f'ignored {len(copies)} copy(ies) of an already loaded run (same configuration, seed '
              f'and protocol), e.g. {copies[0]}')
+    if synthetic:
+        warn(f'left out {len(synthetic)} synthetic_experiments.py run(s), e.g. {synthetic[0]} '
+             f'(plot_figures.py --figure synthetic draws them)')
     return runs
 
 
@@ -363,17 +380,22 @@ SyntheticRun = namedtuple('SyntheticRun', ['path', 'config', 'protocol', 'seed',
                                            'test_loss', 'diverged'])
 
 
-def read_synthetic_run(path: str) -> SyntheticRun | None:
-    """One pickle of synthetic_experiments.py, or None (with a warning) for anything else."""
+def read_synthetic_run(path: str, others: list | None = None) -> SyntheticRun | None:
+    """One pickle of synthetic_experiments.py, or None (with a warning) for anything else. A run
+    of Figures 1 to 3 (it has test_classif) is appended to `others` when a list is given (the
+    caller says it once for all)."""
     try:
         data = common.load_results(path)
     except Exception as exc:  # a crafted or unreadable file is skipped, never fatal
         warn(f'skipping {path}: {type(exc).__name__}: {exc}')
         return None
-    record = data.get('protocol') if isinstance(data, dict) else None
-    if not isinstance(record, dict) or record.get('dataset') != protocol.SYNTHETIC:
-        warn(f'skipping {path}: not a synthetic_experiments.py results file with its protocol record')
+    if not _is_synthetic(data):
+        if others is not None and isinstance(data, dict) and 'test_classif' in data:
+            others.append(path)
+        else:
+            warn(f'skipping {path}: not a synthetic_experiments.py results file with its protocol record')
         return None
+    record = data['protocol']
     try:
         model = str(data['model'])
         config = SyntheticConfig(model, *(_integer(data, key, required=True) for key in ('num_layers', 'q', 'r')),
@@ -390,8 +412,12 @@ def read_synthetic_run(path: str) -> SyntheticRun | None:
 def load_synthetic_runs(folders) -> list[SyntheticRun]:
     """The synthetic runs under `folders` that share one protocol: the most common one (the
     others are named in a warning, never averaged in), one run per (configuration, seed)."""
+    others = []
     runs = [run for folder in folders for path in find_pickles(folder) if path.endswith('.pkl')
-            for run in [read_synthetic_run(path)] if run is not None]
+            for run in [read_synthetic_run(path, others)] if run is not None]
+    if others:
+        warn(f'left out {len(others)} run(s) of Figures 1 to 3, e.g. {others[0]} (plot_figures.py '
+             f'draws them without --figure synthetic)')
     counts = OrderedDict()
     for run in runs:
         counts[run.protocol] = counts.get(run.protocol, 0) + 1

@@ -364,6 +364,26 @@ def test_synthetic_reader_skips_each_file_that_is_not_a_usable_synthetic_run(tmp
     assert f'warning: skipping {tmp_path / "garbage.pkl"}: ' in err
 
 
+def test_a_folder_of_both_kinds_of_runs_is_read_by_each_reader_with_one_line_for_the_other(tmp_path, capsys):
+    _fake_run(tmp_path / 'synthetic', 'RKHS_s0.pkl', 'RKHS', 2, 20, -1.0, 0, [1.0, 0.5])
+    (tmp_path / 'MNIST').mkdir()
+    with open(tmp_path / 'MNIST' / 'RKHS_l5_q32_p0_0.pkl', 'wb') as f:  # a release-era MNIST run
+        pickle.dump({'model': 'RKHS', 'num_layers': 5, 'in_channels': 32, 'dim_int': 32, 'pretrain_pass': 0,
+                     'test_classif': np.array([0.9, 0.5]), 'train_loss': np.ones(4)}, f)
+
+    figure_runs = runs_module.load_runs([str(tmp_path)])
+    assert [run.path for run in figure_runs] == [str(tmp_path / 'MNIST' / 'RKHS_l5_q32_p0_0.pkl')]
+    assert capsys.readouterr().err == (
+        f'warning: left out 1 synthetic_experiments.py run(s), e.g. {tmp_path / "synthetic" / "RKHS_s0.pkl"} '
+        f'(plot_figures.py --figure synthetic draws them)\n')
+
+    synthetic_runs = runs_module.load_synthetic_runs([str(tmp_path)])
+    assert [run.path for run in synthetic_runs] == [str(tmp_path / 'synthetic' / 'RKHS_s0.pkl')]
+    assert capsys.readouterr().err == (
+        f'warning: left out 1 run(s) of Figures 1 to 3, e.g. {tmp_path / "MNIST" / "RKHS_l5_q32_p0_0.pkl"} '
+        f'(plot_figures.py draws them without --figure synthetic)\n')
+
+
 def test_synthetic_figure_draws_the_mean_over_seeds(tmp_path, capsys):
     import plot_figures
     rng = np.random.default_rng(0)
