@@ -188,6 +188,49 @@ def run_table(comparisons) -> str:
     return '\n'.join(lines)
 
 
+def last_training_error(run) -> float:
+    return float(run.train_classif[-1]) if run.train_classif.size else float('nan')
+
+
+def last_epoch_loss(run) -> float:
+    """The mean training loss over a run's last epoch (its iterations per epoch: all of them over
+    the epochs done)."""
+    per_epoch = len(run.train_loss) // max(run.epochs_done, 1)
+    return float(np.mean(run.train_loss[-per_epoch:])) if per_epoch else float('nan')
+
+
+def training_table(comparisons) -> str:
+    """Each completed run here at its last epoch, training loss and training error, against the
+    release's completed runs: mean [min–max]."""
+    header = ['run', 'configuration', 'training loss, last epoch: here', 'release, mean [min–max]',
+              'training error %: here', 'release, mean [min–max]']
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+
+    def spread(values, scale, digits):
+        values = scale * np.asarray(values, dtype=float)
+        values = values[np.isfinite(values)]
+        return (f'{values.mean():.{digits}f} [{values.min():.{digits}f}–{values.max():.{digits}f}]'
+                if values.size else '–')
+
+    for c in comparisons:
+        theirs = [run for run in c.theirs if run.completed]
+        for run in sorted(c.mine, key=lambda run: (run.seed is None, run.seed or 0)):
+            if not run.completed:
+                continue
+            lines.append('| ' + ' | '.join([
+                os.path.splitext(os.path.basename(run.path))[0], runs_module.config_text(c.config),
+                f'{last_epoch_loss(run):.4f}', spread([last_epoch_loss(r) for r in theirs], 1, 4),
+                f'{100 * last_training_error(run):.2f}', spread([last_training_error(r) for r in theirs], 100, 2)]) + ' |')
+    return '\n'.join(lines)
+
+
+def _within_release(run, c, measure) -> bool:
+    """Whether measure(run) lies within [min, max] of the release's completed runs."""
+    values = [measure(r) for r in c.theirs if r.completed]
+    values = [value for value in values if np.isfinite(value)]
+    return bool(values) and min(values) <= measure(run) <= max(values)
+
+
 def others_table(others) -> str:
     if not others:
         return 'None.'
@@ -349,6 +392,21 @@ def _report_sections(comparisons, others, mine, release, results, figures):
             yield (f'- {runs_module.config_text(c.config)}: {len(runs_module.stops(c.theirs))} of the '
                    f'release\'s {len(c.theirs)} runs stopped on a NaN (after epochs '
                    f'{", ".join(map(str, runs_module.stops(c.theirs)))}); none of the {len(c.mine)} here did.')
+    completed_here = [(c, run) for c in comparisons for run in c.mine if run.completed]
+    outside_range = {measure: [(c, run) for c, run in completed_here if not _within_release(run, c, measure)]
+                     for measure in (last_epoch_loss, last_training_error)}
+    yield (f'- At the last epoch, the training loss lies within the range (min to max) of the release\'s '
+           f'completed runs in {len(completed_here) - len(outside_range[last_epoch_loss])} of the '
+           f'{len(completed_here)} completed runs here, and the training error in '
+           f'{len(completed_here) - len(outside_range[last_training_error])}'
+           + (':' if any(outside_range.values()) else '.'))
+    for (measure, what, scale, digits, unit) in ((last_epoch_loss, 'training loss', 1, 4, ''),
+                                                 (last_training_error, 'training error', 100, 2, '%')):
+        for c, run in outside_range[measure]:
+            values = [scale * measure(r) for r in c.theirs if r.completed and np.isfinite(measure(r))]
+            yield (f'  - {_run_name(run)} ({runs_module.config_text(c.config)}): {what} '
+                   f'{scale * measure(run):.{digits}f}{unit}, the release\'s '
+                   + (f'{min(values):.{digits}f}{unit} to {max(values):.{digits}f}{unit}.' if values else 'none.'))
     missing = sorted(release_mnist - mnist_configs, key=lambda config: runs_module.sort_key((config, ())))
     for config in missing:
         yield f'- Not run here: {runs_module.config_text(config)}.'
@@ -376,6 +434,12 @@ def _report_sections(comparisons, others, mine, release, results, figures):
            'configuration that completed their epochs.')
     yield ''
     yield run_table(comparisons)
+    yield ''
+    yield ('Training loss (mean over the last epoch\'s iterations) and training error (on 1,000 training '
+           'images, as the release measured it) at the last epoch, for the runs that completed: this '
+           'project\'s run against the release\'s completed runs of its configuration.')
+    yield ''
+    yield training_table(comparisons)
     yield ''
     yield '## Runs not compared'
     yield ''
@@ -520,8 +584,8 @@ def main(args) -> int:
         print(f'error: {exc}', file=sys.stderr)
         return common.EXIT_USAGE
     comparisons, others = compare(mine, release)
-    print(epoch_table(comparisons), '', run_table(comparisons), '', 'Not compared:', others_table(others),
-          sep='\n')
+    print(epoch_table(comparisons), '', run_table(comparisons), '', training_table(comparisons), '',
+          'Not compared:', others_table(others), sep='\n')
     return 0
 
 

@@ -320,3 +320,24 @@ def test_the_committed_report_is_what_the_committed_runs_give(tmp_path, capsys):
     assert out.read_text() == (REPO / 'REPRODUCTION.md').read_text()
     table = capsys.readouterr().out.split('("Does it reproduce the paper?"):\n')[1].strip()
     assert table.startswith('| configuration |') and table in (REPO / 'README.md').read_text()
+
+
+def test_training_loss_and_error_at_the_last_epoch_against_the_release_range(monkeypatch, tmp_path):
+    import protocol
+    monkeypatch.setitem(protocol.RELEASE, 'MNIST', dict(protocol.RELEASE['MNIST'], epochs=4))
+    test = [0.9, 0.5, 0.3, 0.2, 0.10]
+    mine = [_run(0, test)]
+    theirs = [_run(0, test, release=True), _run(1, test, release=True), _run(2, [0.9, 0.5], release=True)]
+    # 2 iterations per epoch: the last epoch's loss is the mean of the last two values
+    for run, last_two, error in ((mine[0], [1.2, 0.8], 0.05), (theirs[0], [0.5, 0.5], 0.02),
+                                 (theirs[1], [1.0, 2.0], 0.04), (theirs[2], [9.0, 9.0], 0.5)):
+        run.train_loss = np.array([3.0] * 6 + last_two)
+        run.train_classif = np.array([0.9, 0.5, 0.3, 0.2, error])
+    comparisons, _ = release_runs.compare(mine, theirs)
+    assert release_runs.training_table(comparisons).splitlines()[2] == (
+        '| RKHS_l5_p0_s0 | RKHS L=5, C=32, 0 pass(es) | 1.0000 | 1.0000 [0.5000–1.5000] | 5.00 | 3.00 [2.00–4.00] |')
+    summary = list(release_runs._report_sections(comparisons, [], mine, theirs, str(tmp_path), {}))
+    start = summary.index("- At the last epoch, the training loss lies within the range (min to max) of the "
+                          "release's completed runs in 1 of the 1 completed runs here, and the training error in 0:")
+    assert summary[start + 1] == ("  - RKHS_l5_p0_s0 (RKHS L=5, C=32, 0 pass(es)): training error 5.00%, the "
+                                  "release's 2.00% to 4.00%.")
