@@ -175,3 +175,23 @@ def test_amp_runs_the_forward_in_bfloat16_and_returns_float32(small_net_and_imag
     assert not torch.equal(amp, plain)  # autocast was on: bfloat16 rounding shows
     # bfloat16 keeps 8 bits of mantissa: logits agree to a few percent, not to float32 rounding.
     torch.testing.assert_close(amp, plain, rtol=0.1, atol=0.1)
+
+
+def test_training_error_sample_is_the_first_train_eval_size_of_a_fresh_permutation(monkeypatch):
+    """train_classif, as in the release: engine.TRAIN_EVAL_SIZE random training images (all of them
+    when there are fewer), through the training augmentation, drawn anew at each evaluation."""
+    import engine
+    train, _ = data.synthetic_dataset((3, 32, 32), 32, 1)
+    transform = data.CifarTransform(torch.device('cpu'))
+    sample = CIFAR_experiments.random_training_images(train, transform)
+    images, labels, _ = sample(torch.Generator().manual_seed(0))
+    assert images.shape == (32, 3, 32, 32) and sorted(labels.tolist()) == sorted(train.labels.tolist())
+
+    monkeypatch.setattr(engine, 'TRAIN_EVAL_SIZE', 8)
+    generator, replay = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    first, second = sample(generator), sample(generator)
+    index = torch.randperm(32, generator=replay)[:8]
+    assert torch.equal(first[1], train.labels[index])
+    assert torch.equal(first[0], transform.train_batch(train.images[index], replay))
+    index = torch.randperm(32, generator=replay)[:8]
+    assert torch.equal(second[1], train.labels[index]) and not torch.equal(first[0], second[0])
