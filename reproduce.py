@@ -192,9 +192,8 @@ def make_run(figure, config, seeds, args):
     several, whose member files have the same names as the single runs'."""
     # A configuration shared with another figure is that figure's run, in that figure's folder.
     owner = config.shared_from or figure
-    dataset, tag = common.figure_folder_prefix(owner), common.figure_tag(owner)
-    out_dir = os.path.join(f'{dataset}_experiments', tag)
-    ckpt_dir = os.path.join(f'{dataset}_checkpoint', tag)
+    dataset, out_dir = common.figure_folder_prefix(owner), results_dir(owner)
+    ckpt_dir = os.path.join(f'{dataset}_checkpoint', common.figure_tag(owner))
     name = f'{config.name}_s{"-".join(map(str, seeds))}'
     stem, seed_flags = (name, ['--seed', str(seeds[0])]) if len(seeds) == 1 else \
         (config.name, ['--seeds', *map(str, seeds)])
