@@ -481,7 +481,10 @@ def _report_sections(comparisons, others, mine, release, results, figures):
     torch_versions = sorted({run.protocol.get('torch_version') for run in mine} - {None})
     yield (f'Code version recorded by the runs: {", ".join(f"`{v}`" for v in versions) or "none"}; torch '
            f'{", ".join(torch_versions) or "unknown"}. Each run\'s log is beside its pickle in '
-           f'`results/MNIST_experiments/<figure>/logs/`.')
+           f'`results/MNIST_experiments/<figure>/logs/`. The sweep\'s code rewrote a run\'s log when it '
+           f'resumed the run: the earlier attempts are in `<name>.attemptN.log` where they were kept, '
+           f'else only in the repository\'s history. Every epoch\'s errors, losses and times are in the '
+           f'pickle.')
     yield ''
     yield '| configuration | runs | minutes per run (mean) | seconds per epoch (mean) |'
     yield '|---|---|---|---|'
