@@ -277,6 +277,7 @@ def test_the_report_is_regenerated_identically(tmp_path, monkeypatch, capsys):
     assert texts[0] == texts[1]
     assert '- 2 of the 2 runs here that completed their 4 epochs end within 2 standard deviations' in texts[0]
     assert RUN_ROW in texts[0]
+    assert '| RKHS L=5, C=32, 0 pass(es) | 2 | 10.0 | 150.0 | 150.0 |' in texts[0].splitlines()  # the time table
     assert (tmp_path / 'docs' / 'reproduction' / 'figure1a.png').stat().st_size > 10_000
     shutil.rmtree(tmp_path / 'docs')
 
