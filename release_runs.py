@@ -259,6 +259,42 @@ def _figure_of(config) -> str:
     return '1b' if config.pretrain_pass else '2' if config.in_channels != 32 else '1a'
 
 
+def _config_name(config) -> str:
+    """A configuration as the README names it: 'Figure 1b, RKHS L=5, 3 pretraining passes'."""
+    return (f'Figure {_figure_of(config)}, {config.model} L={config.num_layers}'
+            + (f', {config.pretrain_pass} pretraining passes' if config.pretrain_pass else '')
+            + (f', {config.in_channels} channels' if config.in_channels != 32 else ''))
+
+
+def headline(comparisons, release) -> str:
+    """The README's summary: headline_table, then what it shows and which configurations have no
+    run here yet, in words."""
+    by_verdict = verdicts(comparisons)
+    runs_here = sum(len(c.mine) for c in comparisons if c.config.dataset == 'MNIST')
+    inside, completed = len(by_verdict['inside']), runs_here - len(by_verdict['stopped'])
+    words = [f'All {runs_here} runs end' if inside == runs_here else
+             f'{inside} of the {completed} runs that completed end']
+    words.append(f' within {Z_LIMIT:g} standard deviations of the release\'s completed runs')
+    if by_verdict['no spread']:
+        words.append(f'; {len(by_verdict["no spread"])} completed where fewer than two of the release\'s '
+                     f'runs did, so there is no spread to compare with')
+    if by_verdict['stopped']:
+        words.append(f'; {len(by_verdict["stopped"])} stopped early on a non-finite loss')
+    mnist = [c for c in comparisons if c.config.dataset == 'MNIST']
+    # Where the release shipped A and B, its runs and these start from the same networks.
+    shipped = [c for c in mnist if embeddings.release_ships(c.config.in_channels, c.config.pretrain_pass)]
+    same_start = sum(len({round(float(run.test_classif[0]), 4) for run in c.mine + c.theirs}) == 1 for c in shipped)
+    words.append('; every configuration with the release\'s embedding files starts (epoch 0) at the '
+                 'release\'s test error, to the image.' if same_start == len(shipped) else
+                 f'; {same_start} of the {len(shipped)} configurations with the release\'s embedding '
+                 f'files start (epoch 0) at the release\'s test error, to the image.')
+    missing = sorted({run.config for run in release if run.config.dataset == 'MNIST'} - {c.config for c in mnist},
+                     key=lambda config: (_figure_of(config), runs_module.sort_key((config, ()))))
+    if missing:
+        words.append(' No run here yet: ' + '; '.join(_config_name(config) for config in missing) + '.')
+    return headline_table(comparisons) + '\n\n' + ''.join(words)
+
+
 def headline_table(comparisons) -> str:
     """The README's table: each MNIST configuration's final test error here, and the release's."""
     lines = ['| configuration | final test error here | the release\'s runs, mean ± std (20 runs unless said) |',
@@ -266,9 +302,7 @@ def headline_table(comparisons) -> str:
     mnist = [c for c in comparisons if c.config.dataset == 'MNIST']
     for c in sorted(mnist, key=lambda c: (_figure_of(c.config), runs_module.sort_key((c.config, ())))):
         config, finals = c.config, runs_module.final_errors(c.mine)
-        name = (f'Figure {_figure_of(config)}, {config.model} L={config.num_layers}'
-                + (f', {config.pretrain_pass} pretraining passes' if config.pretrain_pass else '')
-                + (f', {config.in_channels} channels' if config.in_channels != 32 else ''))
+        name = _config_name(config)
         here = (f'{100 * finals[0]:.2f}%' if finals.size == 1 and len(c.mine) == 1 else
                 f'{runs_module.format_spread(*runs_module.mean_std(finals))}% ({finals.size} runs)' if finals.size
                 else '–')
@@ -323,7 +357,7 @@ def write_report(reference: str, results: str = RESULTS_DIR, out: str = REPORT):
     text = '\n'.join(_report_sections(comparisons, others, mine, release, results, figures)) + '\n'
     common.atomic_write(out, lambda f: f.write(text), binary=False)
     print(f'wrote {out} and {len(figures)} figure(s) in {REPORT_FIGURES}/')
-    print('\nThe README\'s table ("Does it reproduce the paper?"):\n' + headline_table(comparisons))
+    print('\nThe README\'s summary ("Does it reproduce the paper?"):\n' + headline(comparisons, release))
 
 
 def _mean_or_dash(values) -> str:

@@ -199,6 +199,10 @@ def test_table_arithmetic_on_hand_made_runs(monkeypatch):
     assert release_runs.headline_table(comparisons).splitlines()[2] == (
         '| Figure 1a, RKHS L=5 | 15.50 ± 6.36% (2 runs); 1 stopped early (after epoch 2) '
         '| 12.00 ± 2.00% (3 of 4 completed) |')
+    assert release_runs.headline(comparisons, theirs).split('\n\n')[1] == (
+        "1 of the 2 runs that completed end within 2 standard deviations of the release's completed runs; "
+        "1 stopped early on a non-finite loss; every configuration with the release's embedding files "
+        "starts (epoch 0) at the release's test error, to the image.")
 
 
 def test_a_completed_run_against_a_single_completed_release_run_has_no_verdict(monkeypatch, tmp_path):
@@ -212,6 +216,9 @@ def test_a_completed_run_against_a_single_completed_release_run_has_no_verdict(m
     (c,) = comparisons
     assert c.release_final()[2] == 1 and np.isnan(c.z_score(mine[0])) and c.verdict(mine[0]) == 'no spread'
     assert release_runs.verdicts(comparisons)['no spread'] == [(c, mine[0])]
+    assert release_runs.headline(comparisons, theirs).split('\n\n')[1].startswith(
+        "0 of the 1 runs that completed end within 2 standard deviations of the release's completed runs; "
+        "1 completed where fewer than two of the release's runs did, so there is no spread to compare with; ")
     row = release_runs.run_table(comparisons).splitlines()[2].split(' | ')
     assert [row[2], row[3], row[4], row[5]] == ['30.00', '1: 10.00 ± –', '–', 'no spread |']
     summary = list(release_runs._report_sections(comparisons, [], mine, theirs, str(tmp_path), {}))
@@ -314,13 +321,13 @@ def test_reference_check_on_a_copy_of_the_release(tmp_path):
 @needs_release_runs
 def test_the_committed_report_is_what_the_committed_runs_give(tmp_path, capsys):
     """REPRODUCTION.md, regenerated from results/ and the release's runs, is the committed text,
-    and the README's table is the one it prints: a run added to results/ without regenerating
-    the report and the README, or a hand edit of their numbers, fails."""
+    and the README's summary (table and sentences) is the one it prints: a run added to results/
+    without regenerating the report and the README, or a hand edit of their numbers, fails."""
     out = tmp_path / 'REPRODUCTION.md'
     release_runs.write_report(str(SHARED_RUNS), results=str(REPO / 'results'), out=str(out))
     assert out.read_text() == (REPO / 'REPRODUCTION.md').read_text()
-    table = capsys.readouterr().out.split('("Does it reproduce the paper?"):\n')[1].strip()
-    assert table.startswith('| configuration |') and table in (REPO / 'README.md').read_text()
+    summary = capsys.readouterr().out.split('("Does it reproduce the paper?"):\n')[1].strip()
+    assert summary.startswith('| configuration |') and summary in (REPO / 'README.md').read_text()
 
 
 def test_training_loss_and_error_at_the_last_epoch_against_the_release_range(monkeypatch, tmp_path):
