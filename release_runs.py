@@ -254,6 +254,17 @@ def verdicts(comparisons) -> dict:
     return by_verdict
 
 
+def _starts_as_the_release(c) -> bool:
+    """Every run here and of the release starts (epoch 0) at one test error, to the image."""
+    return len({round(float(run.test_classif[0]), 4) for run in c.mine + c.theirs}) == 1
+
+
+def _not_run_here(comparisons, release) -> set:
+    """The release's MNIST configurations with no run here."""
+    return ({run.config for run in release if run.config.dataset == 'MNIST'}
+            - {c.config for c in comparisons if c.config.dataset == 'MNIST'})
+
+
 def _figure_of(config) -> str:
     """The paper's MNIST figure of a configuration: 1b after pretraining, 2 below 32 channels."""
     return '1b' if config.pretrain_pass else '2' if config.in_channels != 32 else '1a'
@@ -283,12 +294,12 @@ def headline(comparisons, release) -> str:
     mnist = [c for c in comparisons if c.config.dataset == 'MNIST']
     # Where the release shipped A and B, its runs and these start from the same networks.
     shipped = [c for c in mnist if embeddings.release_ships(c.config.in_channels, c.config.pretrain_pass)]
-    same_start = sum(len({round(float(run.test_classif[0]), 4) for run in c.mine + c.theirs}) == 1 for c in shipped)
+    same_start = sum(map(_starts_as_the_release, shipped))
     words.append('; every configuration with the release\'s embedding files starts (epoch 0) at the '
                  'release\'s test error, to the image.' if same_start == len(shipped) else
                  f'; {same_start} of the {len(shipped)} configurations with the release\'s embedding '
                  f'files start (epoch 0) at the release\'s test error, to the image.')
-    missing = sorted({run.config for run in release if run.config.dataset == 'MNIST'} - {c.config for c in mnist},
+    missing = sorted(_not_run_here(comparisons, release),
                      key=lambda config: (_figure_of(config), runs_module.sort_key((config, ()))))
     if missing:
         words.append(' No run here yet: ' + '; '.join(_config_name(config) for config in missing) + '.')
@@ -381,8 +392,7 @@ def _report_figures(mine, release, folder) -> dict:
 
 
 def _report_sections(comparisons, others, mine, release, results, figures):
-    by_verdict = verdicts(comparisons)
-    inside, outside, stopped = by_verdict['inside'], by_verdict['OUTSIDE'], by_verdict['stopped']
+    """The report's text, line by line: its introduction, then each section."""
     mnist_configs = {c.config for c in comparisons if c.config.dataset == 'MNIST'}
     release_mnist = {run.config for run in release if run.config.dataset == 'MNIST'}
     yield '# Does it reproduce the paper?'
@@ -396,6 +406,16 @@ def _report_sections(comparisons, others, mine, release, results, figures):
            f'`python release_runs.py --report --reference <the release\'s runs>` from the committed '
            f'pickles in `results/`, with no training.')
     yield ''
+    yield from _summary_section(comparisons, release)
+    yield from _tables_section(comparisons, others)
+    yield from _figures_section(figures, release)
+    yield from _how_section(comparisons, mine)
+
+
+def _summary_section(comparisons, release):
+    """The verdicts in words: within 2 sigma or not, stops, the training loss and error, the starts."""
+    by_verdict = verdicts(comparisons)
+    inside, outside, stopped = by_verdict['inside'], by_verdict['OUTSIDE'], by_verdict['stopped']
     yield '## Summary'
     yield ''
     completed = len(inside) + len(outside)
@@ -441,11 +461,10 @@ def _report_sections(comparisons, others, mine, release, results, figures):
             yield (f'  - {_run_name(run)} ({runs_module.config_text(c.config)}): {what} '
                    f'{scale * measure(run):.{digits}f}{unit}, the release\'s '
                    + (f'{min(values):.{digits}f}{unit} to {max(values):.{digits}f}{unit}.' if values else 'none.'))
-    missing = sorted(release_mnist - mnist_configs, key=lambda config: runs_module.sort_key((config, ())))
+    missing = sorted(_not_run_here(comparisons, release), key=lambda config: runs_module.sort_key((config, ())))
     for config in missing:
         yield f'- Not run here: {runs_module.config_text(config)}.'
-    same_start = [c for c in comparisons
-                  if len({round(float(run.test_classif[0]), 4) for run in c.mine + c.theirs}) == 1]
+    same_start = [c for c in comparisons if _starts_as_the_release(c)]
     differ = [c for c in comparisons if c not in same_start]
     yield (f'- Starting test errors (epoch 0): equal to the release\'s, to the image, in '
            f'{len(same_start)} of the {len(comparisons)} configurations'
@@ -454,6 +473,10 @@ def _report_sections(comparisons, others, mine, release, results, figures):
                                         for c in differ) if differ else '')
            + '. The release\'s Figure 2 4-channel runs drew their own embeddings, as the runs here do.')
     yield ''
+
+
+def _tables_section(comparisons, others):
+    """The test error by epoch, each run's verdict, the training loss and error, the runs set apart."""
     yield '## Test error by epoch'
     yield ''
     yield ('Test error in %, mean ± standard deviation (ddof=1; "–" for one run) over the runs that '
@@ -479,6 +502,10 @@ def _report_sections(comparisons, others, mine, release, results, figures):
     yield ''
     yield others_table([(run, why) for run, why in others])
     yield ''
+
+
+def _figures_section(figures, release):
+    """Figures 1a, 1b and 2 over the release's bands; Figure 3 from the release's runs, and the CIFAR checks."""
     yield '## Figures'
     yield ''
     yield ('Lines: this project\'s runs (mean; shaded min-max when several). Beneath them, in the same '
@@ -503,6 +530,10 @@ def _report_sections(comparisons, others, mine, release, results, figures):
         yield ''
         yield f'![Figure 3]({figures["3"]})'
     yield ''
+
+
+def _how_section(comparisons, mine):
+    """The machine, the commands, the code version, the times, and the checkpoints to evaluate."""
     yield '## How the runs were made'
     yield ''
     yield f'Machine: {MACHINE}. Commands, from the repository root:'
