@@ -557,9 +557,10 @@ def _how_section(comparisons, mine):
     yield '| configuration | runs | minutes per run (mean) | seconds per epoch (mean) | seconds per epoch (median) |'
     yield '|---|---|---|---|---|'
     for c in comparisons:
-        minutes = [value for value in map(_minutes, c.mine) if np.isfinite(value)]
+        times = [_recorded_times(run) for run in c.mine]  # (minutes, median epoch seconds)
+        minutes = [value for value, _ in times if np.isfinite(value)]
         seconds = [run.seconds_per_epoch for run in c.mine if np.isfinite(run.seconds_per_epoch)]
-        medians = [value for value in map(_median_epoch_seconds, c.mine) if np.isfinite(value)]
+        medians = [value for _, value in times if np.isfinite(value)]
         yield (f'| {runs_module.config_text(c.config)} | {len(c.mine)} | {_mean_or_dash(minutes)} | '
                f'{_mean_or_dash(seconds)} | {_mean_or_dash(medians)} |')
     yield ''
@@ -580,20 +581,23 @@ def _run_name(run):
     return os.path.splitext(os.path.basename(run.path))[0]
 
 
-def _minutes(run):
+def _recorded_times(run) -> tuple[float, float]:
+    """(minutes of the whole run, median seconds per epoch) from its pickle, read once; NaN for
+    what it did not record (the time is a nicety; the comparison does not need it)."""
     try:
         data = common.load_results(run.path)
-        return float(data['computation_time']) / 60
-    except Exception:  # the time is a nicety; the comparison does not need it
-        return float('nan')
-
-
-def _median_epoch_seconds(run):
+    except Exception:
+        return float('nan'), float('nan')
     try:
-        times = np.asarray(common.load_results(run.path)['epoch_times'], dtype=float)
-        return float(np.median(times)) if times.size else float('nan')
-    except Exception:  # as _minutes
-        return float('nan')
+        minutes = float(data['computation_time']) / 60
+    except Exception:
+        minutes = float('nan')
+    try:
+        times = np.asarray(data['epoch_times'], dtype=float)
+        median = float(np.median(times)) if times.size else float('nan')
+    except Exception:
+        median = float('nan')
+    return minutes, median
 
 
 def _cifar_checks(release):
