@@ -365,7 +365,7 @@ def write_report(reference: str, results: str = RESULTS_DIR, out: str = REPORT):
     release = runs_module.load_runs([reference])
     comparisons, others = compare(mine, release)
     figures = _report_figures(mine, release, os.path.join(os.path.dirname(out), REPORT_FIGURES))
-    text = '\n'.join(_report_sections(comparisons, others, mine, release, results, figures)) + '\n'
+    text = '\n'.join(_report_sections(comparisons, others, mine, release, figures)) + '\n'
     common.atomic_write(out, lambda f: f.write(text), binary=False)
     print(f'wrote {out} and {len(figures)} figure(s) in {REPORT_FIGURES}/')
     print('\nThe README\'s summary ("Does it reproduce the paper?"):\n' + headline(comparisons, release))
@@ -391,7 +391,7 @@ def _report_figures(mine, release, folder) -> dict:
     return written
 
 
-def _report_sections(comparisons, others, mine, release, results, figures):
+def _report_sections(comparisons, others, mine, release, figures):
     """The report's text, line by line: its introduction, then each section."""
     mnist_configs = {c.config for c in comparisons if c.config.dataset == 'MNIST'}
     release_mnist = {run.config for run in release if run.config.dataset == 'MNIST'}

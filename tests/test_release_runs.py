@@ -221,7 +221,7 @@ def test_a_completed_run_against_a_single_completed_release_run_has_no_verdict(m
         "1 completed where fewer than two of the release's runs did, so there is no spread to compare with; ")
     row = release_runs.run_table(comparisons).splitlines()[2].split(' | ')
     assert [row[2], row[3], row[4], row[5]] == ['30.00', '1: 10.00 ± –', '–', 'no spread |']
-    summary = list(release_runs._report_sections(comparisons, [], mine, theirs, str(tmp_path), {}))
+    summary = list(release_runs._report_sections(comparisons, [], mine, theirs, {}))
     assert ('- RKHS_l5_p0_s0 (RKHS L=5, C=32, 0 pass(es)) completed its epochs at 30.00%; of the '
             "release's 2 runs of that configuration only 1 completed (at 10.00%), too few for a "
             'spread to compare with.') in summary
@@ -344,7 +344,7 @@ def test_training_loss_and_error_at_the_last_epoch_against_the_release_range(mon
     comparisons, _ = release_runs.compare(mine, theirs)
     assert release_runs.training_table(comparisons).splitlines()[2] == (
         '| RKHS_l5_p0_s0 | RKHS L=5, C=32, 0 pass(es) | 1.0000 | 1.0000 [0.5000–1.5000] | 5.00 | 3.00 [2.00–4.00] |')
-    summary = list(release_runs._report_sections(comparisons, [], mine, theirs, str(tmp_path), {}))
+    summary = list(release_runs._report_sections(comparisons, [], mine, theirs, {}))
     start = summary.index("- At the last epoch, the training loss lies within the range (min to max) of the "
                           "release's completed runs in 1 of the 1 completed runs here, and the training error in 0:")
     assert summary[start + 1] == ("  - RKHS_l5_p0_s0 (RKHS L=5, C=32, 0 pass(es)): training error 5.00%, the "
