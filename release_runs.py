@@ -286,6 +286,10 @@ def headline(comparisons, release) -> str:
     words = [f'All {runs_here} runs end' if inside == runs_here else
              f'{inside} of the {completed} runs that completed end']
     words.append(f' within {Z_LIMIT:g} standard deviations of the release\'s completed runs')
+    for c, run in by_verdict['OUTSIDE']:
+        z = c.z_score(run)
+        words.append(f'; outside: {_config_name(c.config)}, {100 * run.test_classif[-1]:.2f}% '
+                     f'(z = {z:+.2f}, {"below" if z < 0 else "above"} the release\'s runs)')
     if by_verdict['no spread']:
         words.append(f'; {len(by_verdict["no spread"])} completed where fewer than two of the release\'s '
                      f'runs did, so there is no spread to compare with')

@@ -201,7 +201,7 @@ def test_table_arithmetic_on_hand_made_runs(monkeypatch):
         '| 12.00 ± 2.00% (3 of 4 completed) |')
     assert release_runs.headline(comparisons, theirs).split('\n\n')[1] == (
         "1 of the 2 runs that completed end within 2 standard deviations of the release's completed runs; "
-        "1 stopped early on a non-finite loss; every configuration with the release's embedding files "
+        "outside: Figure 1a, RKHS L=5, 20.00% (z = +4.00, above the release's runs); 1 stopped early on a non-finite loss; every configuration with the release's embedding files "
         "starts (epoch 0) at the release's test error, to the image.")
 
 
