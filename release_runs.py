@@ -322,11 +322,15 @@ def headline_table(comparisons) -> str:
                 f'{runs_module.format_spread(*runs_module.mean_std(finals))}% ({finals.size} runs)' if finals.size
                 else '–')
         stopped = runs_module.stops(c.mine)
-        if stopped:
+        if stopped and len(c.mine) == 1:
+            (run,) = c.mine
+            here = (f'stopped on a non-finite loss after epoch {run.epochs_done} '
+                    f'(test error then {100 * run.test_classif[-1]:.2f}%)')
+        elif stopped:
             here += (f'; {len(stopped)} stopped early (after epoch{"s" * (len(stopped) > 1)} '
                      f'{", ".join(map(str, stopped))})')
         mean, std, count = c.release_final()
-        release = f'{runs_module.format_spread(mean, std)}%'
+        release = f'{100 * mean:.2f}%' if count == 1 else f'{runs_module.format_spread(mean, std)}%'
         if count != len(c.theirs):
             release += f' ({count} of {len(c.theirs)} completed)'
         elif count != 20:

@@ -227,6 +227,14 @@ def test_a_completed_run_against_a_single_completed_release_run_has_no_verdict(m
             'spread to compare with.') in summary
     assert any(line.startswith('- 0 of the 0 runs here that completed their 4 epochs where two or more')
                for line in summary)
+    # The README's row: one release run has a mean and no spread.
+    assert release_runs.headline_table(comparisons).splitlines()[2] == (
+        '| Figure 1a, RKHS L=5 | 30.00% | 10.00% (1 of 2 completed) |')
+    # A single run here that stopped: where it stopped, and its last test error.
+    stopped = [_run(0, [0.9, 0.45, 0.08], stopped=True)]
+    assert release_runs.headline_table(release_runs.compare(stopped, theirs)[0]).splitlines()[2] == (
+        '| Figure 1a, RKHS L=5 | stopped on a non-finite loss after epoch 2 (test error then 8.00%) '
+        '| 10.00% (1 of 2 completed) |')
 
 
 def _write_runs(results, reference):
