@@ -201,8 +201,32 @@ def test_table_arithmetic_on_hand_made_runs(monkeypatch):
         '| 12.00 ± 2.00% (3 of 4 completed) |')
     assert release_runs.headline(comparisons, theirs).split('\n\n')[1] == (
         "1 of the 2 runs that completed end within 2 standard deviations of the release's completed runs; "
-        "outside: Figure 1a, RKHS L=5, 20.00% (z = +4.00, above the release's runs); 1 stopped early on a non-finite loss; every configuration with the release's embedding files "
+        "outside: Figure 1a, RKHS L=5, 20.00% (z = +4.00, above the release's runs); "
+        "1 stopped early on a non-finite loss; "
+        "1 of the 2 runs with a z-score end below the release's mean and 1 above (mean z = +1.75; "
+        "two-sided sign test, a post-hoc check: p = 1.000); "
+        "every configuration with the release's embedding files "
         "starts (epoch 0) at the release's test error, to the image.")
+
+
+class _Scores:
+    """A stand-in comparison whose runs are their own z-scores."""
+    def __init__(self, scores):
+        self.mine = scores
+
+    def z_score(self, run):
+        return run
+
+
+def test_the_sign_test_counts_sides_and_gives_the_binomial_tail():
+    # 8 below and 1 above: P(<= 1 of 9 on one side) = (1 + 9) / 2^9, doubled for two sides.
+    # A stopped run (NaN) has no side.
+    below, above, p, mean_z = release_runs.sign_test([_Scores([-1.0] * 5), _Scores([-1.0] * 3 + [0.5, np.nan])])
+    assert (below, above) == (8, 1) and p == 20 / 512 and mean_z == pytest.approx(-7.5 / 9)
+    assert release_runs.sign_test([_Scores([-0.1, -2.0, -0.3])])[:3] == (3, 0, 0.25)
+    assert release_runs.sign_test([_Scores([1.0, -1.0, 2.0, -2.0])])[2] == 1.0  # an even split
+    below, above, p, mean_z = release_runs.sign_test([_Scores([np.nan])])
+    assert (below, above) == (0, 0) and np.isnan(p) and np.isnan(mean_z)
 
 
 def test_a_completed_run_against_a_single_completed_release_run_has_no_verdict(monkeypatch, tmp_path):
