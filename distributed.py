@@ -25,7 +25,7 @@ class Single:
         """The module the training step calls: compiled on request, else the model itself."""
         return torch.compile(model) if compile_model else model
 
-    def close(self):
+    def close(self, together: bool = True):
         pass
 
     def shard(self, x):
@@ -124,6 +124,15 @@ class Distributed(Single):
         if self.is_main:
             print(*args, flush=True, **kwargs)
 
-    def close(self):
+    def close(self, together: bool = True):
+        """Leave the group; `together` (a run that ended normally on every rank) waits for all
+        ranks first. Without that barrier the faster rank could tear its gloo connections down
+        while the other still finishes its last collective: a rank 0 abort ("terminate called
+        without an active exception") was seen once here, on a heavily loaded machine. After a
+        failure there is no barrier, since the other rank may never reach it."""
         if torch_dist.is_initialized():
-            torch_dist.destroy_process_group()
+            try:
+                if together:
+                    torch_dist.barrier()
+            finally:
+                torch_dist.destroy_process_group()

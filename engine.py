@@ -647,7 +647,7 @@ def start_run(args, folder_prefix: str, check_stored=None):
                               protocol.code_version())
                 failed = False
             finally:
-                dist.close()
+                dist.close(together=not failed)
         finally:
             stop.defer()  # a signal now must not cut the release short
             claim.release(failed)
