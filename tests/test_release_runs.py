@@ -205,6 +205,7 @@ def test_table_arithmetic_on_hand_made_runs(monkeypatch):
         "1 stopped early on a non-finite loss; "
         "1 of the 2 runs with a z-score end below the release's mean and 1 above (mean z = +1.75; "
         "two-sided sign test, a post-hoc check: p = 1.000); "
+        "by seed, seed 0: 1 below, 0 above; seed 1: 0 below, 1 above; "  # seed 2 stopped: no side
         "every configuration with the release's embedding files "
         "starts (epoch 0) at the release's test error, to the image.")
 
@@ -381,3 +382,26 @@ def test_training_loss_and_error_at_the_last_epoch_against_the_release_range(mon
                           "release's completed runs in 1 of the 1 completed runs here, and the training error in 0:")
     assert summary[start + 1] == ("  - RKHS_l5_p0_s0 (RKHS L=5, C=32, 0 pass(es)): training error 5.00%, the "
                                   "release's 2.00% to 4.00%.")
+
+
+def test_rkhs_blocks_of_one_seed_and_width_share_omega_whatever_their_depth():
+    """What the report's summary says of runs with the same seed: an RKHS block's random features
+    (Omega) depend on the seed and the width, not on the depth, so the runs of one seed are not
+    independent draws; another seed draws other features."""
+    import torch
+
+    import MNIST_experiments
+
+    def omega(layers, seed):
+        args = MNIST_experiments.get_args_parser().parse_args(
+            ['--model', 'RKHS', '--layers', str(layers), '--in_channels', '8', '--dim_int', '8',
+             '--seed', str(seed), '--synthetic'])
+        args.embedding_seed = 0
+        with torch.random.fork_rng(devices=[]):
+            net, _ = MNIST_experiments.build_network(args, None)
+        return net.ode_block.func.omega.weight.detach()
+
+    shallow, deep, other_seed = omega(5, 0), omega(20, 0), omega(5, 1)
+    assert torch.equal(shallow, deep)
+    assert not torch.equal(shallow, other_seed)
+
