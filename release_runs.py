@@ -334,8 +334,8 @@ def headline(comparisons, release) -> str:
     if by_verdict['stopped']:
         words.append(f'; {len(by_verdict["stopped"])} stopped early on a non-finite loss')
     lean = _sign_test_words(comparisons)
-    if lean:
-        words.append('; ' + lean)
+    if lean:  # the report gives the caveats at length
+        words.append(f'; {lean}; runs of one seed share random draws, so this p overstates the evidence')
     mnist = [c for c in comparisons if c.config.dataset == 'MNIST']
     # Where the release shipped A and B, its runs and these start from the same networks.
     shipped = [c for c in mnist if embeddings.release_ships(c.config.in_channels, c.config.pretrain_pass)]

@@ -206,6 +206,7 @@ def test_table_arithmetic_on_hand_made_runs(monkeypatch):
         "1 of the 2 runs with a z-score end below the release's mean and 1 above (mean z = +1.75; "
         "two-sided sign test, a post-hoc check: p = 1.000); "
         "by seed, seed 0: 1 below, 0 above; seed 1: 0 below, 1 above; "  # seed 2 stopped: no side
+        "runs of one seed share random draws, so this p overstates the evidence; "
         "every configuration with the release's embedding files "
         "starts (epoch 0) at the release's test error, to the image.")
 
