@@ -398,13 +398,20 @@ python reproduce.py figure1a --num_seeds 1 --embedding_dir $E --results_root res
 # Then the shortest configurations first, and Figure 1a's SHL L=20 last:
 python reproduce.py figure1b --num_seeds 1 --configs RKHS_l10_p3,RKHS_l20_p3,SHL_l5_p3 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
 python reproduce.py figure2 --num_seeds 1 --configs RKHS_l20_c8,RKHS_l20_c4 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
+# (stopped in RKHS L=5 seed 1, epoch 21):
 python reproduce.py figure1a --seed_start 1 --num_seeds 2 --configs RKHS_l5_p0,SHL_l5_p0 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
-python reproduce.py figure1b --seed_start 1 --num_seeds 2 --configs RKHS_l5_p3,SHL_l5_p3 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
-python reproduce.py figure1b --num_seeds 1 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
-python reproduce.py figure1a --num_seeds 1 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data"""
-MACHINE = ('a virtual machine with 2 cores of an AMD EPYC processor (x86_64), no GPU, shared during '
-           'the sweep with other work (tests and development); the times below are therefore upper '
-           'bounds for these cores')
+# From here on a second machine of the same kind, about 3 times faster per epoch: the rest of
+# RKHS L=5 seed 1, the configurations with no run yet, then the other seeds of the L=5 ones.
+python reproduce.py figure1a --seed_start 1 --num_seeds 1 --configs RKHS_l5_p0 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
+python reproduce.py figure1b --num_seeds 1 --configs SHL_l10_p3 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
+python reproduce.py figure1b --num_seeds 1 --configs SHL_l20_p3 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
+python reproduce.py figure1a --num_seeds 1 --configs SHL_l20_p0 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
+python reproduce.py figure1a --seed_start 1 --num_seeds 2 --configs RKHS_l5_p0,SHL_l5_p0 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data
+python reproduce.py figure1b --seed_start 1 --num_seeds 2 --configs RKHS_l5_p3,SHL_l5_p3 --embedding_dir $E --results_root results --no_plot -- --data_root ../shared/data"""
+MACHINE = ('virtual machines with 2 cores of an AMD EPYC processor (x86_64), no GPU, shared during '
+           'the sweep with other work (tests and development), so the times below are upper bounds; '
+           'two such machines were used in turn, the second about 3 times faster per epoch (see the '
+           'commands), so a configuration\'s times mix both where its runs did')
 
 
 def write_report(reference: str, results: str = RESULTS_DIR, out: str = REPORT):
