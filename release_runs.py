@@ -283,12 +283,10 @@ def _sign_test_words(comparisons) -> str | None:
     words = (f'{below} of the {below + above} runs with a z-score end below the release\'s mean and '
              f'{above} above (mean z = {mean_z:+.2f}; two-sided sign test, a post-hoc check: p = {p:.3f})')
     seeds = sorted({run.seed for c in comparisons for run in c.mine if run.seed is not None})
-    by_seed = {seed: _z_scores(comparisons, seed) for seed in seeds}
-    by_seed = {seed: scores for seed, scores in by_seed.items() if scores}
-    if len(by_seed) > 1:  # runs of one seed share random draws (see the report's summary)
-        words += '; by seed, ' + '; '.join(
-            f'seed {seed}: {sum(z < 0 for z in scores)} below, {sum(z > 0 for z in scores)} above'
-            for seed, scores in by_seed.items())
+    splits = [f'seed {seed}: {sum(z < 0 for z in scores)} below, {sum(z > 0 for z in scores)} above'
+              for seed in seeds for scores in [_z_scores(comparisons, seed)] if scores]
+    if len(splits) > 1:  # runs of one seed share random draws (see the report's summary)
+        words += '; by seed, ' + '; '.join(splits)
     return words
 
 

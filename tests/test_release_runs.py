@@ -405,4 +405,3 @@ def test_rkhs_blocks_of_one_seed_and_width_share_omega_whatever_their_depth():
     shallow, deep, other_seed = omega(5, 0), omega(20, 0), omega(5, 1)
     assert torch.equal(shallow, deep)
     assert not torch.equal(shallow, other_seed)
-
