@@ -200,6 +200,22 @@ def last_epoch_loss(run) -> float:
     return float(np.mean(run.train_loss[-per_epoch:])) if per_epoch else float('nan')
 
 
+def largest_loss_rise(run) -> tuple[float, int]:
+    """(ratio, epoch): the largest rise of a run's mean training loss per epoch over the lowest
+    such mean of the epochs before it, and the epoch (1 = the first trained) where it happened.
+    A late excursion of the loss that the run survived shows here; (nan, 0) below two epochs."""
+    epochs = run.epochs_done
+    per_epoch = len(run.train_loss) // max(epochs, 1)
+    if epochs < 2 or not per_epoch:
+        return float('nan'), 0
+    means = np.asarray(run.train_loss[:per_epoch * epochs], dtype=float).reshape(epochs, per_epoch).mean(1)
+    rises = means[1:] / np.minimum.accumulate(means)[:-1]
+    if not np.isfinite(rises).any():
+        return float('nan'), 0
+    worst = int(np.nanargmax(np.where(np.isfinite(rises), rises, np.nan)))
+    return float(rises[worst]), worst + 2
+
+
 def training_table(comparisons) -> str:
     """Each completed run here at its last epoch, training loss and training error, against the
     release's completed runs: mean [min–max]."""
@@ -314,33 +330,33 @@ def _config_name(config) -> str:
 
 
 def headline(comparisons, release) -> str:
-    """The README's summary: headline_table, then what it shows and which configurations have no
-    run here yet, in words."""
+    """The README's summary: headline_table, then its verdicts in two sentences. The report
+    (_summary_section) gives each run, the sign test and the caveats at length."""
     by_verdict = verdicts(comparisons)
     runs_here = sum(len(c.mine) for c in comparisons if c.config.dataset == 'MNIST')
     inside, completed = len(by_verdict['inside']), runs_here - len(by_verdict['stopped'])
     words = [f'All {runs_here} runs end' if inside == runs_here else
-             f'{inside} of the {completed} runs that completed end']
-    words.append(f' within {Z_LIMIT:g} standard deviations of the release\'s completed runs')
-    for c, run in by_verdict['OUTSIDE']:
-        z = c.z_score(run)
-        words.append(f'; outside: {_config_name(c.config)}, {100 * run.test_classif[-1]:.2f}% '
-                     f'(z = {z:+.2f}, {"below" if z < 0 else "above"} the release\'s runs)')
+             f'{inside} of the {completed} runs that completed end',
+             f' within {Z_LIMIT:g} standard deviations of the release\'s completed runs']
+    if by_verdict['OUTSIDE']:
+        words.append('; outside: ' + '; '.join(f'{_config_name(c.config)} (z = {c.z_score(run):+.2f})'
+                                               for c, run in by_verdict['OUTSIDE']))
     if by_verdict['no spread']:
         words.append(f'; {len(by_verdict["no spread"])} completed where fewer than two of the release\'s '
                      f'runs did, so there is no spread to compare with')
     if by_verdict['stopped']:
         words.append(f'; {len(by_verdict["stopped"])} stopped early on a non-finite loss')
-    lean = _sign_test_words(comparisons)
-    if lean:  # the report gives the caveats at length
-        words.append(f'; {lean}; runs of one seed share random draws, so this p overstates the evidence')
-    mnist = [c for c in comparisons if c.config.dataset == 'MNIST']
+    below, above, _, _ = sign_test(comparisons)
+    if below + above > 1:
+        words.append(f'; {below} of the {below + above} runs with a z-score end below the release\'s mean '
+                     f'and {above} above (the report weighs this)')
     # Where the release shipped A and B, its runs and these start from the same networks.
-    shipped = [c for c in mnist if embeddings.release_ships(c.config.in_channels, c.config.pretrain_pass)]
+    shipped = [c for c in comparisons if c.config.dataset == 'MNIST'
+               and embeddings.release_ships(c.config.in_channels, c.config.pretrain_pass)]
     same_start = sum(map(_starts_as_the_release, shipped))
-    words.append('; every configuration with the release\'s embedding files starts (epoch 0) at the '
+    words.append('. Every configuration with the release\'s embedding files starts (epoch 0) at the '
                  'release\'s test error, to the image.' if same_start == len(shipped) else
-                 f'; {same_start} of the {len(shipped)} configurations with the release\'s embedding '
+                 f'. {same_start} of the {len(shipped)} configurations with the release\'s embedding '
                  f'files start (epoch 0) at the release\'s test error, to the image.')
     missing = sorted(_not_run_here(comparisons, release),
                      key=lambda config: (_figure_of(config), runs_module.sort_key((config, ()))))
@@ -484,7 +500,8 @@ def _summary_section(comparisons, release):
         mean, std, count = c.release_final()
         yield (f'  - outside: {_run_name(run)} ({runs_module.config_text(c.config)}) ends at '
                f'{100 * run.test_classif[-1]:.2f}%, the release\'s {count} completed runs at '
-               f'{runs_module.format_spread(mean, std)}% (z = {c.z_score(run):+.2f}).')
+               f'{runs_module.format_spread(mean, std)}% (z = {c.z_score(run):+.2f}).'
+               + _loss_rise_words(run, c))
     lean = _sign_test_words(comparisons)
     if lean:
         yield (f'- Together: {lean}. A small p says that the runs here lean to one side of the '
@@ -541,6 +558,19 @@ def _summary_section(comparisons, release):
                                         for c in differ) if differ else '')
            + '. The release\'s Figure 2 4-channel runs drew their own embeddings, as the runs here do.')
     yield ''
+
+
+def _loss_rise_words(run, c) -> str:
+    """A sentence when the run's training loss climbed further above its lowest earlier epoch
+    than any completed run of the release's configuration did: an excursion it survived, which
+    may explain a final error far from the release's."""
+    rise, epoch = largest_loss_rise(run)
+    theirs = [largest_loss_rise(r)[0] for r in c.theirs if r.completed]
+    theirs = [value for value in theirs if np.isfinite(value)]
+    if not (np.isfinite(rise) and theirs and rise > max(theirs)):
+        return ''
+    return (f' Its training loss (mean per epoch) climbed in epoch {epoch} to {rise:.1f} times its lowest '
+            f'earlier epoch; no completed run of the release climbed beyond {max(theirs):.1f} times.')
 
 
 def _tables_section(comparisons, others):

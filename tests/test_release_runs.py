@@ -201,14 +201,38 @@ def test_table_arithmetic_on_hand_made_runs(monkeypatch):
         '| 12.00 ± 2.00% (3 of 4 completed) |')
     assert release_runs.headline(comparisons, theirs).split('\n\n')[1] == (
         "1 of the 2 runs that completed end within 2 standard deviations of the release's completed runs; "
-        "outside: Figure 1a, RKHS L=5, 20.00% (z = +4.00, above the release's runs); "
+        "outside: Figure 1a, RKHS L=5 (z = +4.00); "
         "1 stopped early on a non-finite loss; "
-        "1 of the 2 runs with a z-score end below the release's mean and 1 above (mean z = +1.75; "
-        "two-sided sign test, a post-hoc check: p = 1.000); "
-        "by seed, seed 0: 1 below, 0 above; seed 1: 0 below, 1 above; "  # seed 2 stopped: no side
-        "runs of one seed share random draws, so this p overstates the evidence; "
-        "every configuration with the release's embedding files "
+        "1 of the 2 runs with a z-score end below the release's mean and 1 above (the report weighs this). "
+        "Every configuration with the release's embedding files "
         "starts (epoch 0) at the release's test error, to the image.")
+
+
+def test_a_late_loss_excursion_beyond_the_release_s_is_named_beside_the_verdict(monkeypatch):
+    """Per-epoch means of the training loss, each over the lowest earlier one: the run here climbs
+    to 4x (epoch 3), the release's runs at most to 1.2x, so the report says so; a release run that
+    climbed as far leaves nothing to say."""
+    import dataclasses
+    import protocol
+    monkeypatch.setitem(protocol.RELEASE, 'MNIST', dict(protocol.RELEASE['MNIST'], epochs=4))
+
+    def with_loss(run, epoch_means):  # two iterations per epoch, whose mean is the epoch's
+        return dataclasses.replace(run, train_loss=np.repeat(np.array(epoch_means, dtype=float), 2) + [-0.1, 0.1] * 4)
+
+    theirs = [with_loss(_run(i, [0.9, 0.5, 0.3, 0.2, 0.1], release=True), [1.0, 0.5, 0.6, 0.3]) for i in range(3)]
+    mine = with_loss(_run(0, [0.9, 0.5, 0.3, 0.2, 0.1]), [1.0, 0.5, 2.0, 0.4])
+    assert release_runs.largest_loss_rise(mine) == pytest.approx((4.0, 3))
+    assert release_runs.largest_loss_rise(theirs[0]) == pytest.approx((1.2, 3))
+    (c,), _ = release_runs.compare([mine], theirs)
+    assert release_runs._loss_rise_words(mine, c) == (
+        ' Its training loss (mean per epoch) climbed in epoch 3 to 4.0 times its lowest earlier epoch; '
+        'no completed run of the release climbed beyond 1.2 times.')
+    theirs[1] = with_loss(theirs[1], [1.0, 0.25, 1.0, 0.3])  # 4x as well: nothing stands out
+    (c,), _ = release_runs.compare([mine], theirs)
+    assert release_runs._loss_rise_words(mine, c) == ''
+    one_epoch = dataclasses.replace(mine, test_classif=mine.test_classif[:2], train_loss=np.ones(2))
+    rise, epoch = release_runs.largest_loss_rise(one_epoch)
+    assert np.isnan(rise) and epoch == 0
 
 
 class _Scores:
@@ -244,7 +268,7 @@ def test_a_completed_run_against_a_single_completed_release_run_has_no_verdict(m
     assert release_runs.verdicts(comparisons)['no spread'] == [(c, mine[0])]
     assert release_runs.headline(comparisons, theirs).split('\n\n')[1].startswith(
         "0 of the 1 runs that completed end within 2 standard deviations of the release's completed runs; "
-        "1 completed where fewer than two of the release's runs did, so there is no spread to compare with; ")
+        "1 completed where fewer than two of the release's runs did, so there is no spread to compare with. ")
     row = release_runs.run_table(comparisons).splitlines()[2].split(' | ')
     assert [row[2], row[3], row[4], row[5]] == ['30.00', '1: 10.00 ± –', '–', 'no spread |']
     summary = list(release_runs._report_sections(comparisons, [], mine, theirs, {}))
