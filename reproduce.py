@@ -412,7 +412,8 @@ def get_args_parser():
         help='run only the I-th of N disjoint parts of the sweep (every N-th run from the I-th), '
              'e.g. one part per machine of a job array; any later run skips what exists and plots '
              'what is there')
-    add('--jobs', type=int, default=1, help='concurrent CPU runs without --gpus (default: 1)')
+    add('--jobs', type=int, default=1, help='concurrent CPU runs without --gpus (default: 1); each '
+        'gets an equal share of the cores as OMP_NUM_THREADS, unless that is set already')
     add('--results_root', default=REPO_DIR,
         help='folder holding the results, checkpoint and log folders; runs start there '
              '(default: the repository)')

@@ -287,7 +287,8 @@ FAKE_SCRIPT = textwrap.dedent('''
                 test_classif=np.linspace(0.9, 0.2, epochs + 1) + 0.01 * rng.random(),
                 computation_time=1.0, num_parameters=10, diverged=diverged, seed=args.seed,
                 argv=sys.argv[1:], cwd=os.getcwd(),
-                cuda_visible_devices=os.environ.get('CUDA_VISIBLE_DEVICES'))
+                cuda_visible_devices=os.environ.get('CUDA_VISIBLE_DEVICES'),
+                omp_num_threads=os.environ.get('OMP_NUM_THREADS'))
     with open(os.path.join(args.results_dir, args.save), 'wb') as handle:
         pickle.dump(data, handle)
     sys.exit(3 if diverged else 0)
@@ -342,6 +343,7 @@ def test_sweep_with_fake_script(capsys, tmp_path, monkeypatch):
         run = pickle.load(handle)
     assert Path(run['cwd']).resolve() == root.resolve()
     assert run['cuda_visible_devices'] in ('0', '1')
+    assert run['omp_num_threads'] == os.environ.get('OMP_NUM_THREADS')  # GPU runs: threads left alone
     # Our flags first, pass-through last so that it can override them.
     assert run['argv'][-6:] == ['--embedding_seed', '0', '--device', 'cuda', '--epochs', '3']
 
@@ -361,6 +363,38 @@ def test_sweep_with_fake_script(capsys, tmp_path, monkeypatch):
     assert out.count('# skip') == 10
     assert out.count(' start ') == 2
     assert len(json.loads((results / 'sweep.json').read_text())['invocations']) == 2
+
+
+@pytest.mark.slow
+def test_cpu_runs_side_by_side_share_the_cores(capsys, tmp_path, monkeypatch):
+    """--jobs 2 on 4 cores: each run gets OMP_NUM_THREADS=2, said in its log; a user's own
+    setting is kept; one run at a time is left alone."""
+    scripts = tmp_path / 'scripts'
+    scripts.mkdir()
+    (scripts / 'MNIST_experiments.py').write_text(FAKE_SCRIPT)
+    monkeypatch.setattr(reproduce, 'SCRIPT_DIR', str(scripts))
+    monkeypatch.setattr(reproduce.scheduler, 'usable_cpus', lambda: 4)
+    monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
+
+    def threads_of_each_run(root, jobs):
+        argv = ['figure2', '--num_seeds', '1', '--results_root', str(root), '--jobs', str(jobs), '--no_plot']
+        assert reproduce.main(reproduce.parse_args(argv)) == 0
+        capsys.readouterr()
+        results = root / 'MNIST_experiments' / 'fig2'
+        threads = set()
+        for path in results.glob('*.pkl'):
+            with open(path, 'rb') as handle:
+                threads.add(pickle.load(handle)['omp_num_threads'])
+        return threads, results
+
+    threads, results = threads_of_each_run(tmp_path / 'two', 2)
+    assert threads == {'2'}
+    assert all('# OMP_NUM_THREADS=2\n' in log.read_text() for log in (results / 'logs').glob('*.log'))
+    assert threads_of_each_run(tmp_path / 'one', 1)[0] == {None}
+    monkeypatch.setenv('OMP_NUM_THREADS', '3')
+    threads, results = threads_of_each_run(tmp_path / 'mine', 2)
+    assert threads == {'3'}
+    assert not any('OMP_NUM_THREADS' in log.read_text() for log in (results / 'logs').glob('*.log'))
 
 
 def test_missing_script_is_an_error(capsys, tmp_path, monkeypatch):
