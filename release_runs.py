@@ -193,10 +193,14 @@ def last_training_error(run) -> float:
     return float(run.train_classif[-1]) if run.train_classif.size else float('nan')
 
 
+def _iterations_per_epoch(run) -> int:
+    """All of a run's iterations over the epochs it did (train_loss has one value per iteration)."""
+    return len(run.train_loss) // max(run.epochs_done, 1)
+
+
 def last_epoch_loss(run) -> float:
-    """The mean training loss over a run's last epoch (its iterations per epoch: all of them over
-    the epochs done)."""
-    per_epoch = len(run.train_loss) // max(run.epochs_done, 1)
+    """The mean training loss over a run's last epoch."""
+    per_epoch = _iterations_per_epoch(run)
     return float(np.mean(run.train_loss[-per_epoch:])) if per_epoch else float('nan')
 
 
@@ -204,15 +208,15 @@ def largest_loss_rise(run) -> tuple[float, int]:
     """(ratio, epoch): the largest rise of a run's mean training loss per epoch over the lowest
     such mean of the epochs before it, and the epoch (1 = the first trained) where it happened.
     A late excursion of the loss that the run survived shows here; (nan, 0) below two epochs."""
-    epochs = run.epochs_done
-    per_epoch = len(run.train_loss) // max(epochs, 1)
+    epochs, per_epoch = run.epochs_done, _iterations_per_epoch(run)
     if epochs < 2 or not per_epoch:
         return float('nan'), 0
     means = np.asarray(run.train_loss[:per_epoch * epochs], dtype=float).reshape(epochs, per_epoch).mean(1)
     rises = means[1:] / np.minimum.accumulate(means)[:-1]
-    if not np.isfinite(rises).any():
+    rises[~np.isfinite(rises)] = np.nan
+    if np.isnan(rises).all():
         return float('nan'), 0
-    worst = int(np.nanargmax(np.where(np.isfinite(rises), rises, np.nan)))
+    worst = int(np.nanargmax(rises))
     return float(rises[worst]), worst + 2
 
 

@@ -107,7 +107,7 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def child_env(gpu, cpu_slots: int, cpus: int | None = None) -> dict:
+def child_env(gpu, cpu_slots: int) -> dict:
     """The environment of one run: unbuffered output (live logs), its GPU, and, when several runs
     share the CPU, an equal share of its cores as OMP_NUM_THREADS. Left to itself, each run
     starts one thread per core; with two runs on two cores the threads spin against each other,
@@ -117,7 +117,7 @@ def child_env(gpu, cpu_slots: int, cpus: int | None = None) -> dict:
     if gpu is not None:
         env['CUDA_VISIBLE_DEVICES'] = gpu
     elif cpu_slots > 1 and 'OMP_NUM_THREADS' not in os.environ:
-        env['OMP_NUM_THREADS'] = str(max(1, (cpus or usable_cpus()) // cpu_slots))
+        env['OMP_NUM_THREADS'] = str(max(1, usable_cpus() // cpu_slots))
     return env
 
 
