@@ -325,7 +325,12 @@ def main(args) -> int:
     try:
         check_folder(args.dir)
         if args.download:
-            fetched = download(args.dir, base_url=DOWNLOAD_URL)  # read now, so tests can point it elsewhere
+            try:
+                fetched = download(args.dir, base_url=DOWNLOAD_URL)  # read now, so tests can point it elsewhere
+            except EmbeddingError as exc:  # what to do next, where the machine cannot reach GitHub
+                raise EmbeddingError(f'{exc}. Without this download, copy the {len(RELEASE_SHA256)} files '
+                                     f'of the release\'s {DEFAULT_DIR}/ into {args.dir}, or pass '
+                                     f'--embedding_dir <their folder> to the scripts') from None
             print(f'{args.dir}: {fetched} file(s) downloaded, all {len(RELEASE_SHA256)} release '
                   f'files present and verified')
             return 0

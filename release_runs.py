@@ -744,7 +744,12 @@ def get_args_parser():
 def main(args) -> int:
     try:
         if args.download:
-            fetched = download(args.reference)
+            try:
+                fetched = download(args.reference)
+            except common.DownloadError as exc:  # what to do next, where the machine cannot reach GitHub
+                raise common.DownloadError(f'{exc}. Without this download, copy the release\'s stored runs '
+                                           f'(its MNIST_experiments/ and CIFAR_experiments/) into '
+                                           f'{args.reference}, or pass --reference <their folder>') from None
             print(f'{args.reference}: {fetched} file(s) downloaded; all 335 stored runs present and verified')
             return 0
         if not os.path.isdir(args.reference):

@@ -212,6 +212,9 @@ def test_download_command_offline_exits_2_with_one_line(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert status == 2 and err.startswith('error: could not download') and len(err.splitlines()) == 1
     assert os.listdir(tmp_path / 'existing') == []  # the folder it did not create stays, empty
+    # and what to do next without the network
+    assert err.rstrip().endswith(f'copy the 48 files of the release\'s MNIST_pretrained_models/ into '
+                                 f'{tmp_path / "existing"}, or pass --embedding_dir <their folder> to the scripts')
 
 
 def test_download_refuses_to_overwrite_a_different_file(tmp_path):

@@ -128,6 +128,7 @@ def test_download_command_uses_the_pinned_list_and_fails_in_one_line_offline(tmp
     err = capsys.readouterr().err
     assert status == 2 and err.startswith('error: could not download') and err.count('\n') == 1
     assert not (tmp_path / 'runs').exists()
+    assert err.rstrip().endswith(f'into {tmp_path / "runs"}, or pass --reference <their folder>')
 
 
 @needs_release_runs
