@@ -17,12 +17,11 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks import measure, release_style as rs  # noqa: E402
-import data  # noqa: E402
-import distributed  # noqa: E402
-import MNIST_experiments  # noqa: E402
+from benchmarks import measure
+from benchmarks import release_style as rs
+from resnet_ode import data, distributed, flags, mnist
 
 NAMES = {'a': 'a: release-style (DataLoader + odeint, blended outputs)',
          'b': 'b: project (device data, fixed integrator)', 'c': 'c: project with --compile'}
@@ -87,15 +86,14 @@ def main(argv=None):
                          args)
     if args.whole_process:
         return whole_process(args, device)
-    train, test = MNIST_experiments.load_data(args, distributed.SINGLE)
+    train, test = data.load_datasets(args, distributed.SINGLE)
 
-    def project_pipeline(compiled):  # as MNIST_experiments.main builds it
+    def project_pipeline(compiled):  # as resnet_ode.mnist builds it
         net = rs.project_mnist_net(args, device)
         return measure.ProjectPipeline(
             args, device, net, torch.compile(net) if compiled else net, train, test,
-            MNIST_experiments.EVAL_CHUNK,
-            lambda train_set: MNIST_experiments.first_training_images(
-                train_set, MNIST_experiments.TRAIN_ERROR_IMAGES),
+            mnist.EVAL_CHUNK,
+            lambda train_set: mnist.first_training_images(train_set, flags.TRAIN_ERROR_IMAGES),
             parameters=list(net.ode_block.parameters()), eval_transform=data.mnist_to_float,
             train_transform=lambda images, generator: data.mnist_to_float(images))
     pipelines = {key: rs.mnist_pipeline(args, device) if key == 'a' else project_pipeline(key == 'c')

@@ -13,30 +13,28 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from benchmarks import measure  # noqa: E402
-import MNIST_experiments  # noqa: E402
-import distributed  # noqa: E402
-import engine  # noqa: E402
-import runstate  # noqa: E402
+from benchmarks import measure
+from resnet_ode import distributed, evaluation, gate, launch, mnist, training
+from resnet_ode.signals import StopRequest
 
 EPOCHS_PER_FIGURE_RUN = 40  # the stored runs' protocol, for the projection printed at the end
 
 
-def build(args, seeds) -> tuple[engine.Experiment, list]:
-    """The experiment MNIST_experiments.py builds for --seed S (one seed) or --seeds S1 .. SK."""
+def build(args, seeds) -> tuple[training.Experiment, list]:
+    """The experiment MNIST_experiments.py builds (resnet_ode.mnist) for --seed S (one seed) or --seeds S1 .. SK."""
     flags = ['--model', args.model, '--layers', str(args.layers), '--method', args.method,
              '--in_channels', str(args.in_channels), '--dim_int', str(args.dim_int),
              '--batch_size', str(args.batch_size), '--embedding_dir', 'none', '--embedding_seed', '0',
              '--data_root', args.data_root, '--save', 'bench.pkl']
     flags += (['--seed', str(seeds[0])] if len(seeds) == 1 else ['--seeds', *map(str, seeds)])
     flags += (['--synthetic'] if args.synthetic else []) + (['--subset', str(args.subset)] if args.subset else [])
-    script_args = MNIST_experiments.get_args_parser().parse_args(flags)
-    started = engine.Started(script_args, [None] * len(seeds), '', None, args.device_, distributed.SINGLE,
-                             runstate.StopRequest())
+    config = gate.resolved(gate.validate('MNIST', flags, gate.SWEEP))
+    started = launch.Started(config, [None] * len(seeds), '', None, args.device_, distributed.SINGLE,
+                             StopRequest())
     with contextlib.redirect_stdout(io.StringIO()):  # the script's lines about its embedding and block
-        exp = MNIST_experiments.build_experiment(started)
+        exp = mnist.build_experiment(started)
     generators = [torch.Generator(device=args.device_).manual_seed(seed) for seed in seeds]
     return exp, generators
 
@@ -50,9 +48,9 @@ def epoch_seconds(args, seeds, steps=None) -> tuple[float, list]:
     optimizer = torch.optim.SGD(exp.parameters, lr=args.lr)
     measure.synchronize(args.device_)
     start = time.perf_counter()
-    outcome = engine.train_one_epoch(exp, optimizer, generators, args.batch_size, distributed.SINGLE,
-                                     runstate.StopRequest(), f'{len(seeds)} seed(s)')
-    engine.evaluate(exp, generators[0], distributed.SINGLE)
+    outcome = training.train_one_epoch(exp, optimizer, generators, args.batch_size, distributed.SINGLE,
+                                     StopRequest(), f'{len(seeds)} seed(s)')
+    evaluation.evaluate(exp, generators[0], distributed.SINGLE)
     measure.synchronize(args.device_)
     return time.perf_counter() - start, outcome.losses[:, -1].tolist()
 

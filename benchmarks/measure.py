@@ -17,10 +17,9 @@ from torch.overrides import TorchFunctionMode
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import cli  # noqa: E402
-import distributed  # noqa: E402
-import engine  # noqa: E402
-import runstate  # noqa: E402
+from resnet_ode import cifar, distributed, evaluation, training
+from resnet_ode.gate import pick_device
+from resnet_ode.signals import StopRequest
 
 say = partial(print, flush=True)
 MEMORY_KIND = {'cuda': 'torch.cuda.max_memory_allocated (reset per run)',
@@ -59,7 +58,7 @@ class ProjectPipeline:
         self.args, self.device, self.net, self.forward, self.fields = args, device, net, forward, fields
         self.train, self.test, self.train_eval_sample = train.to(device), test.to(device), train_eval_sample
         self.initial_state = {k: v.clone() for k, v in net.state_dict().items()}
-        self.chunk = engine.eval_chunk(chunk_caps, device, 10**9)
+        self.chunk = evaluation.eval_chunk(chunk_caps, device, 10**9)
         self.describe = f'evaluation chunk {self.chunk} (EVAL_CHUNK)'
 
     def prepare(self, warmup_steps):
@@ -68,7 +67,7 @@ class ProjectPipeline:
             train = train.head(min(len(train), warmup_steps * batch + len(train) % batch))
             test = test.head(len(train))
         self.net.load_state_dict(self.initial_state)
-        exp = engine.Experiment(  # dataset, parts, facts: for the files engine.fit writes, none here
+        exp = training.Experiment(  # dataset, parts, facts: for the files training.fit writes, none here
             dataset='', model=self.net, parts={}, train_set=train, test_set=test, eval_chunk=self.chunk,
             train_eval_sample=self.train_eval_sample(train), facts={}, training_forward=self.forward,
             **self.fields)
@@ -77,14 +76,14 @@ class ProjectPipeline:
         generator.manual_seed(self.args.seed)
 
         def train_epoch():
-            outcome = engine.train_one_epoch(exp, optimizer, [generator], batch, distributed.SINGLE,
-                                             runstate.StopRequest(), 'project epoch')
+            outcome = training.train_one_epoch(exp, optimizer, [generator], batch, distributed.SINGLE,
+                                             StopRequest(), 'project epoch')
             if outcome.status != 'done':
                 raise RuntimeError(f'project epoch ended with status {outcome.status}')
             return outcome.losses[0].tolist()
 
         def evaluate():  # the one member's (train error, test error)
-            train_errors, test_errors = engine.evaluate(exp, generator, distributed.SINGLE)
+            train_errors, test_errors = evaluation.evaluate(exp, generator, distributed.SINGLE)
             return train_errors[0], test_errors[0]
         return train_epoch, evaluate
 
@@ -134,7 +133,7 @@ def parse_args(p, argv, warmup_steps: int, c_options: tuple):
                 '--pipelines ...,c and an option, or neither')
     if args.threads:
         torch.set_num_threads(args.threads)
-    return args, cli.pick_device(args)
+    return args, pick_device(args)
 
 
 def print_header(device, title, args):
@@ -172,7 +171,7 @@ def compare(pipelines: dict, names: dict, image_shape, device, args) -> int:
             pipe.net(torch.randn(2, *image_shape, device=device))  # 2: BatchNorm in training needs >1
         flops[key] = counter.total / 2
         say(f'- pipeline {key}: {len(pipe.train):,} training images/epoch, evaluations on '
-            f'{min(engine.TRAIN_EVAL_SIZE, len(pipe.train)):,} training + {len(pipe.test):,} test images; '
+            f'{min(cifar.TRAIN_EVAL_SIZE, len(pipe.train)):,} training + {len(pipe.test):,} test images; '
             f'conv FLOPs per training image {flops[key] / 1e6:.2f} MFLOP ({counter.calls} conv calls '
             f'forward); {pipe.describe}')
     say(f'- FLOP convention: {" ".join(ConvFlopCounter.__doc__.split())} train GFLOP/s = training conv FLOPs '

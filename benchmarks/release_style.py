@@ -19,11 +19,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import cli  # noqa: E402
-import distributed  # noqa: E402
-import engine  # noqa: E402
-import models  # noqa: E402
-import MNIST_experiments  # noqa: E402
+import models
+from resnet_ode import cifar, data, distributed, evaluation, gate, mnist
 
 
 class ReleaseStyleODEBlock(torch.nn.Module):
@@ -60,7 +57,7 @@ def release_net_from(project_net: models.MNISTODENet) -> models.MNISTODENet:
 
 def project_mnist_net(args, device) -> models.MNISTODENet:
     """The project's network as MNIST_experiments.py builds it for --seed (no embedding files)."""
-    net, _ = MNIST_experiments.build_network(argparse.Namespace(**{
+    net, _ = mnist.build_network(gate.Config('MNIST', {
         **vars(args), 'time_weights': 'release', 'integrator': 'fixed', 'embedding_seed': args.seed,
         'embedding_dir': 'none', 'pretrain': 0, 'seeds': None}), None)
     net.to(device).freeze_embedding()
@@ -147,13 +144,13 @@ def mnist_pipeline(args, device) -> ReleasePipeline:
     from torchvision import datasets, transforms
     if args.synthetic:
         sets = [PILImages(d, transforms.ToTensor())
-                for d in MNIST_experiments.load_data(args, distributed.SINGLE)]
+                for d in data.load_datasets(args, distributed.SINGLE)]
     else:
         sets = [datasets.MNIST(args.data_root, train, transforms.ToTensor()) for train in (True, False)]
         sets = [head(d, args.subset) if args.subset else d for d in sets]
     return ReleasePipeline(args, device, lambda: release_net_from(project_mnist_net(args, device)), *sets,
-                           lambda: head(sets[0], engine.TRAIN_EVAL_SIZE),
-                           engine.eval_chunk(MNIST_experiments.EVAL_CHUNK, device, 10**9))
+                           lambda: head(sets[0], cifar.TRAIN_EVAL_SIZE),
+                           evaluation.eval_chunk(mnist.EVAL_CHUNK, device, 10**9))
 
 
 def main(argv=None):
@@ -162,7 +159,7 @@ def main(argv=None):
     p.add_argument('--epochs', type=int, default=1)
     p.add_argument('--out', default=None, help='file for the curves and final weights')
     args = p.parse_args(argv)
-    pipeline = mnist_pipeline(args, cli.pick_device(args))
+    pipeline = mnist_pipeline(args, gate.pick_device(args))
     train, evaluate = pipeline.prepare(warmup_steps=0)
     curves = {'train_loss': [], 'train_classif': [], 'test_classif': []}
     for epoch in range(args.epochs + 1):  # epoch 0: the evaluation before training

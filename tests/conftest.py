@@ -40,7 +40,7 @@ def mnist_root():
 @pytest.fixture
 def release_dir():
     """The folder holding the release's 48 embedding files."""
-    import embeddings
+    from resnet_ode import embeddings
 
     require_files([os.path.join(RELEASE_DIR, name) for name in sorted(embeddings.RELEASE_SHA256)],
                   'the release\'s embedding files')
@@ -54,8 +54,10 @@ def pytest_configure(config):
 
 # The scripts run_script runs in this process when the process boundary is not what is tested:
 # importing torch in a new interpreter costs about a second, and most tests start several runs.
+# A script is a file of the repository's top level, or a module of the package run with -m
+# ('resnet_ode.embeddings').
 IN_PROCESS_SCRIPTS = ('MNIST_experiments.py', 'CIFAR_experiments.py', 'synthetic_experiments.py',
-                      'embeddings.py', 'plot_figures.py', 'reproduce.py', 'release_runs.py')
+                      'resnet_ode.embeddings', 'plot_figures.py', 'reproduce.py', 'release_runs.py')
 
 
 def _needs_a_process(script, env) -> bool:
@@ -85,8 +87,8 @@ def run_main(script, *args, cwd, env=None, threads=None):
 
     import torch
 
-    import common
-    module = importlib.import_module(script[:-len('.py')])
+    from resnet_ode import faults
+    module = importlib.import_module(script[:-len('.py')] if script.endswith('.py') else script)
     argv = [str(a) for a in args]
     out, err = io.StringIO(), io.StringIO()
     saved_env, previous, saved_threads = dict(os.environ), os.getcwd(), torch.get_num_threads()
@@ -96,7 +98,7 @@ def run_main(script, *args, cwd, env=None, threads=None):
                        if key not in ('RANK', 'WORLD_SIZE')})
     if threads is not None:
         torch.set_num_threads(threads)
-    common._fault_counts.clear()  # each run counts its fault points from zero, as a new process
+    faults.counts.clear()  # each run counts its fault points from zero, as a new process
     saved_argv, sys.argv = sys.argv, [script, *argv]  # argparse names the program from argv[0]
     os.chdir(cwd)
     try:
@@ -116,7 +118,7 @@ def run_main(script, *args, cwd, env=None, threads=None):
         os.environ.clear()
         os.environ.update(saved_env)
         torch.set_num_threads(saved_threads)
-        common._fault_counts.clear()
+        faults.counts.clear()
     return SimpleNamespace(returncode=status, stdout=out.getvalue(), stderr=err.getvalue())
 
 
@@ -155,7 +157,10 @@ def run_script(script, *args, cwd, env=None, timeout=600, process=False):
     full_env = dict(os.environ, **(env or {}))
     full_env.pop('RANK', None)
     full_env.pop('WORLD_SIZE', None)
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd,
+    command = [str(REPO / script)] if script.endswith('.py') else ['-m', script]
+    if not script.endswith('.py'):
+        full_env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(REPO), full_env.get('PYTHONPATH')]))
+    return subprocess.run([sys.executable, *command, *map(str, args)], cwd=cwd,
                           env=full_env, capture_output=True, text=True, timeout=timeout,
                           preexec_fn=_die_with_pytest)
 
@@ -163,8 +168,8 @@ def run_script(script, *args, cwd, env=None, timeout=600, process=False):
 def load_results(path):
     """Through the restricted unpickler that plot_figures.py uses: every results file the tests
     read proves that it loads without running code."""
-    import common
-    return common.load_results(path)
+    from resnet_ode.safe_pickle import load_results
+    return load_results(path)
 
 
 def folder_snapshot(folder):

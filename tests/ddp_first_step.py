@@ -10,11 +10,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import MNIST_experiments  # noqa: E402
-import data  # noqa: E402
-import distributed  # noqa: E402
-import engine  # noqa: E402
-import runstate  # noqa: E402
+import MNIST_experiments
+from resnet_ode import data, distributed, flags, mnist, signals, training
 
 GLOBAL_BATCH = 64
 
@@ -24,24 +21,24 @@ def first_step(out_path, dist):
         ['--synthetic', '--layers', '3', '--in_channels', '8', '--dim_int', '4', '--seed', '0',
          '--batch_size', str(GLOBAL_BATCH)])
     args.embedding_seed = 0
-    train, test = data.synthetic_dataset(MNIST_experiments.MNIST_IMAGE_SHAPE, GLOBAL_BATCH, 16)
-    net, _ = MNIST_experiments.build_network(args, None)
+    train, test = data.synthetic_dataset(data.MNIST_IMAGE_SHAPE, GLOBAL_BATCH, 16)
+    net, _ = mnist.build_network(args, None)
     net.freeze_embedding()
     with torch.no_grad():  # a non-zero start, so that every node gets a gradient
         net.ode_block.func.output_weight.normal_(0, 0.05)
-    exp = engine.Experiment(
+    exp = training.Experiment(
         dataset='MNIST', model=net, parts={}, parameters=list(net.ode_block.parameters()),
         train_set=train, test_set=test,
         train_transform=lambda images, generator: data.mnist_to_float(images),
         eval_transform=data.mnist_to_float,
-        train_eval_sample=MNIST_experiments.first_training_images(
-            train, MNIST_experiments.TRAIN_ERROR_IMAGES), eval_chunk=16,
+        train_eval_sample=mnist.first_training_images(
+            train, flags.TRAIN_ERROR_IMAGES), eval_chunk=16,
         facts={}, training_forward=dist.wrap(net))
     # lr 0 keeps the weights, so the gradient is the first step's, on the one global batch.
     optimizer = torch.optim.SGD(exp.parameters, lr=0.0)
     generator = torch.Generator().manual_seed(0)
-    with runstate.StopRequest() as stop:
-        outcome = engine.train_one_epoch(exp, optimizer, [generator], GLOBAL_BATCH, dist, stop, 'step')
+    with signals.StopRequest() as stop:
+        outcome = training.train_one_epoch(exp, optimizer, [generator], GLOBAL_BATCH, dist, stop, 'step')
     if dist.is_main:
         torch.save({'grads': [p.grad for p in exp.parameters], 'loss': outcome.losses}, out_path)
 
@@ -52,9 +49,9 @@ def pretrain_on_every_rank(out_prefix, dist):
         ['--synthetic', '--in_channels', '4', '--pretrain', '1', '--pretrain_lr', '0.05',
          '--batch_size', str(GLOBAL_BATCH), '--seed', '0'])
     args.embedding_seed = 0
-    train, _ = data.synthetic_dataset(MNIST_experiments.MNIST_IMAGE_SHAPE, 4 * GLOBAL_BATCH, 16)
-    net, _ = MNIST_experiments.build_network(args, None)
-    MNIST_experiments.pretrain(net, train, args, dist, runstate.StopRequest())
+    train, _ = data.synthetic_dataset(data.MNIST_IMAGE_SHAPE, 4 * GLOBAL_BATCH, 16)
+    net, _ = mnist.build_network(args, None)
+    mnist.pretrain(net, train, args, dist, signals.StopRequest())
     net.freeze_embedding()
     torch.save({'input_net': net.input_net.state_dict(), 'output_net': net.output_net.state_dict()},
                f'{out_prefix}{dist.rank}.pt')

@@ -90,7 +90,7 @@ def _weighted_nets(model, method, seed=0):
     net = models.MNISTODENet(model, 6, 5, 4, method, 'release', 'fixed')
     net.freeze_embedding()
     with torch.no_grad():  # the output layers start at zero; make every node count
-        for name, p in net.ode_block.named_parameters():
+        for p in net.ode_block.parameters():
             p.normal_(0, 0.3)
     return net, rs.release_net_from(net)
 

@@ -8,9 +8,9 @@ import torch
 import torchvision
 
 import CIFAR_experiments
-import data
 import models
 from conftest import folder_snapshot, load_results, run_script
+from resnet_ode import cifar, data
 
 
 @pytest.mark.parametrize('model, layers, expected', [
@@ -80,11 +80,11 @@ def test_existing_results_file_is_refused(synthetic_run):
 
 def _write_fake_cifar(root, per_batch):
     """A cifar-10-batches-py folder in the release's pickle format, with known pixels."""
-    folder = root / data.CIFAR_FOLDER
+    folder = root / cifar.CIFAR_FOLDER
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     written = {}
-    for name in data.CIFAR_FILES:
+    for name in cifar.CIFAR_FILES:
         pixels = rng.integers(0, 256, (per_batch, 3 * 32 * 32), dtype=np.uint8)
         labels = rng.integers(0, 10, per_batch).tolist()
         with open(folder / name, 'wb') as f:
@@ -100,7 +100,7 @@ def test_fake_cifar_folder_loads_through_torchvision(tmp_path, monkeypatch):
     written = _write_fake_cifar(tmp_path / 'data', per_batch=8)
     # The fake files cannot match the real archive's MD5 sums: skip that check, in this test only.
     monkeypatch.setattr(torchvision.datasets.cifar, 'check_integrity', lambda *a, **k: True)
-    train, test = data.load_cifar10(str(tmp_path / 'data'))
+    train, test = cifar.load_cifar10(str(tmp_path / 'data'))
     assert train.images.shape == (40, 3, 32, 32) and test.images.shape == (8, 3, 32, 32)
     assert torch.equal(train.images[:8], torch.from_numpy(written['data_batch_1'][0]))
     assert torch.equal(train.images[32:], torch.from_numpy(written['data_batch_5'][0]))
@@ -126,7 +126,7 @@ def test_missing_cifar_is_a_clear_error(tmp_path):
 
 def test_batched_augmentation_matches_torchvision_distribution():
     """Crop offsets uniform on 0..8 and flips with p=1/2, as RandomCrop(32, 4) + RandomHorizontalFlip."""
-    transform = data.CifarTransform('cpu')
+    transform = cifar.CifarTransform('cpu')
     image = torch.arange(3 * 32 * 32, dtype=torch.int64).remainder(251).add(1).to(torch.uint8)
     images = image.view(1, 3, 32, 32).expand(4000, 3, 32, 32).contiguous()
     out = transform.augment(images, torch.Generator().manual_seed(0))
@@ -150,11 +150,11 @@ def small_net_and_images():
 
 
 def _training_forward(net, images, **chosen):
-    """What CIFAR_experiments.make_forward computes with the given speed options on CPU."""
+    """What cifar.make_forward computes with the given speed options on CPU."""
     flags = [f'--{name}' for name, on in chosen.items() if on]
     args = CIFAR_experiments.get_args_parser().parse_args(flags)
     with torch.no_grad():
-        return CIFAR_experiments.make_forward(net, args, torch.device('cpu'))(images)
+        return cifar.make_forward(net, args, torch.device('cpu'))(images)
 
 
 def test_channels_last_forward_is_the_same_maths(small_net_and_images):
@@ -178,16 +178,15 @@ def test_amp_runs_the_forward_in_bfloat16_and_returns_float32(small_net_and_imag
 
 
 def test_training_error_sample_is_the_first_train_eval_size_of_a_fresh_permutation(monkeypatch):
-    """train_classif, as in the release: engine.TRAIN_EVAL_SIZE random training images (all of them
+    """train_classif, as in the release: cifar.TRAIN_EVAL_SIZE random training images (all of them
     when there are fewer), through the training augmentation, drawn anew at each evaluation."""
-    import engine
     train, _ = data.synthetic_dataset((3, 32, 32), 32, 1)
-    transform = data.CifarTransform(torch.device('cpu'))
-    sample = CIFAR_experiments.random_training_images(train, transform)
+    transform = cifar.CifarTransform(torch.device('cpu'))
+    sample = cifar.random_training_images(train, transform)
     images, labels, _ = sample(torch.Generator().manual_seed(0))
     assert images.shape == (32, 3, 32, 32) and sorted(labels.tolist()) == sorted(train.labels.tolist())
 
-    monkeypatch.setattr(engine, 'TRAIN_EVAL_SIZE', 8)
+    monkeypatch.setattr(cifar, 'TRAIN_EVAL_SIZE', 8)
     generator, replay = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
     first, second = sample(generator), sample(generator)
     index = torch.randperm(32, generator=replay)[:8]

@@ -10,6 +10,7 @@ import torch
 
 import models
 from conftest import REPO, load_results, run_script, start_process
+from resnet_ode import distributed
 
 pytestmark = pytest.mark.slow  # torchrun: several processes and a rendezvous per test
 
@@ -45,7 +46,6 @@ def two_ranks(tmp_path_factory):
 
 def test_first_step_gradient_equals_one_process(tmp_path, two_ranks):
     import ddp_first_step
-    import distributed
     ddp_first_step.first_step(tmp_path / 'single.pt', distributed.SINGLE)  # one process: this one
     one = torch.load(tmp_path / 'single.pt', weights_only=True)
     two = torch.load(two_ranks / 'ddp.pt', weights_only=True)

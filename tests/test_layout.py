@@ -1,60 +1,106 @@
-"""The code's layout: no import cycles, short functions in the engine's modules, an engine that
-names no dataset or residual type, torch-free helpers, and files with the usual permissions."""
+"""The code's layout: what a user runs on top and one package below, one job per module, no
+import cycles, short functions and classes, names defined once, a training loop that names no
+dataset, torch-free readers, and files with the usual permissions."""
 import ast
 import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import REPO, run_script
 
-MODULES = sorted(p.stem for p in REPO.glob('*.py'))
+PACKAGE = 'resnet_ode'
+TOP_LEVEL = ('CIFAR_experiments', 'MNIST_experiments', 'models', 'plot_figures', 'release_runs',
+             'reproduce', 'synthetic_experiments')
+FILES = sorted([REPO / f'{name}.py' for name in TOP_LEVEL] + list((REPO / PACKAGE).glob('*.py')))
 
 
-def _imports(module: str) -> set:
-    """Project modules that `module` imports anywhere (top level or inside functions)."""
-    tree = ast.parse((REPO / f'{module}.py').read_text())
+def _module(path: Path) -> str:
+    return path.stem if path.parent == REPO else f'{PACKAGE}.{path.stem}'
+
+
+MODULES = {_module(path): path for path in FILES}
+
+
+def _imports(path: Path) -> set:
+    """Project modules that the file imports anywhere (top level or inside functions)."""
     found = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            found.update(alias.name.split('.')[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module.split('.')[0])
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ''
+            if node.level:  # relative: inside the package
+                base = PACKAGE + ('.' + base if base else '')
+            found.update(f'{base}.{alias.name}' if base == PACKAGE else base for alias in node.names)
     return found & set(MODULES)
 
 
+def test_the_top_level_holds_only_what_a_user_runs():
+    assert sorted(path.stem for path in REPO.glob('*.py')) == sorted(TOP_LEVEL)
+
+
 def test_no_import_cycles():
-    graph = {module: _imports(module) for module in MODULES}
+    graph = {module: _imports(path) for module, path in MODULES.items()}
 
     def reaches(start, target, seen):
-        for nxt in graph[start]:
-            if nxt == target or (nxt not in seen and reaches(nxt, target, seen | {nxt})):
-                return True
-        return False
+        return any(nxt == target or (nxt not in seen and reaches(nxt, target, seen | {nxt}))
+                   for nxt in graph[start])
 
-    cycles = [module for module in MODULES if reaches(module, module, {module})]
+    cycles = [module for module in graph if reaches(module, module, {module})]
     assert cycles == [], {module: graph[module] for module in cycles}
 
 
-@pytest.mark.parametrize('module', ['engine', 'cli', 'runstate'])
-def test_functions_are_short(module):
-    tree = ast.parse((REPO / f'{module}.py').read_text())
-    lengths = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
-               if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
-    limits = {'fit': 70}
-    too_long = {name: n for name, n in lengths.items() if n > limits.get(name, 60)}
-    assert lengths and too_long == {}
+def test_no_module_imports_by_name_or_edits_the_path():
+    offending = [path.name for path in FILES
+                 if re.search(r'importlib|sys\.path\.(insert|append)|__import__', path.read_text())]
+    assert offending == []
 
 
-def test_engine_names_no_dataset_or_residual_type():
-    source = (REPO / 'engine.py').read_text()
-    assert re.findall(r"'MNIST'|'CIFAR10'|'RKHS'|'SHL'", source) == []
+@pytest.mark.parametrize('path', FILES, ids=lambda path: _module(path))
+def test_functions_and_classes_are_short(path):
+    tree = ast.parse(path.read_text())
+    long_functions = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+                      if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                      and node.end_lineno - node.lineno + 1 > 60}
+    long_classes = {node.name: node.end_lineno - node.lineno + 1 for node in ast.walk(tree)
+                    if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > 150}
+    assert (long_functions, long_classes) == ({}, {})
 
 
-@pytest.mark.parametrize('module', ['reproduce', 'plot_figures', 'common', 'embeddings'])
-def test_helpers_import_without_torch(module):
+@pytest.mark.parametrize('path', FILES, ids=lambda path: _module(path))
+def test_each_module_names_its_job_first(path):
+    docstring = ast.get_docstring(ast.parse(path.read_text()))
+    assert docstring and len(docstring.splitlines()[0]) > 20
+
+
+def test_public_class_names_are_unique():
+    names = [(node.name, _module(path)) for path in FILES for node in ast.parse(path.read_text()).body
+             if isinstance(node, ast.ClassDef) and not node.name.startswith('_')]
+    repeated = {name for name, _ in names if [n for n, _ in names].count(name) > 1}
+    assert repeated == set(), [item for item in names if item[0] in repeated]
+
+
+@pytest.mark.parametrize('pattern', [r'^EXIT_\w+\s*=', r'^\s*(EXIT_\w+,\s*)+EXIT_\w+\s*=',
+                                     r'def seed_list_text', r'def nearest_existing', r'FIGURES = \(',
+                                     r"RESUME_SUFFIX\s*=|RESUME_SUFFIX, BATCH_RESUME_SUFFIX\s*="])
+def test_defined_once(pattern):
+    where = [path.name for path in FILES if re.search(pattern, path.read_text(), flags=re.M)]
+    assert len(where) == 1, where
+
+
+def test_the_training_loop_names_no_dataset_or_residual_type():
+    for name in ('training', 'training_state', 'saving', 'evaluation', 'launch'):
+        source = (REPO / PACKAGE / f'{name}.py').read_text()
+        assert re.findall(r"'MNIST'|'CIFAR10'|'RKHS'|'SHL'", source) == [], name
+
+
+@pytest.mark.parametrize('module', ['reproduce', 'plot_figures', 'release_runs', f'{PACKAGE}.safe_pickle',
+                                    f'{PACKAGE}.embeddings', f'{PACKAGE}.recorded_runs', f'{PACKAGE}.protocol'])
+def test_readers_import_without_torch(module):
     code = ('import sys\n'
             'class Block:\n'
             '    def find_spec(self, name, path=None, target=None):\n'
@@ -64,6 +110,20 @@ def test_helpers_import_without_torch(module):
             f'import {module}\n')
     proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_plain_mnist_run_loads_under_4000_lines_of_the_project():
+    code = ('import sys, MNIST_experiments\n'
+            'print("\\n".join(m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)))\n')
+    proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True, text=True, check=True)
+    loaded = [Path(path) for path in proc.stdout.split() if Path(path).is_absolute() and Path(path).is_relative_to(REPO)]
+    lines = sum(len(path.read_text().splitlines()) for path in loaded)
+    assert 0 < lines < 4000, (lines, sorted(path.name for path in loaded))
+
+
+def test_the_code_outside_tests_and_benchmarks_is_under_7200_lines():
+    lines = sum(len(path.read_text().splitlines()) for path in FILES)
+    assert lines < 7200, lines
 
 
 @pytest.mark.parametrize('umask, mode', [(0o022, 0o644), (0o077, 0o600)])

@@ -1,4 +1,4 @@
-"""Tests of runs.py and plot_figures.py on small hand-made results pickles (CPU, seconds)."""
+"""Tests of recorded_runs.py and plot_figures.py on small hand-made results pickles (CPU, seconds)."""
 
 import argparse
 import contextlib
@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import plot_figures  # noqa: E402
-import protocol  # noqa: E402
-import runs  # noqa: E402
+import plot_figures
+from resnet_ode import plotting, protocol, recorded_runs
 
 EPOCHS = 6
 ITERATIONS = 3000  # longer than MAX_PLOT_POINTS, so the downsampling path runs
@@ -114,8 +113,8 @@ def test_figures_written_and_not_blank(folder, tmp_path):
 
 
 def test_plotted_lines_are_the_statistics_of_the_runs(folder):
-    groups = runs.group_runs(runs.load_runs([str(folder / 'MNIST_experiments')]))
-    fig, drawn = plot_figures.build_figure('1a', groups)
+    groups = recorded_runs.group_runs(recorded_runs.load_runs([str(folder / 'MNIST_experiments')]))
+    fig, drawn = plotting.build_figure('1a', groups)
     lines = {line.get_label(): line for line in fig.axes[1].get_lines()}
     rkhs = lines['RKHS L=5: 3 runs, 1 stopped on NaN']
     tests = [pickle.load(open(folder / 'MNIST_experiments' / f'RKHS_l5_s{s}.pkl', 'rb'))['test_classif']
@@ -145,9 +144,9 @@ def test_reference_band_and_its_mean(folder, tmp_path):
         data = _mnist('RKHS', 5, seed=10 + index, recorded=False)
         data['test_classif'] = rng.random(41 if index < 3 else 4) * 0.1
         _dump(reference / f'RKHS_l5_q32_p0_{index}.pkl', data)
-    groups = runs.group_runs(runs.load_runs([str(folder / 'MNIST_experiments')]))
-    reference_groups = runs.group_runs(runs.load_runs([str(reference)]))
-    fig, _ = plot_figures.build_figure('1a', groups, reference_groups)
+    groups = recorded_runs.group_runs(recorded_runs.load_runs([str(folder / 'MNIST_experiments')]))
+    reference_groups = recorded_runs.group_runs(recorded_runs.load_runs([str(reference)]))
+    fig, _ = plotting.build_figure('1a', groups, reference_groups)
     lines = {line.get_label(): line for line in fig.axes[1].get_lines()}
     band = lines['RKHS L=5 release: 4 runs, 1 stopped on NaN']
     curves = [run.test_classif for run in next(iter(reference_groups.values()))]
@@ -171,15 +170,15 @@ def test_two_protocols_of_one_configuration_are_two_curves(tmp_path):
     _dump(tmp_path / 'quick.pkl', _mnist('RKHS', 5, seed=0, subset=512))
     _dump(tmp_path / 'drawn.pkl', _mnist('RKHS', 5, seed=1, embedding={'embedding_seed': 3}))
     _dump(tmp_path / 'drawn_c4.pkl', _mnist('RKHS', 20, channels=4, embedding={'embedding_seed': 3}))
-    groups = runs.group_runs(runs.load_runs([str(tmp_path)]))
+    groups = recorded_runs.group_runs(recorded_runs.load_runs([str(tmp_path)]))
     assert len(groups) == 4
-    fig, _ = plot_figures.build_figure('1a', groups)
+    fig, _ = plotting.build_figure('1a', groups)
     files = "files that are not the release's (a.pt, b.pt)"
     assert sorted(line.get_label() for line in fig.axes[1].get_lines() if not line.get_label().startswith('_')) == [
         'RKHS L=5 [embedding drawn from seed 3] (drawn A/B): 1 run',
         f'RKHS L=5 [embedding {files}]: 1 run',
         f'RKHS L=5 [subset 512, embedding {files}]: 1 run']
-    fig, _ = plot_figures.build_figure('2', groups)  # the release had no file for 4 channels
+    fig, _ = plotting.build_figure('2', groups)  # the release had no file for 4 channels
     assert [line.get_label() for line in fig.axes[1].get_lines()] == ['RKHS C=4: 1 run']
 
 
@@ -232,8 +231,8 @@ def test_one_run_one_epoch_reads_well(tmp_path):
     assert status == 0
     row = _table_rows(out)[0]
     assert row['final test err %'] == '93.51 ± –' and row['runs'] == '1'
-    groups = runs.group_runs(runs.load_runs([str(tmp_path)]))
-    fig, _ = plot_figures.build_figure('1a', groups)
+    groups = recorded_runs.group_runs(recorded_runs.load_runs([str(tmp_path)]))
+    fig, _ = plotting.build_figure('1a', groups)
     fig.canvas.draw()
     assert [line.get_label() for line in fig.axes[1].get_lines()] == ['RKHS L=5: 1 run']
     for axis in fig.axes:
@@ -247,12 +246,12 @@ def test_copies_counted_once_and_links_read_once(tmp_path):
     _dump(tmp_path / 'fig1a' / 'a.pkl', data)
     _dump(tmp_path / 'fig2' / 'b.pkl', data)
     (tmp_path / 'fig2' / 'link.pkl').symlink_to(tmp_path / 'fig1a' / 'a.pkl')
-    assert len(runs.load_runs([str(tmp_path), str(tmp_path / 'fig1a')])) == 1
+    assert len(recorded_runs.load_runs([str(tmp_path), str(tmp_path / 'fig1a')])) == 1
 
 
 def test_release_pickles_read_with_the_release_protocol(tmp_path):
     _dump(tmp_path / 'MNIST' / 'r.pkl', _mnist('RKHS', 5, recorded=False))
-    run, = runs.load_runs([str(tmp_path)])
+    run, = recorded_runs.load_runs([str(tmp_path)])
     assert run.from_release and 'embedding' in run.assumed and 'train_error_images' in run.assumed
     assert (run.protocol['epochs'], run.protocol['decay_steps'], run.protocol['decay_rate'],
             run.protocol['train_error_images']) == (40, [35], 0.2, 1000)
@@ -261,7 +260,7 @@ def test_release_pickles_read_with_the_release_protocol(tmp_path):
 
 
 def test_ragged_stats_average_runs_reaching_each_index():
-    mean, std, low, high, count = runs.ragged_stats(
+    mean, std, low, high, count = recorded_runs.ragged_stats(
         [np.array([1.0, 2.0, 3.0]), np.array([3.0, np.inf]), np.array([5.0])])
     np.testing.assert_allclose(mean, [3.0, 2.0, 3.0])
     np.testing.assert_allclose(std, [2.0, np.nan, np.nan])
@@ -277,4 +276,4 @@ def test_smooth_matches_naive_trailing_mean_and_isolates_huge_values():
     values[40] = 1e300  # must not spoil the windows that do not contain it
     window = 7
     naive = [np.nanmean(values[max(0, i - window + 1):i + 1]) for i in range(values.size)]
-    np.testing.assert_allclose(runs.smooth(values, window), naive)
+    np.testing.assert_allclose(recorded_runs.smooth(values, window), naive)

@@ -13,11 +13,10 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import CIFAR_experiments  # noqa: E402
-import MNIST_experiments  # noqa: E402
-import embeddings  # noqa: E402
-import protocol  # noqa: E402
-from conftest import REPO, folder_snapshot, load_results, start_process  # noqa: E402
+import CIFAR_experiments
+import MNIST_experiments
+from conftest import REPO, folder_snapshot, load_results, start_process
+from resnet_ode import embeddings, protocol, protocol_comparison
 
 TINY = ['--synthetic', '--subset', '64', '--layers', '1', '--in_channels', '4', '--dim_int', '4',
         '--batch_size', '32', '--epochs', '2', '--decay_steps', '1', '--seed', '3']
@@ -46,7 +45,8 @@ def test_every_pickle_records_its_protocol(tmp_path):
         'dataset': 'MNIST', 'epochs': 2, 'lr_init': 0.5, 'decay_steps': [1], 'decay_rate': 0.1,
         'batch_size': 32, 'train_error_images': 10_000, 'train_error_sample': 'first', 'subset': 64,
         'synthetic': True, 'method': 'midpoint', 'time_weights': 'release', 'amp': False, 'pretrain': 1,
-        'pretrain_lr': 0.01, 'embedding': {'source': 'drawn', 'seed': 5}, 'integrator': 'fixed',
+        'pretrain_lr': 0.01, 'embedding': {'source': 'drawn', 'seed': 5}, 'world_size': 1, 'sync_bn': None,
+        'integrator': 'fixed',
         'code_version': version, 'torch_version': record['torch_version']}
     assert version == 'unknown' or len(version.split()[0]) == 40  # a commit, said dirty when it is
     import torch
@@ -59,7 +59,7 @@ def test_every_pickle_records_its_protocol(tmp_path):
             record['train_error_sample'], record['embedding'], record['method']) == (
         'CIFAR10', 1, [260], 10_000, 'random', None, None)
     # read back as the sweep and the figures read it: no field assumed
-    assert protocol.read(load_results(tmp_path / 'CIFAR_experiments' / 'c.pkl'), 'CIFAR10') == (record, ())
+    assert protocol_comparison.read(load_results(tmp_path / 'CIFAR_experiments' / 'c.pkl'), 'CIFAR10') == (record, ())
 
 
 def test_the_release_tbs_sets_the_training_error_sample(tmp_path):
@@ -77,6 +77,7 @@ def test_the_release_tbs_sets_the_training_error_sample(tmp_path):
 def _release_pair(folder: Path, channels=4, passes=0):
     """Release-format A and B (this project's own networks, saved as the release saved them)."""
     import torch
+
     import models
     folder.mkdir(parents=True, exist_ok=True)
     for part, net in zip(('input', 'output'), (models.mnist_input_network(channels),
@@ -134,7 +135,7 @@ def test_the_default_folder_without_the_files_warns_that_the_start_differs(tmp_p
     assert status == 0
     warning, = [line for line in err.getvalue().splitlines() if line.startswith('WARNING')]
     assert warning.startswith('WARNING: this run does NOT start where the paper\'s runs started')
-    assert 'python embeddings.py --download' in warning and '--embedding_dir' in warning
+    assert 'python -m resnet_ode.embeddings --download' in warning and '--embedding_dir' in warning
     assert load_results(tmp_path / 'MNIST_experiments' / 'w.pkl')['protocol']['embedding'] == {
         'source': 'drawn', 'seed': 3}
 

@@ -12,10 +12,10 @@ import torch
 
 import CIFAR_experiments
 import MNIST_experiments
-import common
 import models
 import reproduce
 from conftest import MNIST_RAW_FILES, REPO, folder_snapshot, load_results, start_process
+from resnet_ode import faults
 
 SMALL = ['--synthetic', '--subset', '256', '--layers', '2', '--in_channels', '4', '--dim_int', '4',
          '--batch_size', '64', '--embedding_dir', 'none']
@@ -102,10 +102,10 @@ def test_a_resume_may_change_the_data_root(tmp_path, monkeypatch, mnist_root):
             '--dim_int', '4', '--batch_size', '64', '--epochs', '2', '--seed', '4',
             '--embedding_dir', 'none', '--save', 'moved.pkl']
     _mnist_copy(tmp_path / 'first', mnist_root)
-    monkeypatch.setattr(common, '_fault_counts', {})
-    monkeypatch.setenv(common.FAULT_ENV, 'step@6:SIGTERM')  # in the second epoch
+    monkeypatch.setattr(faults, 'counts', {})
+    monkeypatch.setenv(faults.FAULT_ENV, 'step@6:SIGTERM')  # in the second epoch
     assert _mnist(tmp_path, monkeypatch, *argv) == 143
-    monkeypatch.delenv(common.FAULT_ENV)
+    monkeypatch.delenv(faults.FAULT_ENV)
     assert (tmp_path / 'MNIST_experiments' / 'moved.resume.pt').exists()
     os.rename(tmp_path / 'first', tmp_path / 'second')  # the data moved: the old root is gone
     assert _mnist(tmp_path, monkeypatch, '--save', 'moved.pkl', '--resume', '--data_root', 'second') == 0
@@ -136,7 +136,7 @@ def test_seeds_is_refused_under_torchrun(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_a_seeds_runs_locks_stop_a_single_run_of_its_seed(tmp_path, monkeypatch, capsys):
-    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', common.FAULT_ENV)}
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', faults.FAULT_ENV)}
     holder = start_process([sys.executable, str(REPO / 'MNIST_experiments.py'), *SMALL,
                                '--subset', '2048', '--epochs', '1000', '--seeds', '1', '2',
                                '--save', 'batch.pkl'], cwd=tmp_path, env=env,
@@ -223,7 +223,7 @@ def test_a_kill_during_a_write_leaves_the_old_file_and_the_run_resumes(tmp_path,
     # training (1, 2, 3), then the resume state after epoch 1 (4): killed in 4, its new content
     # complete on disk and not yet renamed over the old.
     killed = subprocess.run([sys.executable, str(REPO / 'MNIST_experiments.py'), *argv], cwd=tmp_path,
-                            env={**env, common.FAULT_ENV: 'write@4'}, capture_output=True, text=True,
+                            env={**env, faults.FAULT_ENV: 'write@4'}, capture_output=True, text=True,
                             timeout=300)
     assert killed.returncode == -9, killed.stderr
     folder = tmp_path / 'MNIST_experiments'

@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-import common
 import plot_figures
 from conftest import REPO, folder_snapshot, load_results, run_script, start_process
+from resnet_ode import files, safe_pickle
 
 SMALL = ['--synthetic', '--subset', '256', '--layers', '2', '--in_channels', '4', '--dim_int', '4',
          '--batch_size', '64', '--embedding_dir', 'none']
@@ -173,7 +173,7 @@ def test_an_unwritable_folder_is_refused_before_any_work(tmp_path, flags, flag):
                       cwd=tmp_path)
     assert proc.returncode == 2
     line = _one_line_error(proc)
-    assert line.startswith(f'error: {flag}: ')  # as root: cannot write in it; else: not writable
+    assert line.startswith(f'error: {flag} ')  # as root: cannot write in it; else: not writable
     assert folder_snapshot(tmp_path) == []  # no results folder, no stale resume state
     again = run_script('MNIST_experiments.py', *SMALL, '--epochs', '0', '--save', 'p.pkl', cwd=tmp_path)
     assert again.returncode == 0, again.stderr  # nothing blocks the corrected rerun
@@ -254,7 +254,7 @@ def test_release_style_pickles_load(tmp_path, protocol):
     path = tmp_path / 'release.pkl'
     path.write_bytes(_as_numpy1_pickle(run, protocol))
     assert b'numpy.core.multiarray' in path.read_bytes()
-    loaded = common.load_results(str(path))
+    loaded = safe_pickle.load_results(str(path))
     assert loaded.keys() == run.keys()
     np.testing.assert_array_equal(loaded['train_loss'], run['train_loss'])
     assert loaded['train_loss'].dtype == np.float32
@@ -262,13 +262,13 @@ def test_release_style_pickles_load(tmp_path, protocol):
 
 def test_project_pickles_load_and_anything_else_is_refused(tmp_path):
     path = tmp_path / 'x.pkl'
-    common.save_pickle({'a': np.arange(3, dtype=np.float32), 'b': np.float64(2.5), 'c': [1, None]}, str(path))
-    loaded = common.load_results(str(path))
+    files.save_pickle({'a': np.arange(3, dtype=np.float32), 'b': np.float64(2.5), 'c': [1, None]}, str(path))
+    loaded = safe_pickle.load_results(str(path))
     assert loaded['b'] == 2.5 and loaded['c'] == [1, None]
     for evil in (_RunsCode(str(tmp_path / 'm')), {'f': os.system}, np.save):
         path.write_bytes(pickle.dumps(evil))
-        with pytest.raises(common.UnsafePickle):
-            common.load_results(str(path))
+        with pytest.raises(safe_pickle.UnsafePickle):
+            safe_pickle.load_results(str(path))
     assert not (tmp_path / 'm').exists()
 
 

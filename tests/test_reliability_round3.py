@@ -24,13 +24,10 @@ import torch.nn as nn
 
 import CIFAR_experiments
 import MNIST_experiments
-import cli
-import common
-import embeddings
 import models
 import reproduce
-import runstate
 from conftest import MNIST_ROOT, REPO, folder_snapshot, load_results, run_script, start_process
+from resnet_ode import embeddings, errors, faults, figure_grid, files, gate, run_files, safe_pickle, sweep
 
 SMALL = ['--synthetic', '--subset', '256', '--layers', '2', '--in_channels', '4', '--dim_int', '4',
          '--batch_size', '64', '--embedding_dir', 'none']
@@ -115,8 +112,8 @@ def test_the_crafted_pickle_really_crashes_a_plain_unpickler(tmp_path):
 def test_a_crafted_dtype_is_refused_by_the_results_unpickler(tmp_path):
     path = tmp_path / 'crafted.pkl'
     path.write_bytes(_crafted_results_pickle())
-    with pytest.raises(common.UnsafePickle, match="numpy dtype 'V8'"):
-        common.load_results(str(path))
+    with pytest.raises(safe_pickle.UnsafePickle, match="numpy dtype 'V8'"):
+        safe_pickle.load_results(str(path))
 
 
 class _Dtype:
@@ -156,8 +153,8 @@ PLAIN_F4_STATE = (3, '<', None, None, None, -1, -1, 0)
 def test_every_array_and_dtype_is_checked(tmp_path, value, why):
     path = tmp_path / 'x.pkl'
     path.write_bytes(pickle.dumps({'test_classif': value}, protocol=4))
-    with pytest.raises(common.UnsafePickle, match=why):
-        common.load_results(str(path))
+    with pytest.raises(safe_pickle.UnsafePickle, match=why):
+        safe_pickle.load_results(str(path))
 
 
 @pytest.mark.parametrize('protocol', [3, 4, 5])
@@ -168,7 +165,7 @@ def test_plain_values_and_numeric_arrays_load_unchanged(tmp_path, protocol):
              'scalar': np.float64(2.5), 'list': [1, None, 'x', np.int64(7)], 'pair': (1, 2.0), 'nested': {'a': [[1.5]]}}
     path = tmp_path / 'x.pkl'
     path.write_bytes(pickle.dumps(value, protocol=protocol))
-    loaded = common.load_results(str(path))
+    loaded = safe_pickle.load_results(str(path))
     assert loaded.keys() == value.keys()
     for key in ('f4', 'big_endian', 'fortran', 'flags', 'empty'):
         assert loaded[key].dtype == value[key].dtype and loaded[key].shape == value[key].shape, key
@@ -188,7 +185,7 @@ def test_all_335_release_pickles_load_exactly_as_plain_pickle_reads_them():
                    for name in names if name.endswith('.pkl'))
     assert len(paths) == 335
     for path in paths:
-        loaded = common.load_results(path)
+        loaded = safe_pickle.load_results(path)
         with open(path, 'rb') as f:
             expected = pickle.load(f)  # the release's own files: trusted here, as a reference
         assert loaded.keys() == expected.keys(), path
@@ -203,7 +200,7 @@ def test_plot_figures_skips_the_crafted_pickle_with_one_warning_and_plots_the_re
     folder = tmp_path / 'runs'
     folder.mkdir()
     for seed in (0, 1):
-        common.save_pickle({'model': 'RKHS', 'num_layers': 5, 'in_channels': 32, 'dim_int': 32,
+        files.save_pickle({'model': 'RKHS', 'num_layers': 5, 'in_channels': 32, 'dim_int': 32,
                             'pretrain_pass': 0, 'batch_size': 256,
                             'train_loss': np.linspace(2, 0.1, 40, dtype=np.float32),
                             'train_classif': np.linspace(0.9, 0.1, 5, dtype=np.float32),
@@ -220,7 +217,7 @@ def test_plot_figures_skips_the_crafted_pickle_with_one_warning_and_plots_the_re
 
 def test_a_fifo_named_like_a_pickle_fails_at_once(tmp_path):
     os.mkfifo(tmp_path / 'a.pkl')
-    code = ('import common\ntry:\n    common.load_results("a.pkl")\nexcept OSError as exc:\n'
+    code = ('from resnet_ode import safe_pickle\ntry:\n    safe_pickle.load_results("a.pkl")\nexcept OSError as exc:\n'
             '    print(type(exc).__name__, exc)\n')
     proc = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,
                           timeout=60, env={**os.environ, 'PYTHONPATH': str(REPO)})
@@ -315,7 +312,7 @@ def finished_references(tmp_path_factory):
 @pytest.fixture(scope='module')
 def batch_killed_after_first_pickle(tmp_path_factory):
     cwd = tmp_path_factory.mktemp('batch_killed')
-    proc = run_script('MNIST_experiments.py', *BATCH, cwd=cwd, env={runstate.FAULT_ENV: 'results@1'})
+    proc = run_script('MNIST_experiments.py', *BATCH, cwd=cwd, env={faults.FAULT_ENV: 'results@1'})
     assert proc.returncode == -9, proc.stderr
     return cwd
 
@@ -343,7 +340,7 @@ def test_a_batch_killed_between_its_pickles_is_finished_by_resume(batch_killed_a
 @pytest.fixture(scope='module')
 def single_killed_after_its_pickle(tmp_path_factory):
     cwd = tmp_path_factory.mktemp('single_killed')
-    proc = run_script('MNIST_experiments.py', *SINGLE, cwd=cwd, env={runstate.FAULT_ENV: 'results@1'})
+    proc = run_script('MNIST_experiments.py', *SINGLE, cwd=cwd, env={faults.FAULT_ENV: 'results@1'})
     assert proc.returncode == -9, proc.stderr
     assert sorted(p.name for p in (cwd / 'MNIST_experiments').iterdir()) == [
         '.x.lock', 'x.metrics.jsonl', 'x.pkl', 'x.resume.pt']
@@ -362,7 +359,7 @@ def test_the_state_and_lock_a_finished_run_left_are_cleaned_up(single_killed_aft
                f'left behind')
     if resume:  # nothing left to do: exit 0, saying so
         assert proc.returncode == 0 and 'Traceback' not in proc.stderr, proc.stderr
-        assert '--resume: the run of --save x.pkl had finished' in proc.stdout and removed in proc.stdout
+        assert '--resume: the run of --save x.pkl has finished; its results are in' in proc.stdout and removed in proc.stdout
     else:  # the results are still never overwritten
         assert proc.returncode == 2
         line = _error_line(proc.stderr)
@@ -377,7 +374,7 @@ def test_a_state_that_is_not_the_finished_runs_is_kept(single_killed_after_its_p
     results = cwd / 'MNIST_experiments'
     record = load_results(results / 'x.pkl')
     record['test_classif'] = record['test_classif'] + np.float32(0.01)
-    common.save_pickle(record, str(results / 'x.pkl'))
+    files.save_pickle(record, str(results / 'x.pkl'))
     proc = run_script('MNIST_experiments.py', '--synthetic', '--save', 'x.pkl', '--resume', cwd=cwd)
     assert proc.returncode == 2 and 'x.pkl exists' in _error_line(proc.stderr)
     assert (results / 'x.resume.pt').exists()
@@ -391,7 +388,7 @@ BATCH_357 = [*SMALL, '--epochs', '2', '--seeds', '3', '5', '7', '--save', 'q.pkl
 @pytest.fixture(scope='module')
 def interrupted_batch(tmp_path_factory):
     cwd = tmp_path_factory.mktemp('interrupted_batch')
-    proc = run_script('MNIST_experiments.py', *BATCH_357, cwd=cwd, env={runstate.FAULT_ENV: 'step@3:SIGTERM'})
+    proc = run_script('MNIST_experiments.py', *BATCH_357, cwd=cwd, env={faults.FAULT_ENV: 'step@3:SIGTERM'})
     assert proc.returncode == 143, proc.stderr
     assert sorted(p.name for p in (cwd / 'MNIST_experiments').iterdir()) == [
         'q_s3-5-7.batch-resume.pt', 'q_s3.metrics.jsonl', 'q_s5.metrics.jsonl', 'q_s7.metrics.jsonl']
@@ -436,22 +433,21 @@ def test_the_batch_state_is_locked(tmp_path, monkeypatch, capsys):
 
 
 def test_state_names_stay_short_and_reproduce_computes_the_same_name():
-    assert common.resume_state_name('q', [3, 5, 7]) == 'q_s3-5-7.batch-resume.pt'
-    assert common.resume_state_name('q', list(range(100))) == 'q_s0to99.batch-resume.pt'
-    assert common.resume_state_name('q') == 'q.resume.pt'
+    assert gate.resume_state_name('q', [3, 5, 7]) == 'q_s3-5-7.batch-resume.pt'
+    assert gate.resume_state_name('q', list(range(100))) == 'q_s0to99.batch-resume.pt'
+    assert gate.resume_state_name('q') == 'q.resume.pt'
     for seeds in ([3, 5, 7], [0, 1], [5, 3], list(range(100)), [1, 2, 3, 9, 20, 21, 22, 23]):
-        assert common.parse_seed_list_text(common.seed_list_text(seeds)) == seeds
-    sweep = reproduce.parse_args(['figure1a', '--seeds', '20', '--batch_seeds', '20', '--dry_run'])
+        assert gate.parse_seed_list_text(gate.seed_list_text(seeds)) == seeds
+    args = reproduce.parse_args(['figure1a', '--num_seeds', '20', '--batch_seeds', '20', '--dry_run'])
     for seeds in ([0], list(range(20))):
-        run = reproduce.make_run('figure1a', common.figure_grid('figure1a')[0], seeds, sweep)
-        args = MNIST_experiments.get_args_parser().parse_args(run.args)
-        assert run.resume_state == runstate.resume_path(args)
+        run = sweep.make_run('figure1a', figure_grid.figure_grid('figure1a')[0], seeds, args)
+        config = gate.validate('MNIST', run.args, gate.SWEEP)
+        assert run.resume_state == run_files.resume_path(config)
 
 
 def test_a_hundred_consecutive_seeds_pass_and_a_long_seed_list_is_refused_up_front(capsys):
-    parser = MNIST_experiments.get_args_parser()
-    many = parser.parse_args([*SMALL, '--save', 'q.pkl', '--seeds', *map(str, range(100))])
-    MNIST_experiments.validate_args(many)  # 'q_s0to99.batch-resume.pt': no ceiling at 75 seeds
+    many = MNIST_experiments.get_args_parser().parse_args([*SMALL, '--save', 'q.pkl', '--seeds', *map(str, range(100))])
+    gate.validate('MNIST', many)  # 'q_s0to99.batch-resume.pt': no ceiling at 75 seeds
     scattered = [str(10 ** 15 + 7 * k) for k in range(20)]
     assert _main([*SMALL, '--save', 'q.pkl', '--seeds', *scattered]) == 2
     line = _error_line(capsys.readouterr().err)
@@ -467,7 +463,7 @@ def test_download_refuses_a_release_name_that_is_not_a_regular_file(tmp_path, ki
     target = folder / '8channels_0pass_input_embedding.pt'
     {'dev_zero': lambda: target.symlink_to('/dev/zero'), 'fifo': lambda: os.mkfifo(target),
      'folder': target.mkdir}[kind]()
-    proc = run_script('embeddings.py', '--download', '--dir', folder, cwd=tmp_path, timeout=120)
+    proc = run_script('resnet_ode.embeddings', '--download', '--dir', folder, cwd=tmp_path, timeout=120)
     assert proc.returncode == 2
     line = _error_line(proc.stderr)
     assert str(target) in line and 'not a regular file' in line and 'move it away' in line
@@ -487,7 +483,7 @@ def test_a_signal_before_training_ends_the_run_at_once(tmp_path, signal_name, st
     """The signal arrives while the run loads its data (fault point 'data'): it ends there, with
     one line, and leaves nothing (no resume state of a run that never trained)."""
     proc = run_script('MNIST_experiments.py', *SMALL, '--epochs', '2', '--seed', '0', '--save', 's.pkl',
-                      cwd=tmp_path, env={runstate.FAULT_ENV: f'data@1:{signal_name}'})
+                      cwd=tmp_path, env={faults.FAULT_ENV: f'data@1:{signal_name}'})
     assert proc.returncode == status, proc.stderr
     assert proc.stderr.strip() == (f'interrupted by {signal_name}: the run had not started training, '
                                    f'nothing of it was written; rerun the same command')
@@ -642,9 +638,10 @@ def test_embeddings_status_of_a_file_is_an_error(tmp_path, capsys):
 
 
 def test_embeddings_usage_errors_are_one_line(tmp_path):
-    proc = run_script('embeddings.py', '--no_such_flag', cwd=tmp_path)
+    proc = run_script('resnet_ode.embeddings', '--no_such_flag', cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr == 'embeddings.py: error: unrecognized arguments: --no_such_flag (see --help)\n'
+    assert proc.stderr == ('python -m resnet_ode.embeddings: error: unrecognized arguments: --no_such_flag '
+                           '(see --help)\n')
 
 
 def test_the_embedding_folder_is_ignored_by_git():
@@ -664,8 +661,8 @@ def test_the_embedding_folder_is_ignored_by_git():
 ])
 def test_a_write_that_fails_mid_run_is_one_line_and_resume_finishes(tmp_path, finished_references,
                                                                     fault, failed, state_left):
-    proc = run_script('MNIST_experiments.py', *SINGLE, cwd=tmp_path, env={runstate.FAULT_ENV: fault})
-    assert proc.returncode == cli.EXIT_WRITE_FAILED == 4, proc.stderr
+    proc = run_script('MNIST_experiments.py', *SINGLE, cwd=tmp_path, env={faults.FAULT_ENV: fault})
+    assert proc.returncode == errors.EXIT_WRITE_FAILED == 4, proc.stderr
     line = _error_line(proc.stderr)
     path = os.path.join('MNIST_experiments', failed)
     reason = ('No space left on device: the disk is full' if 'ENOSPC' in fault else
@@ -694,7 +691,7 @@ def stopped_run(tmp_path_factory):
     """A run stopped mid-epoch: its resume state and its checkpoint of epoch 0."""
     cwd = tmp_path_factory.mktemp('stopped')
     proc = run_script('MNIST_experiments.py', *SMALL, '--epochs', '2', '--seed', '4', '--save', 'y.pkl',
-                      cwd=cwd, env={runstate.FAULT_ENV: 'step@2:SIGTERM'})
+                      cwd=cwd, env={faults.FAULT_ENV: 'step@2:SIGTERM'})
     assert proc.returncode == 143, proc.stderr
     return cwd
 
@@ -786,37 +783,28 @@ def test_cifar_evaluate_refuses_flags_it_would_ignore(tmp_path, monkeypatch, cap
 
 
 def test_write_failures_name_their_errno():
-    assert cli.describe_write_error(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))).endswith('the disk is full')
-    assert cli.describe_write_error(OSError(errno.EACCES, 'Permission denied')) == (
+    assert errors.describe_write_error(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))).endswith('the disk is full')
+    assert errors.describe_write_error(OSError(errno.EACCES, 'Permission denied')) == (
         'Permission denied: the folder is read-only or not writable')
 
 
-# --- a resume state saved before the metrics file (no learning rates, no evaluation times) --------
+# --- a resume state of an earlier, unreleased layout (no learning rates, no evaluation times) ----
 
-def test_a_state_saved_before_the_metrics_file_still_resumes(tmp_path, monkeypatch):
-    """States written by earlier versions lack progress['learning_rates'] and ['evaluated_at']:
-    they resume to the same curves, and the metrics file says 'unknown' (null) for the learning
-    rate of the epochs trained before, not a later epoch's rate."""
-    stopped = tmp_path / 'stopped'
-    stopped.mkdir()
+def test_a_state_of_an_earlier_layout_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    """States written before the metrics file lack progress['learning_rates'] and ['evaluated_at'];
+    no such state was ever released, so it is refused like any other foreign state, untouched."""
     proc = run_script('MNIST_experiments.py', *SMALL, '--epochs', '3', '--seed', '4', '--save', 'o.pkl',
-                      cwd=stopped, env={runstate.FAULT_ENV: 'step@6:SIGTERM'})  # 4 steps per epoch
+                      cwd=tmp_path, env={faults.FAULT_ENV: 'step@6:SIGTERM'})  # 4 steps per epoch
     assert proc.returncode == 143, proc.stderr
-    old = tmp_path / 'old'
-    shutil.copytree(stopped, old)
-    path = old / 'MNIST_experiments' / 'o.resume.pt'
+    path = tmp_path / 'MNIST_experiments' / 'o.resume.pt'
     state = torch.load(path, weights_only=True)
-    assert state['epoch'] == 1 and len(state['progress'][0]['learning_rates']) == 1
     for progress in state['progress']:
         del progress['learning_rates'], progress['evaluated_at']
     torch.save(state, path)
-    for cwd in (stopped, old):
-        monkeypatch.chdir(cwd)
-        assert _main(['--synthetic', '--save', 'o.pkl', '--resume']) == 0
-    _same_curves(old / 'MNIST_experiments' / 'o.pkl', stopped / 'MNIST_experiments' / 'o.pkl')
-    rates = {}
-    for cwd in (stopped, old):
-        lines = (cwd / 'MNIST_experiments' / 'o.metrics.jsonl').read_text().splitlines()[1:]
-        rates[cwd] = [json.loads(line)['lr'] for line in lines]
-    assert rates[old][:2] == [None, None] and rates[old][2:] == rates[stopped][2:]
-    assert None not in rates[stopped][1:] and len(rates[old]) == 4
+    before = path.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    assert _main(['--synthetic', '--save', 'o.pkl', '--resume']) == 2
+    assert _error_line(capsys.readouterr().err) == (
+        f"error: resume state MNIST_experiments/o.resume.pt is not a resume state of this project "
+        f"(its progress records are not this project's)")
+    assert path.read_bytes() == before and not (tmp_path / 'MNIST_experiments' / 'o.pkl').exists()

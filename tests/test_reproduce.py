@@ -13,8 +13,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import reproduce  # noqa: E402
-from conftest import run_script, start_process  # noqa: E402
+import reproduce
+from conftest import run_script, start_process
+from resnet_ode import figure_grid, scheduler, sweep
 
 MNIST_CONFIGS_1A = [f'{m}_l{L}_p0' for m in ('RKHS', 'SHL') for L in (5, 10, 20)]
 
@@ -170,14 +171,15 @@ def _existing(tmp_path, argv, names, **changes):
     """Write, for the runs called `names` of the sweep `argv`, the results pickles (or, for a name
     ending in .resume.pt, the resume state) that the run would write, with its protocol record;
     `changes` alter that record (a run made another way)."""
-    import protocol
     import torch
+
+    from resnet_ode import protocol_comparison
     args = reproduce.parse_args(argv[:1] + ['--results_root', str(tmp_path)] + argv[1:])
-    figures = reproduce.FIGURES if args.figure == 'all' else (args.figure,)
-    by_name = {run.name: run for figure in figures for run in reproduce.build_runs(figure, args, str(tmp_path))}
+    figures = figure_grid.FIGURES if args.figure == 'all' else (args.figure,)
+    by_name = {run.name: run for figure in figures for run in sweep.build_runs(figure, args, str(tmp_path))}
     for name in names:
         run = by_name[name.replace('.resume.pt', '')]
-        record = dict(protocol.of_command('MNIST', run.args), **changes)
+        record = dict(protocol_comparison.of_command('MNIST', run.args), **changes)
         if name.endswith('.resume.pt'):
             import MNIST_experiments
             parsed = MNIST_experiments.get_args_parser().parse_args(run.args)
@@ -224,12 +226,12 @@ def test_a_quick_look_never_stands_in_for_the_full_run(capsys, tmp_path):
     checkpoint = tmp_path / 'MNIST_checkpoint' / 'fig1a' / 'RKHS_l5_p0_s0.pth'
     checkpoint.parent.mkdir(parents=True)
     checkpoint.write_bytes(b'ckpt')
-    monkey_run = reproduce.scheduler.run_all
+    monkey_run = scheduler.run_all
     try:
-        reproduce.scheduler.run_all = lambda runs, root, slots: False  # run nothing here
+        scheduler.run_all = lambda runs, root, slots: False  # run nothing here
         status = reproduce.main(reproduce.parse_args(full + ['--move_aside', '--no_plot']))
     finally:
-        reproduce.scheduler.run_all = monkey_run
+        scheduler.run_all = monkey_run
     assert status == 0
     moved = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.glob('set_aside_*/**/*') if p.is_file())
     assert [path.split('/', 1)[1] for path in moved] == ['MNIST_checkpoint/fig1a/RKHS_l5_p0_s0.pth',
@@ -299,22 +301,22 @@ def _add_the_real_records(folder):
     """Give each fake run's pickle the protocol record the real script would have written for its
     command line, so that a rerun skips it. Computed here, once: importing the real script in
     every fake process would cost each one seconds of torch import."""
-    import protocol
+    from resnet_ode import protocol_comparison
     for path in folder.glob('*.pkl'):
         with open(path, 'rb') as handle:
             run = pickle.load(handle)
-        run['protocol'] = protocol.of_command('MNIST', run['argv'])
+        run['protocol'] = protocol_comparison.of_command('MNIST', run['argv'])
         with open(path, 'wb') as handle:
             pickle.dump(run, handle)
 
 
 @pytest.mark.slow
 def test_sweep_with_fake_script(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(reproduce.scheduler, 'gpu_problems', lambda gpus: [])  # no GPU needed: nothing runs on one
+    monkeypatch.setattr(scheduler, 'gpu_problems', lambda gpus: [])  # no GPU needed: nothing runs on one
     scripts = tmp_path / 'scripts'
     scripts.mkdir()
     (scripts / 'MNIST_experiments.py').write_text(FAKE_SCRIPT)
-    monkeypatch.setattr(reproduce, 'SCRIPT_DIR', str(scripts))
+    monkeypatch.setattr(sweep, 'SCRIPT_DIR', str(scripts))
     root = tmp_path / 'root'
     argv = ['figure1a', '--seeds', '2', '--results_root', str(root), '--gpus', '0,1',
             '--per_gpu', '2', '--batch_seeds', '1', '--', '--epochs', '3']
@@ -372,8 +374,8 @@ def test_cpu_runs_side_by_side_share_the_cores(capsys, tmp_path, monkeypatch):
     scripts = tmp_path / 'scripts'
     scripts.mkdir()
     (scripts / 'MNIST_experiments.py').write_text(FAKE_SCRIPT)
-    monkeypatch.setattr(reproduce, 'SCRIPT_DIR', str(scripts))
-    monkeypatch.setattr(reproduce.scheduler, 'usable_cpus', lambda: 4)
+    monkeypatch.setattr(sweep, 'SCRIPT_DIR', str(scripts))
+    monkeypatch.setattr(scheduler, 'usable_cpus', lambda: 4)
     monkeypatch.delenv('OMP_NUM_THREADS', raising=False)
 
     def threads_of_each_run(root, jobs):
@@ -398,7 +400,7 @@ def test_cpu_runs_side_by_side_share_the_cores(capsys, tmp_path, monkeypatch):
 
 
 def test_missing_script_is_an_error(capsys, tmp_path, monkeypatch):
-    monkeypatch.setattr(reproduce, 'SCRIPT_DIR', str(tmp_path / 'nowhere'))
+    monkeypatch.setattr(sweep, 'SCRIPT_DIR', str(tmp_path / 'nowhere'))
     status = reproduce.main(reproduce.parse_args(['figure3', '--seeds', '1',
                                                   '--results_root', str(tmp_path / 'r')]))
     assert status == 2
@@ -519,7 +521,7 @@ def test_a_run_held_by_another_process_is_running_elsewhere_and_its_log_is_kept(
     argv = ['figure2', '--num_seeds', '1', '--configs', 'RKHS_l20_c4', '--results_root', str(tmp_path),
             '--no_plot', '--', '--synthetic', '--subset', '64', '--epochs', '1']
     args = reproduce.parse_args(argv)
-    run, = reproduce.build_runs('figure2', args, str(tmp_path))
+    run, = sweep.build_runs('figure2', args, str(tmp_path))
     log = tmp_path / run.log
     log.parent.mkdir(parents=True)
     log.write_text('# the first process\'s log\n')
@@ -579,7 +581,7 @@ def test_unwritable_places_are_one_line(tmp_path):
         proc = run_script('reproduce.py', 'figure1a', '--results_root', root, cwd=tmp_path)
         assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and why in proc.stderr, proc.stderr
         proc = run_script('plot_figures.py', str(tmp_path), '--out_dir', root, cwd=tmp_path)
-        assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and 'writable folder' in proc.stderr, proc.stderr
+        assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and why in proc.stderr, proc.stderr
 
 
 def test_usage_errors_are_one_line(tmp_path):

@@ -13,9 +13,9 @@ import torchdiffeq
 from conftest import REPO, folder_snapshot, load_results, run_script
 
 sys.path.insert(0, str(REPO))
-import models  # noqa: E402
-import synthetic_experiments  # noqa: E402
-import runs as runs_module  # noqa: E402
+import models
+import synthetic_experiments
+from resnet_ode import plotting, protocol, recorded_runs
 
 RELEASE_KEYS = {'model', 'matrix', 'num_layers', 'N', 'q', 'r', 'train loss', 'test loss',
                 'computation_time', 'num_parameters'}
@@ -86,7 +86,7 @@ class ReleaseSHLFunction(nn.Module):
         return (1 - t * self.layers + k) * self.node(k, x) + (t * self.layers - k) * self.node(k + 1, x)
 
 
-def release_losses(seed, model='RKHS', N=100, d=2, q=2, r=20, layers=10, nu=-1.0, sigma=0.0,
+def release_losses(seed, model='RKHS', N=100, d=2, q=2, r=20, layers=20, nu=-1.0, sigma=0.0,
                    epochs=50, lr=1.0, method='midpoint'):
     """The release's training-loss curve (lifting maps), one value per full-batch step."""
     torch.manual_seed(seed)
@@ -150,7 +150,7 @@ def test_release_flags_short_forms_and_defaults():
     assert {key: defaults[key] for key in (
         'model', 'dataset_size', 'data_dim', 'dim', 'num_layers', 'dim_int', 'nu', 'sigma', 'matrix',
         'alpha', 'epochs', 'learning_rate', 'save')} == dict(
-        model='RKHS', dataset_size=100, data_dim=2, dim=2, num_layers=10, dim_int=20, nu=-1.0,
+        model='RKHS', dataset_size=100, data_dim=2, dim=2, num_layers=20, dim_int=20, nu=-1.0,
         sigma=0.0, matrix='lifting', alpha=1.0, epochs=1000, learning_rate=1.0, save='synthetic.pkl')
     short = vars(parser.parse_args(['-m', 'SHL', '-N', '7', '-d', '3', '-q', '6', '-l', '4', '-r', '9',
                                     '-mat', 'scaling', '-e', '5', '-lr', '0.5', '-s', 'x.pkl']))
@@ -165,7 +165,7 @@ def test_defaults_write_the_release_keys(tmp_path):
     assert status == 0
     assert RELEASE_KEYS <= set(record)
     assert (record['model'], record['matrix'], record['num_layers'], record['N'], record['q'],
-            record['r'], record['num_parameters']) == ('RKHS', 'lifting', 10, 100, 2, 20, 11 * 2 * 20)
+            record['r'], record['num_parameters']) == ('RKHS', 'lifting', 20, 100, 2, 20, 21 * 2 * 20)
     assert record['train loss'].dtype == record['test loss'].dtype == np.float32
     assert record['train loss'].shape == record['test loss'].shape == (20,)
     assert np.all(np.diff(record['train loss']) < 0)
@@ -216,7 +216,7 @@ def test_scaling_carries_the_data_to_the_other_half(tmp_path):
     (['-lr', 'nan'], '--learning_rate must be positive'),
     (['--nu', '0'], '--nu must be negative'),
     (['--sigma', '-1'], '--sigma must be >= 0'),
-    (['--alpha', 'inf'], '--alpha must be finite'),
+    (['--alpha', 'inf'], '--alpha must be within the range of float32'),
     (['--seed', '-1'], '--seed must be in'),
     (['-q', '1', '-d', '2'], 'lifting needs --dim q >= --data_dim d'),
     (['-mat', 'scaling', '-q', '3'], '--matrix scaling sets q = 2d = 4'),
@@ -277,7 +277,7 @@ def test_interrupted_run_writes_nothing(tmp_path, signame, status):
 def test_shl_runs_with_q_different_from_r(tmp_path):
     status, record = run_main(tmp_path, '--model', 'SHL', '-q', 4, '-r', 7, '--seed', 2, '--epochs', 30)
     assert status == 0
-    assert record['num_parameters'] == 2 * 11 * 4 * 7
+    assert record['num_parameters'] == 2 * 21 * 4 * 7  # two layers of 21 nodes (20 steps), q x r each
     assert record['train loss'][-1] < 0.5 * record['train loss'][0]
 
 
@@ -322,7 +322,6 @@ def test_method_release_is_midpoint_and_a_method_given_is_honoured(tmp_path):
 
 def _fake_run(folder, name, model, q, r, nu, seed, curve, learning_rate=1.0, epochs=None, diverged=False):
     """A results pickle as synthetic_experiments.py writes it, with a chosen training curve."""
-    import protocol
     args = synthetic_experiments.get_args_parser().parse_args(
         ['--epochs', str(epochs or len(curve)), '--learning_rate', str(learning_rate)])
     record = {'model': model, 'matrix': 'lifting', 'num_layers': 10, 'N': 100, 'q': q, 'r': r,
@@ -353,10 +352,10 @@ def test_synthetic_reader_skips_each_file_that_is_not_a_usable_synthetic_run(tmp
             pickle.dump(record, f)
     (tmp_path / 'garbage.pkl').write_bytes(b'not a pickle')
 
-    loaded = runs_module.load_synthetic_runs([str(tmp_path)])
+    loaded = recorded_runs.load_synthetic_runs([str(tmp_path)])
 
     assert [run.path for run in loaded] == [str(tmp_path / 'good.pkl')]
-    assert loaded[0].config == runs_module.SyntheticConfig('RKHS', 10, 2, 20, -1.0)
+    assert loaded[0].config == recorded_runs.SyntheticConfig('RKHS', 10, 2, 20, -1.0)
     np.testing.assert_array_equal(loaded[0].train_loss, [1.0, 0.5])
     err = capsys.readouterr().err
     for name, (_, why) in broken.items():
@@ -371,13 +370,13 @@ def test_a_folder_of_both_kinds_of_runs_is_read_by_each_reader_with_one_line_for
         pickle.dump({'model': 'RKHS', 'num_layers': 5, 'in_channels': 32, 'dim_int': 32, 'pretrain_pass': 0,
                      'test_classif': np.array([0.9, 0.5]), 'train_loss': np.ones(4)}, f)
 
-    figure_runs = runs_module.load_runs([str(tmp_path)])
+    figure_runs = recorded_runs.load_runs([str(tmp_path)])
     assert [run.path for run in figure_runs] == [str(tmp_path / 'MNIST' / 'RKHS_l5_q32_p0_0.pkl')]
     assert capsys.readouterr().err == (
         f'warning: left out 1 synthetic_experiments.py run(s), e.g. {tmp_path / "synthetic" / "RKHS_s0.pkl"} '
         f'(plot_figures.py --figure synthetic draws them)\n')
 
-    synthetic_runs = runs_module.load_synthetic_runs([str(tmp_path)])
+    synthetic_runs = recorded_runs.load_synthetic_runs([str(tmp_path)])
     assert [run.path for run in synthetic_runs] == [str(tmp_path / 'synthetic' / 'RKHS_s0.pkl')]
     assert capsys.readouterr().err == (
         f'warning: left out 1 run(s) of Figures 1 to 3, e.g. {tmp_path / "MNIST" / "RKHS_l5_q32_p0_0.pkl"} '
@@ -399,9 +398,9 @@ def test_synthetic_figure_draws_the_mean_over_seeds(tmp_path, capsys):
     _fake_run(runs, 'other_protocol.pkl', 'RKHS', 2, 20, -1.0, 9, np.ones(40), learning_rate=0.5)
     _fake_run(runs, 'same_seed_again.pkl', 'RKHS', 2, 20, -1.0, 0, np.ones(40))
 
-    loaded = runs_module.load_synthetic_runs([str(runs)])
+    loaded = recorded_runs.load_synthetic_runs([str(runs)])
     assert 'of another protocol (learning_rate 0.5)' in capsys.readouterr().err
-    written, lines = plot_figures.plot_synthetic(loaded, str(tmp_path / 'figs'))
+    written, lines = plotting.plot_synthetic(loaded, str(tmp_path / 'figs'))
     gauss, student = 'Gaussian features', 'Student-t features (nu = 1)'
     expected = {
         (gauss, 'RKHS q=2 r=20 L=10 (n=3)'): curves['gauss'],
@@ -424,13 +423,12 @@ def test_synthetic_figure_draws_the_mean_over_seeds(tmp_path, capsys):
 
 
 def test_synthetic_figure_leaves_diverged_runs_out_of_the_mean(tmp_path):
-    import plot_figures
     _fake_run(tmp_path, 'a.pkl', 'SHL', 2, 2, -1.0, 0, [4.0, 2.0, 1.0, 0.5])
     _fake_run(tmp_path, 'b.pkl', 'SHL', 2, 2, -1.0, 1, [2.0, 1.0, 0.25, 0.5])
     _fake_run(tmp_path, 'c.pkl', 'SHL', 2, 2, -1.0, 2, [8.0, 1e4], epochs=4, diverged=True)
     _fake_run(tmp_path, 'd.pkl', 'RKHS', 2, 2, -1.0, 0, [3.0, 1e5], epochs=4, diverged=True)
     _fake_run(tmp_path, 'e.pkl', 'RKHS', 2, 2, -1.0, 1, [1.0, 1e3, 1e6], epochs=4, diverged=True)
-    _, lines = plot_figures.plot_synthetic(runs_module.load_synthetic_runs([str(tmp_path)]), str(tmp_path))
+    _, lines = plotting.plot_synthetic(recorded_runs.load_synthetic_runs([str(tmp_path)]), str(tmp_path))
     assert lines[('Gaussian features', 'SHL q=r=2 L=10 (n=2; 1 diverged, left out)')].tolist() == [3.0, 1.5, 0.625, 0.5]
     # every run diverged: all are drawn, each index averaged over the runs that reach it
     assert lines[('Gaussian features', 'RKHS q=2 r=2 L=10 (n=2, all diverged)')].tolist() == [2.0, 50500.0, 1e6]

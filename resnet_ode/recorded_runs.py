@@ -1,11 +1,11 @@
 """Results pickles as runs: read safely, told apart by configuration and protocol, summarised.
 
-One `Run` per results pickle, from this project's scripts or from the paper's release (its 335
+One `RecordedRun` per results pickle, from this project's scripts or from the paper's release (its 335
 stored pickles carry only the release's keys). A run's *configuration* is the curve it belongs
-to (dataset, model, L, channels, pretraining passes); its *protocol* (protocol.read) is how it
+to (dataset, model, L, channels, pretraining passes); its *protocol* (protocol_comparison.read) is how it
 was made. Runs are grouped by both, so that runs made differently are never averaged.
 
-Every pickle is read with common.load_results (numpy arrays and plain values only, nothing
+Every pickle is read with load_results (numpy arrays and plain values only, nothing
 runs), and checked: a file that is not a run, or whose numbers cannot be plotted (no curve,
 text where numbers belong, error rates outside [0, 1], more epochs than it claims), is skipped
 with one warning naming it; the others are still read.
@@ -26,22 +26,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-import common
-import protocol
+from . import protocol, protocol_comparison
+from .files import special_file_kind
+from .gate import metrics_name
+from .safe_pickle import UnsafePickle, load_results
 
+METRICS_SUFFIX = metrics_name('')
+SET_ASIDE_PREFIX = 'set_aside_'  # where a sweep moves runs of another protocol (sweep.move_aside)
 # The curve a run belongs to. in_channels, dim_int and pretrain_pass are None for CIFAR-10.
 Config = namedtuple('Config', ['dataset', 'model', 'num_layers', 'in_channels', 'dim_int',
                                'pretrain_pass'])
 
 
 @dataclass
-class Run:
+class RecordedRun:
     """One training run, normalised from a results pickle. Error curves are rates in [0, 1],
     index 0 before training; train_loss has one value per iteration."""
     path: str
     config: Config
     protocol: dict
-    assumed: tuple          # protocol fields not recorded in the pickle but assumed (protocol.read)
+    assumed: tuple          # protocol fields not recorded in the pickle but assumed (protocol_comparison.read)
     seed: int | None
     train_loss: np.ndarray
     train_classif: np.ndarray
@@ -71,7 +75,7 @@ class Run:
     @property
     def group(self) -> tuple:
         """Runs with equal groups may be averaged into one curve."""
-        return self.config, protocol.group_key(self.protocol)
+        return self.config, protocol_comparison.group_key(self.protocol)
 
 
 class NotARun(ValueError):
@@ -138,8 +142,8 @@ def _seconds_per_epoch(data, epochs_done) -> float:
     return float('nan')
 
 
-def run_from_dict(data, path: str) -> Run:
-    """A Run from a loaded results dict; raises NotARun with the reason."""
+def run_from_dict(data, path: str) -> RecordedRun:
+    """A RecordedRun from a loaded results dict; raises NotARun with the reason."""
     if not isinstance(data, dict):
         raise NotARun(f'it holds a {type(data).__name__}, not a dict of results')
     missing = [key for key in ('model', 'num_layers', 'test_classif') if key not in data]
@@ -159,14 +163,14 @@ def run_from_dict(data, path: str) -> Run:
     if test_classif.size == 0 or not np.isfinite(test_classif).any():
         raise NotARun('test_classif holds no finite value')
     try:
-        recorded, assumed = protocol.read(data, dataset)
+        recorded, assumed = protocol_comparison.read(data, dataset)
     except (ValueError, TypeError) as exc:
         raise NotARun(str(exc) or 'its protocol cannot be read') from None
     if len(test_classif) > recorded['epochs'] + 1:
         raise NotARun(f'test_classif has {len(test_classif)} values, more than its '
                       f'{recorded["epochs"]} epochs allow')
     non_finite = any(not np.all(np.isfinite(curve)) for curve in (train_loss, train_classif, test_classif))
-    return Run(path=path, config=config, protocol=recorded, assumed=assumed,
+    return RecordedRun(path=path, config=config, protocol=recorded, assumed=assumed,
                seed=_integer(data, 'seed'), train_loss=train_loss, train_classif=train_classif,
                test_classif=test_classif, diverged=bool(data.get('diverged') is True) or non_finite,
                seconds_per_epoch=_seconds_per_epoch(data, len(test_classif) - 1))
@@ -178,13 +182,13 @@ def _is_synthetic(data) -> bool:
     return isinstance(record, dict) and record.get('dataset') == protocol.SYNTHETIC
 
 
-def read_run(path: str, synthetic: list | None = None) -> Run | None:
+def read_run(path: str, synthetic: list | None = None) -> RecordedRun | None:
     """One results pickle as a Run, or None with one warning naming the file and the reason. A
     synthetic_experiments.py pickle is not a run of Figures 1 to 3: it is appended to
     `synthetic` when a list is given (the caller says it once for all), else warned about."""
     try:
-        data = common.load_results(path)
-    except common.UnsafePickle as exc:
+        data = load_results(path)
+    except UnsafePickle as exc:
         warn(f'skipping {path}: refused to unpickle it: {exc} (a crafted file?)')
         return None
     except Exception as exc:  # any unreadable file is skipped, not fatal
@@ -205,7 +209,7 @@ def read_run(path: str, synthetic: list | None = None) -> Run | None:
         return None
 
 
-def read_metrics(path: str) -> Run | None:
+def read_metrics(path: str) -> RecordedRun | None:
     """A run in progress, from its metrics file (<stem>.metrics.jsonl, written every epoch), or
     None with one warning. Its loss curve holds each epoch's mean loss over that epoch's steps."""
     try:
@@ -229,20 +233,30 @@ def read_metrics(path: str) -> Run | None:
 
 def find_pickles(folder: str) -> list[str]:
     """Every *.pkl regular file under `folder`, and every metrics file of a run that has no
-    pickle yet (a run in progress), in a deterministic order."""
+    pickle yet (a run in progress), in a deterministic order. A results name that is not a
+    regular file (a FIFO, a link to a device) is skipped with a warning; the folders where a
+    sweep set runs aside (set_aside_<date>) are not searched."""
     paths = []
     for dirpath, dirnames, filenames in os.walk(folder):
-        dirnames.sort()
+        dirnames[:] = sorted(name for name in dirnames if not name.startswith(SET_ASIDE_PREFIX))
         names = set(filenames)
-        paths.extend(os.path.join(dirpath, name) for name in sorted(filenames)
-                     if os.path.isfile(os.path.join(dirpath, name)) and (
-                         name.endswith('.pkl') or name.endswith(common.METRICS_SUFFIX)
-                         and name[:-len(common.METRICS_SUFFIX)] + '.pkl' not in names))
+        for name in sorted(filenames):
+            wanted = name.endswith('.pkl') or (name.endswith(METRICS_SUFFIX)
+                                               and name[:-len(METRICS_SUFFIX)] + '.pkl' not in names)
+            if not wanted:
+                continue
+            path = os.path.join(dirpath, name)
+            kind = special_file_kind(path)
+            if kind:
+                warn(f'skipping {path}: it is {kind}, not a results file')
+            elif os.path.isfile(path):
+                paths.append(path)
     return paths
 
 
-def load_runs(folders) -> list[Run]:
-    """Every run under `folders`, each counted once.
+def load_runs(folders, only: set | None = None) -> list[RecordedRun]:
+    """Every run under `folders`, each counted once (with `only`, the files whose path relative
+    to their folder is in it).
 
     A file reached twice (overlapping folders, a link) is read once. A copy of a run (the same
     configuration, seed and exact protocol in another file) would count one seed twice: only
@@ -251,15 +265,17 @@ def load_runs(folders) -> list[Run]:
     runs, paths, seen, copies, synthetic = [], set(), set(), [], []
     for folder in folders:
         for path in find_pickles(folder):
+            if only is not None and os.path.normpath(os.path.relpath(path, folder)) not in only:
+                continue
             real = os.path.realpath(path)
             if real in paths:
                 continue
             paths.add(real)
-            run = read_metrics(path) if path.endswith(common.METRICS_SUFFIX) else read_run(path, synthetic)
+            run = read_metrics(path) if path.endswith(METRICS_SUFFIX) else read_run(path, synthetic)
             if run is None:
                 continue
             if run.seed is not None:
-                key = (run.config, run.seed, protocol.group_key(run.protocol),
+                key = (run.config, run.seed, protocol_comparison.group_key(run.protocol),
                        repr(run.protocol.get('embedding')))
                 if key in seen:
                     copies.append(path)
@@ -275,7 +291,7 @@ def load_runs(folders) -> list[Run]:
     return runs
 
 
-def group_runs(runs) -> 'OrderedDict[tuple, list[Run]]':
+def group_runs(runs) -> 'OrderedDict[tuple, list[RecordedRun]]':
     """Runs by (configuration, protocol group), in the order first seen."""
     groups = OrderedDict()
     for run in runs:
@@ -385,7 +401,7 @@ def read_synthetic_run(path: str, others: list | None = None) -> SyntheticRun | 
     of Figures 1 to 3 (it has test_classif) is appended to `others` when a list is given (the
     caller says it once for all)."""
     try:
-        data = common.load_results(path)
+        data = load_results(path)
     except Exception as exc:  # a crafted or unreadable file is skipped, never fatal
         warn(f'skipping {path}: {type(exc).__name__}: {exc}')
         return None
@@ -404,7 +420,7 @@ def read_synthetic_run(path: str, others: list | None = None) -> SyntheticRun | 
     except (KeyError, TypeError, ValueError) as exc:  # NotARun is a ValueError
         warn(f'skipping {path}: {type(exc).__name__}: {exc}')
         return None
-    deciding = tuple((key, str(record.get(key))) for key in protocol.SYNTHETIC_DECIDING)
+    deciding = tuple((key, str(record.get(key))) for key in protocol_comparison.SYNTHETIC_DECIDING)
     return SyntheticRun(path, config, deciding, _integer(data, 'seed'), *curves,
                         bool(data.get('diverged', False)))
 

@@ -15,26 +15,28 @@ modules. They are read with weights_only=True and an allow-list of exactly the s
 classes they contain, so a crafted file cannot run code; only the weights are kept, copied into
 this project's own `models.mnist_input_network` / `mnist_output_network`.
 
-    python embeddings.py               # which files are in MNIST_pretrained_models/, and are they the release's
-    python embeddings.py --download    # fetch the 48 files from the pinned commit, checking each SHA-256
+    python -m resnet_ode.embeddings              # which files are in MNIST_pretrained_models/, and are they the release's
+    python -m resnet_ode.embeddings --download   # fetch the 48 files from the pinned commit, checking each SHA-256
 """
 from __future__ import annotations
 
 import os
 import sys
 
-import common
-from common import DownloadError, OneLineArgumentParser, download_verified, open_regular, torch_load_failure
+from .errors import EXIT_OK, EXIT_USAGE, DownloadError, EmbeddingError, OneLineArgumentParser
+from .files import open_regular, torch_load_failure
 
+REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DIR = 'MNIST_pretrained_models'
 # The default folder is the repository's, whatever the working directory, so that a run started
 # elsewhere (or by reproduce.py) finds the same files.
-DEFAULT_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), DEFAULT_DIR)
+DEFAULT_PATH = os.path.join(REPO_DIR, DEFAULT_DIR)
 NO_EMBEDDING_DIR = 'none'  # --embedding_dir none: never load files
 # The folder exists at this commit of the authors' repository and is deleted at its newest one.
 RELEASE_REPOSITORY = 'rbarboni/FlowResNets'
 RELEASE_COMMIT = '54bc56f'
 DOWNLOAD_URL = f'https://github.com/{RELEASE_REPOSITORY}/raw/{RELEASE_COMMIT}/{DEFAULT_DIR}/'
+DOWNLOAD_COMMAND = 'python -m resnet_ode.embeddings --download'
 
 # SHA-256 of the 48 files as shipped (computed from a byte-for-byte copy of that commit).
 RELEASE_SHA256 = {
@@ -90,9 +92,6 @@ RELEASE_SHA256 = {
 PARTS = ('input', 'output')  # A, B
 
 
-class EmbeddingError(Exception):
-    """An embedding file that cannot be used, or a failed download: one line, exit status 2."""
-
 
 def file_names(channels: int, passes: int) -> tuple[str, str]:
     """The release's names of A and B for C channels after p pretraining passes."""
@@ -123,7 +122,7 @@ def find(directory: str | None, channels: int, passes: int, required: bool = Fal
         if required:
             raise EmbeddingError(
                 f'--embedding_dir {directory} holds no {" or ".join(file_names(channels, passes))}; '
-                f'python embeddings.py --download --dir {directory} fetches them, or pass '
+                f'{DOWNLOAD_COMMAND} --dir {directory} fetches them, or pass '
                 f'--embedding_dir none to draw A and B')
         return None
     for path in paths:
@@ -138,11 +137,19 @@ def find(directory: str | None, channels: int, passes: int, required: bool = Fal
     return paths
 
 
+def for_run(config) -> list[str] | None:
+    """The release's files of A and B that an MNIST run of `config` loads, or None: it draws them.
+    Given explicitly, --embedding_dir must hold them where the release shipped them."""
+    explicit = 'embedding_dir' in config.given
+    return find(config.embedding_dir, config.in_channels, config.pretrain,
+                required=explicit and release_ships(config.in_channels, config.pretrain))
+
+
 def sha256(path: str) -> str:
-    """The file's SHA-256 (common.sha256: only a regular file is read, since a FIFO or a link to
-    /dev/zero would block or never end), with EmbeddingError for what cannot be read."""
+    """The file's SHA-256 (only a regular file is read), with EmbeddingError for what cannot be."""
+    from .files import sha256 as file_sha256
     try:
-        return common.sha256(path)
+        return file_sha256(path)
     except DownloadError as exc:
         raise EmbeddingError(str(exc)) from None
 
@@ -276,38 +283,20 @@ def is_release(record: dict) -> bool:
 # Download, all or nothing
 # ---------------------------------------------------------------------------------------------
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Download, all or nothing; python -m resnet_ode.embeddings
+# ---------------------------------------------------------------------------------------------
+
 def download(directory: str, base_url: str = DOWNLOAD_URL, log=print) -> int:
-    """Fetch every release file missing from `directory`, all or nothing, each SHA-256 verified
-    (common.download_verified). Returns the number of files fetched."""
-    check_folder(directory)
+    """Fetch every release file missing from `directory`, all or nothing, each SHA-256 verified.
+    Returns the number of files fetched."""
+    from .downloads import download_verified
     try:
         return download_verified(RELEASE_SHA256, base_url, directory, log)
     except DownloadError as exc:
         raise EmbeddingError(str(exc)) from None
-
-
-def check_folder(directory: str):
-    """--dir names a folder, or a place where one can be made (checked further when written)."""
-    if not directory:
-        raise EmbeddingError('--dir must name a folder, got an empty name')
-    if os.path.lexists(directory) and not os.path.isdir(directory):
-        raise EmbeddingError(f'--dir {directory} is not a folder')
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-# ---------------------------------------------------------------------------------------------
-
-def get_args_parser():
-    parser = OneLineArgumentParser(
-        description="Check for, or download, the paper release's MNIST embedding files.")
-    parser.add_argument('--dir', default=DEFAULT_PATH,
-                        help=f'folder of the files (default: {DEFAULT_DIR} in the repository, where '
-                             f'MNIST_experiments.py looks by default)')
-    parser.add_argument('--download', action='store_true',
-                        help=f'fetch the missing files from {RELEASE_REPOSITORY} at commit '
-                             f'{RELEASE_COMMIT} and verify each SHA-256')
-    return parser
 
 
 def file_status(path: str) -> str:
@@ -321,33 +310,44 @@ def file_status(path: str) -> str:
     return 'release' if digest == RELEASE_SHA256[os.path.basename(path)] else 'DIFFERS from the release'
 
 
+def get_args_parser():
+    parser = OneLineArgumentParser(
+        prog='python -m resnet_ode.embeddings',
+        description="Check for, or download, the paper release's MNIST embedding files.")
+    parser.add_argument('--dir', default=DEFAULT_PATH,
+                        help=f'folder of the files (default: {DEFAULT_DIR} in the repository, where '
+                             f'MNIST_experiments.py looks by default)')
+    parser.add_argument('--download', action='store_true',
+                        help=f'fetch the missing files from {RELEASE_REPOSITORY} at commit '
+                             f'{RELEASE_COMMIT} and verify each SHA-256')
+    return parser
+
+
 def main(args) -> int:
-    try:
-        check_folder(args.dir)
-        if args.download:
-            try:
-                fetched = download(args.dir, base_url=DOWNLOAD_URL)  # read now, so tests can point it elsewhere
-            except EmbeddingError as exc:  # what to do next, where the machine cannot reach GitHub
-                raise EmbeddingError(f'{exc}. Without this download, copy the {len(RELEASE_SHA256)} files '
-                                     f'of the release\'s {DEFAULT_DIR}/ into {args.dir}, or pass '
-                                     f'--embedding_dir <their folder> to the scripts') from None
-            print(f'{args.dir}: {fetched} file(s) downloaded, all {len(RELEASE_SHA256)} release '
-                  f'files present and verified')
-            return 0
-    except EmbeddingError as exc:
-        print(f'error: {exc}', file=sys.stderr)
-        return 2
+    if not args.dir or (os.path.lexists(args.dir) and not os.path.isdir(args.dir)):
+        print(f'error: --dir {args.dir} is not a folder' if args.dir else
+              'error: --dir must name a folder, got an empty name', file=sys.stderr)
+        return EXIT_USAGE
+    if args.download:
+        try:
+            fetched = download(args.dir, base_url=DOWNLOAD_URL)  # read now, so tests can point it elsewhere
+        except EmbeddingError as exc:  # what to do next, where the machine cannot reach GitHub
+            print(f'error: {exc}. Without this download, copy the {len(RELEASE_SHA256)} files of the '
+                  f'release\'s {DEFAULT_DIR}/ into {args.dir}, or pass --embedding_dir <their folder> '
+                  f'to the scripts', file=sys.stderr)
+            return EXIT_USAGE
+        print(f'{args.dir}: {fetched} file(s) downloaded, all {len(RELEASE_SHA256)} release files '
+              f'present and verified')
+        return EXIT_OK
     status = {name: file_status(os.path.join(args.dir, name)) for name in RELEASE_SHA256}
     for name, state in status.items():
         print(f'{name}: {state}')
     counts = {}
     for state in status.values():
-        kind = state.split(':')[0]
-        counts[kind] = counts.get(kind, 0) + 1
+        counts[state.split(':')[0]] = counts.get(state.split(':')[0], 0) + 1
     print(f'{args.dir}: ' + ', '.join(f'{n} {state}' for state, n in sorted(counts.items()))
-          + ('' if counts.get('release') == len(status) else
-             '; python embeddings.py --download fetches the missing ones'))
-    return 0
+          + ('' if counts.get('release') == len(status) else f'; {DOWNLOAD_COMMAND} fetches the missing ones'))
+    return EXIT_OK
 
 
 if __name__ == '__main__':

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from common import missing_ancestors
-
-
-class DataError(Exception):
-    """A dataset that is missing, unreachable or corrupt; the message says how to fix it."""
+from .errors import DataError
+from .faults import fault_point
+from .files import missing_ancestors
+from .gate import DATASET_SIZES
 
 # Official MNIST files, as torchvision lays them out under <root>/MNIST/raw/, with their sizes
 # in bytes (checked against the official archives; see also shared/data/README.md).
@@ -29,18 +28,8 @@ MNIST_RAW_FILES = {
     't10k-images-idx3-ubyte': 7_840_016,
     't10k-labels-idx1-ubyte': 10_008,
 }
-MNIST_TRAIN_SIZE, MNIST_TEST_SIZE = 60_000, 10_000
+MNIST_TRAIN_SIZE, MNIST_TEST_SIZE = DATASET_SIZES['MNIST']
 
-CIFAR_FOLDER = 'cifar-10-batches-py'
-CIFAR_ARCHIVE = 'cifar-10-python.tar.gz'  # what torchvision downloads into the root
-CIFAR_FILES = [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']
-CIFAR_TRAIN_SIZE, CIFAR_TEST_SIZE = 50_000, 10_000
-# Per-channel normalisation used by the paper's release (and by kuangliu/pytorch-cifar, where it
-# comes from). The std values are not the dataset's exact pixel std; kept as released.
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
-CIFAR_CROP_PADDING = 4
-CIFAR_IMAGE_SIZE = 32
 
 # Synthetic data is a fixed function of this seed, so every run (and --evaluate) sees the same.
 SYNTHETIC_DATA_SEED = 0
@@ -96,7 +85,7 @@ def _check_mnist_files(raw_folder: str):
                             f'{" ".join(map(str, expected))}: magic number, count, size); {FIX_MNIST}')
 
 
-def _check_labels(labels: torch.Tensor, path: str):
+def check_labels(labels: torch.Tensor, path: str):
     """Labels must be classes 0..9: a corrupt byte would otherwise crash training mid-run."""
     bad = ((labels < 0) | (labels >= NUM_CLASSES)).nonzero()
     if bad.numel():
@@ -112,45 +101,23 @@ def load_mnist(root: str) -> tuple[DeviceDataset, DeviceDataset]:
     raw_folder = os.path.join(root, 'MNIST', 'raw')
     _check_mnist_files(raw_folder)
     try:
-        with _removed_if_failed([*missing_ancestors(root), os.path.join(root, 'MNIST'), raw_folder]):
+        with removed_if_failed([*missing_ancestors(root), os.path.join(root, 'MNIST'), raw_folder]):
             train = datasets.MNIST(root, train=True, download=True)
             test = datasets.MNIST(root, train=False, download=True)
     except Exception as exc:  # no network, a blocked host, a half-written archive...
         expected = ', '.join(MNIST_RAW_FILES)
         raise DataError(
             f'MNIST is not in {raw_folder}/ and could not be downloaded ({type(exc).__name__}: '
-            f'{_first_line(exc)}). Put the four files ({expected}) in {raw_folder}/, '
+            f'{first_line(exc)}). Put the four files ({expected}) in {raw_folder}/, '
             f'or pass --data_root pointing at the folder that holds MNIST/raw/') from None
-    train, test = _to_dataset(train.data, train.targets), _to_dataset(test.data, test.targets)
-    _check_labels(train.labels, os.path.join(raw_folder, 'train-labels-idx1-ubyte'))
-    _check_labels(test.labels, os.path.join(raw_folder, 't10k-labels-idx1-ubyte'))
-    return train, test
-
-
-def load_cifar10(root: str) -> tuple[DeviceDataset, DeviceDataset]:
-    """CIFAR-10 train and test sets (CPU), images as (N, 3, 32, 32) uint8."""
-    from torchvision import datasets
-
-    folder = os.path.join(root, CIFAR_FOLDER)
-    try:
-        with _removed_if_failed([*missing_ancestors(root), folder, os.path.join(root, CIFAR_ARCHIVE)]):
-            train = datasets.CIFAR10(root, train=True, download=True)
-            test = datasets.CIFAR10(root, train=False, download=True)
-    except Exception as exc:
-        raise DataError(
-            f'CIFAR-10 is not in {folder}/ (or is corrupt) and could not be downloaded '
-            f'({type(exc).__name__}: {_first_line(exc)}). Download {CIFAR_ARCHIVE} from '
-            f'https://www.cs.toronto.edu/~kriz/cifar.html, extract it into {root}/ so that '
-            f'{folder}/ holds {", ".join(CIFAR_FILES)}, or pass --data_root') from None
-    train = _to_dataset(torch.as_tensor(train.data).permute(0, 3, 1, 2), train.targets)
-    test = _to_dataset(torch.as_tensor(test.data).permute(0, 3, 1, 2), test.targets)
-    _check_labels(train.labels, os.path.join(folder, 'data_batch_*'))
-    _check_labels(test.labels, os.path.join(folder, 'test_batch'))
+    train, test = to_dataset(train.data, train.targets), to_dataset(test.data, test.targets)
+    check_labels(train.labels, os.path.join(raw_folder, 'train-labels-idx1-ubyte'))
+    check_labels(test.labels, os.path.join(raw_folder, 't10k-labels-idx1-ubyte'))
     return train, test
 
 
 @contextlib.contextmanager
-def _removed_if_failed(paths):
+def removed_if_failed(paths):
     """On an exception, delete whichever of `paths` did not exist before (a failed download).
 
     A mistyped --data_root must not leave a new folder tree, or a half-downloaded archive,
@@ -168,12 +135,12 @@ def _removed_if_failed(paths):
         raise
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else 'no message'
 
 
-def _to_dataset(images, labels) -> DeviceDataset:
+def to_dataset(images, labels) -> DeviceDataset:
     return DeviceDataset(torch.as_tensor(images, dtype=torch.uint8).contiguous(),
                          torch.as_tensor(labels, dtype=torch.long))
 
@@ -202,32 +169,29 @@ def mnist_to_float(images_u8: torch.Tensor) -> torch.Tensor:
     return images_u8.unsqueeze(1).float().div_(255)
 
 
-class CifarTransform:
-    """ToTensor + Normalize, and for training RandomCrop(32, padding=4) + RandomHorizontalFlip,
-    batched on the device. Holds the mean/std and the index helpers for one device."""
 
-    def __init__(self, device):
-        self.mean = torch.tensor(CIFAR_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(CIFAR_STD, device=device).view(1, 3, 1, 1)
-        self.arange = torch.arange(CIFAR_IMAGE_SIZE, device=device)
+# ---------------------------------------------------------------------------------------------
+# A run's datasets
+# ---------------------------------------------------------------------------------------------
 
-    def normalize(self, images_u8: torch.Tensor) -> torch.Tensor:
-        return images_u8.float().div_(255).sub_(self.mean).div_(self.std)
+MNIST_IMAGE_SHAPE = (28, 28)
 
-    def augment(self, images_u8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """Random crop of the zero-padded image and random flip, as one gather. (B, 3, 32, 32)."""
-        batch = images_u8.shape[0]
-        pad = CIFAR_CROP_PADDING
-        padded = torch.nn.functional.pad(images_u8, (pad, pad, pad, pad))
-        device = images_u8.device
-        # torchvision's RandomCrop: top and left uniform in 0..2*pad; the flip is a coin toss.
-        offsets = torch.randint(0, 2 * pad + 1, (2, batch, 1), device=device, generator=generator)
-        flip = torch.rand((batch, 1), device=device, generator=generator) < 0.5
-        rows = self.arange + offsets[0]                                           # (B, 32)
-        cols = torch.where(flip, CIFAR_IMAGE_SIZE - 1 - self.arange, self.arange) + offsets[1]
-        batch_index = torch.arange(batch, device=device)[:, None, None]
-        cropped = padded[batch_index, :, rows[:, :, None], cols[:, None, :]]     # (B, 32, 32, 3)
-        return cropped.permute(0, 3, 1, 2)
 
-    def train_batch(self, images_u8, generator):
-        return self.normalize(self.augment(images_u8, generator))
+def load_datasets(config, dist, load_real=load_mnist, image_shape=MNIST_IMAGE_SHAPE,
+                  sizes=(MNIST_TRAIN_SIZE, MNIST_TEST_SIZE)) -> tuple[DeviceDataset, DeviceDataset]:
+    """A run's train and test sets on the CPU: synthetic images of `image_shape`, or the real
+    dataset of load_real(root) (rank 0 downloads first), cut to --subset. MNIST's by default."""
+    fault_point('data')
+    if config.synthetic:
+        n_train, n_test = (min(config.subset or size, size) for size in sizes)
+        return synthetic_dataset(image_shape, n_train, n_test)
+    if not dist.is_main:
+        dist.barrier()  # so that ranks never write the same download at once
+    try:
+        train, test = load_real(config.data_root)
+    finally:
+        if dist.is_main:
+            dist.barrier()
+    if config.subset:
+        train, test = train.head(config.subset), test.head(config.subset)
+    return train, test

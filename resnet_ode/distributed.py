@@ -11,8 +11,6 @@ import os
 import torch
 import torch.distributed as torch_dist
 
-from cli import UsageError
-
 
 class Single:
     rank, world_size, local_rank, is_main = 0, 1, 0, True
@@ -57,18 +55,15 @@ def launched_by_torchrun() -> bool:
     return 'RANK' in os.environ and 'WORLD_SIZE' in os.environ and int(os.environ['WORLD_SIZE']) > 1
 
 
-def setup(args, device: torch.device):
-    """SINGLE without torchrun; otherwise join the process group (after all argument checks).
+def world_size() -> int:
+    """The number of processes torchrun started (1 without torchrun)."""
+    return int(os.environ['WORLD_SIZE']) if launched_by_torchrun() else 1
 
-    The batch check runs before the group exists, so a bad value fails on every rank at once.
-    """
-    if not launched_by_torchrun():
-        return SINGLE
-    world_size = int(os.environ['WORLD_SIZE'])
-    if args.batch_size % world_size:
-        raise UsageError(f'--batch_size {args.batch_size} (global) must be divisible by the '
-                         f'{world_size} processes')
-    return Distributed(device)
+
+def setup(device: torch.device):
+    """SINGLE without torchrun; otherwise join the process group (after the gate, so that a bad
+    value fails on every rank at once, before the group exists)."""
+    return Distributed(device) if launched_by_torchrun() else SINGLE
 
 
 class Distributed(Single):

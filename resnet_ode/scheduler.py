@@ -1,15 +1,16 @@
 """Run a list of jobs as subprocesses, a few at a time, on CPU or GPU slots.
 
 Each job's output is appended to its log after a header naming the attempt, so that a log is
-never truncated (a resumed run keeps its first epochs; a second sweep refused by a run's lock
-never clobbers the live log). After each job, one progress line: how many are done, running,
-waiting and failed, and an estimate of the time left from the jobs finished so far. Ctrl-C or
-SIGTERM stops the running jobs (they save their resume states) and marks the rest not started.
-A job that another process already runs (its script refused it with common.RUNNING_ELSEWHERE)
-is "running elsewhere", not a failure.
+never truncated (a resumed run keeps its first epochs). A sweep holds a job's log while the job
+runs: a second sweep on the same folder finds it held and reports the job as "running
+elsewhere", as it does a job whose script refused it because another process holds its files
+(RUNNING_ELSEWHERE); neither is a failure. After each job, one progress line: how many are done,
+running, waiting and failed, and an estimate of the time left. Ctrl-C or SIGTERM stops the
+running jobs (they save their resume states) and marks the rest not started.
 
-reproduce.py builds the jobs (its Run extends Job); this module knows nothing of figures.
+sweep.py builds the jobs (SweepRun extends Job); this module knows nothing of figures.
 """
+import fcntl
 import json
 import os
 import shlex
@@ -19,9 +20,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-import common
+from .errors import EXIT_DIVERGED, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, RUNNING_ELSEWHERE
+from .files import atomic_write
 
-EXIT_OK, EXIT_USAGE, EXIT_DIVERGED = 0, 2, 3
 POLL_SECONDS = 0.2  # how often the scheduler checks its running subprocesses
 TERMINATE_GRACE_SECONDS = 10  # on Ctrl-C, wait this long before SIGKILL
 
@@ -52,7 +53,7 @@ def clock(seconds):
 def write_manifest(path, header: dict, jobs, argv, cwd, started, finished=None):
     """Record an invocation (its command line, working folder, code version and each job's
     command and outcome) in the JSON file `path`, after the earlier invocations."""
-    import protocol
+    from .protocol import code_version
     try:
         with open(path) as stream:
             history = json.load(stream).get('invocations', [])
@@ -62,23 +63,13 @@ def write_manifest(path, header: dict, jobs, argv, cwd, started, finished=None):
                and entry.get('started_unix') != started]  # this invocation's is replaced
     invocation = {
         'started_unix': started, 'started': clock(started), 'finished': clock(finished) if finished else None,
-        'argv': list(argv), 'cwd': cwd, 'code_version': protocol.code_version(),
+        'argv': list(argv), 'cwd': cwd, 'code_version': code_version(),
         'runs': [{'name': job.name, 'command': job.command(), 'status': job.status,
                   'returncode': job.returncode, 'seconds': job.seconds,
                   'pickles': job.pickles, 'log': job.log, **job.extra} for job in jobs],
     }
-    common.atomic_write(path, lambda stream: (json.dump(
+    atomic_write(path, lambda stream: (json.dump(
         {**header, 'invocations': history + [invocation]}, stream, indent=1), stream.write('\n')), binary=False)
-
-
-def folder_problems(folder, flag):
-    """A folder that is a file, lies under a file, or cannot be written: named before any job."""
-    path = os.path.abspath(folder)
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        return [f'{flag} {folder}: {path} is not a folder']
-    return [] if common.can_write_in(path) else [f'{flag} {folder}: {path} is not writable']
 
 
 def gpu_problems(gpus):
@@ -121,35 +112,68 @@ def child_env(gpu, cpu_slots: int) -> dict:
     return env
 
 
-def _launch(run, root, gpu, cpu_slots=1):
+class HeldElsewhere(Exception):
+    """Another sweep runs this job now (it holds the job's log)."""
+
+
+@dataclass
+class Attempt:
+    """One start of a job: its process, its log (held by this sweep while it runs), and where
+    the log stood when it started (this attempt's lines follow)."""
+    process: subprocess.Popen
+    log: object
+    lock_fd: int
+    started: float
+    log_start: int
+
+    def close(self):
+        self.log.close()
+        os.close(self.lock_fd)  # unlocks: another sweep may now start this job
+
+
+def _hold_log(log_path: str) -> int:
+    """An exclusive lock beside the job's log, so that two sweeps never write one log at once: a
+    job whose log another sweep holds is running there (HeldElsewhere)."""
+    folder, name = os.path.split(log_path)
+    fd = os.open(os.path.join(folder, f'.{name}.lock'), os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise HeldElsewhere from None
+    return fd
+
+
+def _launch(run, root, gpu, cpu_slots=1) -> Attempt:
     """Start the run, its output appended to its log after a header naming the attempt (a log is
-    never truncated: a resumed run keeps its first epochs, and a refused second sweep never
-    clobbers a live log)."""
+    never truncated: a resumed run keeps its first epochs)."""
     log_path = os.path.join(root, run.log)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
+    lock_fd = _hold_log(log_path)
     env = child_env(gpu, cpu_slots)
     shown = [f'{name}={env[name]}' for name in ('CUDA_VISIBLE_DEVICES', 'OMP_NUM_THREADS')
              if name in env and env[name] != os.environ.get(name)]
-    log = open(log_path, 'a')
-    log.write(f'# ---- attempt started {clock(time.time())}, pid {os.getpid()} of reproduce.py\n'
-              f'# cwd: {root}\n' + ''.join(f'# {setting}\n' for setting in shown)
-              + '# ' + shlex.join(run.command()) + '\n')
-    log.flush()
     try:
+        log = open(log_path, 'a')
+        log.write(f'# ---- attempt started {clock(time.time())}, pid {os.getpid()} of reproduce.py\n'
+                  f'# cwd: {root}\n' + ''.join(f'# {setting}\n' for setting in shown)
+                  + '# ' + shlex.join(run.command()) + '\n')
+        log.flush()
+        log_start = log.tell()
         process = subprocess.Popen(run.command(), cwd=root, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     except BaseException:
-        log.close()
+        os.close(lock_fd)
         raise
-    return process, log
+    return Attempt(process, log, lock_fd, time.time(), log_start)
 
 
-def last_line(path):
-    """The last non-empty line of a log (its error, for a run that failed)."""
+def last_line(path, start: int = 0):
+    """The last non-empty line of a log from byte `start` on (its error, for a run that failed)."""
     try:
         with open(path, 'rb') as stream:
             stream.seek(0, os.SEEK_END)
-            stream.seek(max(0, stream.tell() - 4096))
+            stream.seek(max(start, stream.tell() - 4096))
             lines = [line for line in stream.read().decode(errors='replace').splitlines()
                      if line.strip() and not line.startswith('# ')]
     except OSError:
@@ -157,21 +181,34 @@ def last_line(path):
     return lines[-1].strip()[:300] if lines else ''
 
 
-def _finish(run, returncode, root, started):
+def _signal_reason(returncode) -> str | None:
+    """How a run ended by a signal: killed (a negative return code), or stopped cleanly on
+    SIGINT/SIGTERM (130, 143). Either way a rerun of the sweep resumes it."""
+    if returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else f'signal {-returncode}'
+        return f'killed by {name}; rerun the sweep to resume it from its last saved epoch'
+    if returncode in (EXIT_SIGINT, EXIT_SIGTERM):
+        return (f'stopped by {"SIGINT" if returncode == EXIT_SIGINT else "SIGTERM"} (its state is saved); '
+                f'rerun the sweep to resume it')
+    return None
+
+
+def _finish(run, returncode, root, attempt: Attempt):
     run.returncode = returncode
-    run.seconds = round(time.time() - started, 2)
+    run.seconds = round(time.time() - attempt.started, 2)
     has_pickle = all(os.path.exists(os.path.join(root, path)) for path in run.pickles)
-    reason = last_line(os.path.join(root, run.log))
+    reason = last_line(os.path.join(root, run.log), attempt.log_start)
     if returncode == EXIT_OK and has_pickle:
         run.status = 'done'
     elif returncode == EXIT_DIVERGED and has_pickle:
         run.status = 'diverged'  # finished; its curves stop early
-    elif returncode == EXIT_USAGE and common.RUNNING_ELSEWHERE in reason:
-        run.status = 'running elsewhere'  # another sweep holds it: not this sweep's failure
+    elif returncode == EXIT_USAGE and RUNNING_ELSEWHERE in reason:
+        run.status = 'running elsewhere'  # another process holds it: not this sweep's failure
     else:
         run.status = 'failed'
         run.extra['reason'] = (f'exit {returncode} but a pickle is missing: {", ".join(run.pickles)}'
-                               if returncode in (EXIT_OK, EXIT_DIVERGED) else reason or f'exit {returncode}')
+                               if returncode in (EXIT_OK, EXIT_DIVERGED) else
+                               _signal_reason(returncode) or reason or f'exit {returncode}')
 
 
 def progress_line(runs, slots, started):
@@ -202,59 +239,71 @@ def run_all(runs, root, slots):
     Each run gets the first free slot (a GPU id or None for CPU). A failed run does not stop
     the others.
     """
-    pending = list(runs)
-    running = {}  # slot index -> (run, process, log file, start time)
-    total, launched, sweep_started = len(runs), 0, time.time()
+    pending, running = list(runs), {}  # running: slot index -> (run, attempt)
+    counter = {'launched': 0, 'total': len(runs), 'started': time.time()}
     try:
         while pending or running:
             for slot, gpu in enumerate(slots):
-                if slot in running or not pending:
-                    continue
-                run = pending.pop(0)
-                launched += 1
-                try:
-                    process, log = _launch(run, root, gpu, cpu_slots=slots.count(None))
-                except OSError as exc:  # e.g. unwritable log folder: this run fails alone
-                    run.status, run.extra['reason'] = 'failed', f'could not start: {exc}'
-                    print(f'[{launched}/{total}] failed to start {run.name}: {exc}', flush=True)
-                    continue
-                run.status = 'running'
-                running[slot] = (run, process, log, time.time())
-                where = f' on GPU {gpu}' if gpu is not None else ''
-                print(f'[{launched}/{total}] start {run.name}{where}', flush=True)
+                if slot not in running and pending:
+                    _start_next(pending, running, slot, gpu, root, slots, counter)
             time.sleep(POLL_SECONDS)
             for slot in list(running):
-                run, process, log, started = running[slot]
-                returncode = process.poll()
+                run, attempt = running[slot]
+                returncode = attempt.process.poll()
                 if returncode is None:
                     continue
-                log.close()
+                attempt.close()
                 del running[slot]
-                _finish(run, returncode, root, started)
+                _finish(run, returncode, root, attempt)
                 message = f'{run.status} {run.name} (exit {returncode}, {run.seconds:.1f} s)'
                 if run.status == 'failed':
                     message += f': {run.extra["reason"]} (log: {os.path.join(root, run.log)})'
                 print(message, flush=True)
-                print(progress_line(runs, slots, sweep_started), flush=True)
+                print(progress_line(runs, slots, counter['started']), flush=True)
     except KeyboardInterrupt:
-        print('interrupted: stopping the running runs', flush=True)
-        for run, process, log, started in running.values():
-            if process.poll() is None:
-                process.terminate()
-        deadline = time.time() + TERMINATE_GRACE_SECONDS
-        for run, process, log, started in running.values():
-            try:
-                process.wait(timeout=max(0.0, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            log.close()
-            run.status, run.returncode = 'interrupted', process.returncode
-        for run in runs:
-            if run.status == 'pending':
-                run.status = 'not started'
+        _stop_all(runs, running)
         return True
     return False
+
+
+def _start_next(pending, running, slot, gpu, root, slots, counter):
+    run = pending.pop(0)
+    counter['launched'] += 1
+    number = f'[{counter["launched"]}/{counter["total"]}]'
+    try:
+        attempt = _launch(run, root, gpu, cpu_slots=slots.count(None))
+    except HeldElsewhere:
+        run.status = 'running elsewhere'
+        print(f'{number} {run.name}: running elsewhere (another sweep holds its log)', flush=True)
+        return
+    except OSError as exc:  # e.g. unwritable log folder: this run fails alone
+        run.status, run.extra['reason'] = 'failed', f'could not start: {exc}'
+        print(f'{number} failed to start {run.name}: {exc}', flush=True)
+        return
+    run.status = 'running'
+    running[slot] = (run, attempt)
+    print(f'{number} start {run.name}{f" on GPU {gpu}" if gpu is not None else ""}', flush=True)
+
+
+def _stop_all(runs, running):
+    """Ctrl-C or SIGTERM: stop the running runs (they save their resume states), wait a little,
+    then kill what is left; the rest are not started."""
+    print('interrupted: stopping the running runs', flush=True)
+    for _, attempt in running.values():
+        if attempt.process.poll() is None:
+            attempt.process.terminate()
+    deadline = time.time() + TERMINATE_GRACE_SECONDS
+    for run, attempt in running.values():
+        try:
+            attempt.process.wait(timeout=max(0.0, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            attempt.process.kill()
+            attempt.process.wait()
+        attempt.close()
+        run.status, run.returncode = 'interrupted', attempt.process.returncode
+    for run in runs:
+        if run.status == 'pending':
+            run.status = 'not started'
 
 
 def _raise_keyboard_interrupt(signum, frame):

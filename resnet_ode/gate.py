@@ -1,0 +1,485 @@
+"""The gate: every rule a run's flags must follow, checked once, whatever their source.
+
+A command line reaches a run from four places: the flags a user typed, the arguments stored in a
+checkpoint (--evaluate), those stored in a resume state (--resume), and a sweep's flags after
+"--". `validate` reads each the same way (resnet_ode.flags parses them) and applies the same
+rules, then returns a `Config`: the run's values, read-only. Nothing after the gate reads the
+command line again, and nothing changes a Config: a changed value is a new Config (`replace`).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import struct
+
+from . import flags
+from .errors import UsageError
+from .files import TEMPORARY_NAME_EXTRA, check_writable_folder, name_max
+
+COMMAND_LINE, CHECKPOINT, RESUME_STATE, SWEEP = 'command line', 'checkpoint', 'resume state', 'sweep'
+FLOAT32_MAX = 3.4028234663852886e38
+SEED_LIMIT = 2 ** 63  # seeds are torch's: [0, 2^63)
+# (training, test) images of each dataset; --subset takes at most the training set's
+DATASET_SIZES = {'MNIST': (60_000, 10_000), 'CIFAR10': (50_000, 10_000)}
+FOLDER_PREFIX = {'MNIST': 'MNIST', 'CIFAR10': 'CIFAR'}  # MNIST_experiments/, CIFAR_checkpoint/, ...
+# The arguments that decide the network: every checkpoint and resume state must hold them.
+NETWORK_FLAGS = {'MNIST': ('model', 'in_channels', 'dim_int', 'layers', 'method', 'time_weights'),
+                 'CIFAR10': ('model', 'layers')}
+# The flags --evaluate reads; it takes everything else from the checkpoint, so any other flag
+# given with it would be ignored in silence.
+EVALUATE_READS = frozenset(('evaluate', 'device', 'data_root', 'test_batch_size', 'subset', 'synthetic'))
+# What may change between a run and its --resume: where it runs, not what it computes.
+RESUME_MAY_CHANGE = ('device', 'data_root', 'resume', 'test_batch_size')
+RESUME_SUFFIX, BATCH_RESUME_SUFFIX = '.resume.pt', '.batch-resume.pt'
+# What a checkpoint may never be called: the names of results files, resume states and lock
+# files, so that a --checkpoint can never replace one (its own run's, or another run's).
+NOT_CHECKPOINT_SUFFIXES = ('.pkl', RESUME_SUFFIX, BATCH_RESUME_SUFFIX, '.lock')
+
+
+class Config:
+    """A run's validated values, read-only: `config.layers`, `config.seed`, ... One attribute per
+    flag of its script; `given` holds the flags the command line set itself."""
+
+    __slots__ = ('_values', 'dataset', 'given')
+
+    def __init__(self, dataset: str, values: dict, given=frozenset()):
+        object.__setattr__(self, '_values', dict(values))
+        object.__setattr__(self, 'dataset', dataset)
+        object.__setattr__(self, 'given', frozenset(given))
+
+    def __getattr__(self, name):
+        try:
+            value = self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+        return list(value) if isinstance(value, list) else value
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f'a Config is read-only; make a new one with replace({name}=...)')
+
+    def replace(self, **changes) -> 'Config':
+        unknown = set(changes) - set(self._values)
+        if unknown:
+            raise AttributeError(f'no such value: {", ".join(sorted(unknown))}')
+        return Config(self.dataset, {**self._values, **changes}, self.given)
+
+    def as_dict(self) -> dict:
+        """The values as plain Python (stored in checkpoints and resume states)."""
+        return {key: list(value) if isinstance(value, (list, tuple)) else value
+                for key, value in self._values.items()}
+
+    def __repr__(self):
+        return f'Config({self.dataset}, {self._values!r})'
+
+
+def validate(dataset: str, source, origin: str = COMMAND_LINE, *, stored_device=None) -> Config:
+    """The Config of a run of `dataset` ('MNIST', 'CIFAR10' or 'SYNTHETIC') from `source`: an
+    argparse Namespace (the script's parsed command line), a list of words (a sweep's flags after
+    "--") or a dict (the arguments a checkpoint or resume state stored). Raises UsageError with
+    the first rule broken; for stored arguments the caller names the file.
+
+    Which rules apply follows from `origin`: the values' own rules always; the files a run
+    writes for a command line and a resume state; the network's size against the memory of the
+    device for all but a sweep's flags (whose grid flags are set per run). stored_device: the
+    device an evaluated checkpoint will be loaded on.
+    """
+    parser = flags.PARSERS[dataset]()
+    if isinstance(source, dict):
+        missing = [name for name in NETWORK_FLAGS.get(dataset, ()) if name not in source]
+        if missing:
+            raise UsageError(f'its arguments lack {", ".join(missing)}')
+        namespace = parser.parse_stored(source)
+        namespace._given = frozenset()
+    elif isinstance(source, list):
+        namespace = parser.parse_raising(source)
+    else:
+        namespace = source
+    values = {key: value for key, value in vars(namespace).items() if not key.startswith('_')}
+    if stored_device is not None or origin == CHECKPOINT:
+        values['device'] = stored_device
+    config = Config(dataset, values, getattr(namespace, '_given', frozenset()))
+    rules = RULES[dataset]
+    config = rules.normalised(config)
+    if origin == COMMAND_LINE and getattr(config, 'evaluate', None) is not None:
+        return _checked_evaluate(config)
+    rules.check_values(config)
+    if origin in (COMMAND_LINE, RESUME_STATE):
+        rules.check_files(config)
+    if origin != SWEEP:
+        rules.check_size(config, training=origin != CHECKPOINT)
+    return config
+
+
+def _checked_evaluate(config: Config) -> Config:
+    """--evaluate reads only the checkpoint, the device and the data: every other flag would be
+    ignored in silence, so it is refused."""
+    ignored = sorted(config.given - EVALUATE_READS)
+    if ignored:
+        raise UsageError(f'--evaluate takes the network from the checkpoint and writes nothing, so '
+                         f'it would ignore {", ".join("--" + dest for dest in ignored)}: drop '
+                         f'{"it" if len(ignored) == 1 else "them"}')
+    for name in ('test_batch_size', 'subset'):
+        at_least(name, getattr(config, name), 1)
+    if config.subset is not None and config.subset > DATASET_SIZES[config.dataset][0]:
+        raise UsageError(f'--subset {config.subset} is more than the {DATASET_SIZES[config.dataset][0]:,} '
+                         f'training images')
+    check_device(config.device)
+    if not os.path.isfile(config.evaluate):
+        from .files import special_file_kind
+        kind = special_file_kind(config.evaluate)
+        raise UsageError(f'--evaluate: {config.evaluate} is {kind}, not a checkpoint file' if kind else
+                         f'--evaluate: no such checkpoint file {config.evaluate}')
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules on values
+# ---------------------------------------------------------------------------------------------
+
+def at_least(name: str, value, low):
+    if value is not None and value < low:
+        raise UsageError(f'--{name} must be >= {low}, got {value}')
+
+
+def check_seed(name: str, seed):
+    if seed is not None and not 0 <= seed < SEED_LIMIT:
+        raise UsageError(f'--{name} must be in [0, 2^63), got {seed}')
+
+
+def positive_float32(name: str, value):
+    """A rate or a scale of float32 weights: positive, finite, and within float32's range (a
+    larger one overflows in the first update; a smaller one rounds to 0 and nothing trains)."""
+    if not (math.isfinite(value) and value > 0):
+        raise UsageError(f'--{name} must be positive and finite, got {value}')
+    if value > FLOAT32_MAX or struct.unpack('f', struct.pack('f', value))[0] == 0:
+        raise UsageError(f'--{name} {value} is outside the range of float32, the precision of the '
+                         f'weights it scales (about 1.4e-45 to {FLOAT32_MAX:.4g})')
+
+
+def within_float32(name: str, value, non_negative: bool = False):
+    """A finite value that float32 can hold (it scales float32 data), >= 0 if asked."""
+    low = 0 if non_negative else -FLOAT32_MAX
+    if not (math.isfinite(value) and low <= value <= FLOAT32_MAX):
+        raise UsageError(f'--{name} must be {">= 0 and " if non_negative else ""}within the range of '
+                         f'float32, the precision of the data it scales (about {FLOAT32_MAX:.4g}), '
+                         f'got {value}')
+
+
+def check_decay_steps(steps: list):
+    if any(step < 1 for step in steps):
+        raise UsageError(f'--decay_steps are epochs >= 1 (a decay at 0 would act before training), '
+                         f'got {" ".join(map(str, steps))}')
+    repeated = sorted({step for step in steps if steps.count(step) > 1})
+    if repeated:
+        raise UsageError(f'--decay_steps lists epoch {repeated[0]} more than once (each listing '
+                         f'multiplies the rate again), got {" ".join(map(str, steps))}')
+
+
+def has_control_characters(text: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in text)
+
+
+def check_save_name(save: str):
+    if (os.path.basename(save) != save or '/' in save or '\\' in save or save.startswith('.')
+            or not save.endswith('.pkl') or len(save) <= len('.pkl') or has_control_characters(save)):
+        raise UsageError(f'--save must be a plain file name ending in .pkl (no folders, no .., no '
+                         f'control characters), got {save!r}')
+
+
+def check_results_dir(folder: str):
+    if not folder:
+        raise UsageError('--results_dir must name a folder, got an empty name (use . for this one)')
+    check_writable_folder('--results_dir', folder)
+
+
+def check_device(name):
+    import torch
+    try:
+        device = torch.device(name) if name else None
+    except RuntimeError:
+        raise UsageError(f'--device: unknown device {name!r}') from None
+    if device is None:
+        return
+    if device.type not in ('cpu', 'cuda'):
+        raise UsageError(f'--device must be cpu or cuda[:N], got {name!r}')
+    if device.type == 'cpu' and device.index not in (None, 0):
+        raise UsageError(f'--device {name}: there is one CPU device, cpu')
+    if device.type == 'cuda' and not torch.cuda.is_available():
+        raise UsageError(f'--device {name}: CUDA is not available on this machine')
+    count = torch.cuda.device_count() if device.type == 'cuda' else 0
+    if device.type == 'cuda' and device.index is not None and device.index >= count:
+        raise UsageError(f'--device {name}: this machine has {count} CUDA device(s), cuda:0 to '
+                         f'cuda:{count - 1}')
+
+
+def pick_device(config):
+    """The torch device of a run: --device, else cuda when available, else cpu."""
+    import torch
+    if config.device:
+        return torch.device(config.device)
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+# ---------------------------------------------------------------------------------------------
+# The files a run writes
+# ---------------------------------------------------------------------------------------------
+
+def checkpoint_path(config) -> str:
+    """--checkpoint, or <prefix>_checkpoint/<save name>.pth."""
+    stem = os.path.splitext(config.save)[0]
+    return config.checkpoint or os.path.join(f'{FOLDER_PREFIX[config.dataset]}_checkpoint', f'{stem}.pth')
+
+
+def seed_list_text(seeds) -> str:
+    """Seeds as a short, lossless text: '3-5-7'; three or more consecutive ascending seeds as a
+    range, '0to19' (so that a sweep's 20 or 100 consecutive seeds make a short name)."""
+    parts, start = [], 0
+    while start < len(seeds):
+        end = start
+        while end + 1 < len(seeds) and seeds[end + 1] == seeds[end] + 1:
+            end += 1
+        if end - start >= 2:
+            parts.append(f'{seeds[start]}to{seeds[end]}')
+        else:
+            parts.extend(str(seed) for seed in seeds[start:end + 1])
+        start = end + 1
+    return '-'.join(parts)
+
+
+def parse_seed_list_text(text: str) -> list[int] | None:
+    """The seeds that seed_list_text wrote, or None for text it never writes."""
+    seeds = []
+    for part in text.split('-'):
+        low, _, high = part.partition('to')
+        if not (low.isdigit() and (not high or high.isdigit())) or len(part) > 40:
+            return None
+        seeds.extend(range(int(low), int(high) + 1) if high else [int(low)])
+        if len(seeds) > 100_000:
+            return None
+    return seeds if seed_list_text(seeds) == text else None
+
+
+def resume_state_name(stem: str, seeds=None) -> str:
+    """The file name of a run's resume state, in its results folder: '<save stem>.resume.pt' for a
+    single run, '<save stem>_s<seeds>.batch-resume.pt' for the batch of a --seeds run (seeds as
+    seed_list_text writes them). The two forms can never be the same name."""
+    if not seeds:
+        return stem + RESUME_SUFFIX
+    return f'{stem}_s{seed_list_text(list(seeds))}{BATCH_RESUME_SUFFIX}'
+
+
+def metrics_name(stem: str) -> str:
+    """The per-epoch metrics file beside a run's results pickle."""
+    return stem + '.metrics.jsonl'
+
+
+def written_names(config) -> list[tuple[str, str]]:
+    """Every file a run writes, as (folder, file name): results, metrics, resume state, locks,
+    checkpoint; with --seeds, those of each member (<stem>_s<S>) and the batch's state and lock."""
+    stem = os.path.splitext(config.save)[0]
+    checkpoint = checkpoint_path(config)
+    checkpoint_folder = os.path.dirname(checkpoint) or '.'
+    checkpoint_stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    results, seeds = config.results_dir, getattr(config, 'seeds', None)
+    if not seeds:
+        return [(results, config.save), (results, metrics_name(stem)), (results, resume_state_name(stem)),
+                (results, f'.{stem}.lock'), (checkpoint_folder, os.path.basename(checkpoint)),
+                (checkpoint_folder, f'.{os.path.basename(checkpoint)}.lock')]
+    state = resume_state_name(stem, seeds)
+    names = [(results, state), (results, f'.{state}.lock')]
+    for seed in seeds:
+        names += [(results, f'{stem}_s{seed}.pkl'), (results, metrics_name(f'{stem}_s{seed}')),
+                  (results, f'.{stem}_s{seed}.lock'), (checkpoint_folder, f'{checkpoint_stem}_s{seed}.pth'),
+                  (checkpoint_folder, f'.{checkpoint_stem}_s{seed}.pth.lock')]
+    return names
+
+
+def check_checkpoint_name(path: str | None):
+    """A --checkpoint names a file (not a folder) that is not a results file, a resume state or
+    a lock file, so that writing it can never replace one of those."""
+    if path is None:
+        return
+    if (not path or path.endswith(('/', os.sep)) or os.path.basename(path) in ('.', '..')
+            or os.path.isdir(path)):
+        raise UsageError(f'--checkpoint must name a file, such as {os.path.join(path or ".", "run.pth")}; '
+                         f'got the folder {path!r}')
+    if path.endswith(NOT_CHECKPOINT_SUFFIXES):
+        raise UsageError(f'--checkpoint {path}: a checkpoint may not end in '
+                         f'{", ".join(NOT_CHECKPOINT_SUFFIXES)}, the names of results files, '
+                         f'resume states and locks (it would replace one); use .pth')
+    if has_control_characters(path):
+        raise UsageError(f'--checkpoint may not hold control characters, got {path!r}')
+
+
+def check_name_lengths(config):
+    """Refuse a --save, --checkpoint or --seeds whose files the file system could not create.
+    File systems count bytes, not characters ('€' is 3 bytes in UTF-8)."""
+    for folder, name in written_names(config):
+        size, limit = len(os.fsencode(name)), name_max(folder) - TEMPORARY_NAME_EXTRA
+        if size <= limit:
+            continue
+        if BATCH_RESUME_SUFFIX in name:
+            raise UsageError(f'--seeds: the name of the batch\'s resume state, {name[:40]}..., is '
+                             f'too long ({size} bytes; this file system allows {limit} here): give '
+                             f'fewer seeds, or consecutive ones (written as a range, 0to19)')
+        raise UsageError(f'--save/--checkpoint: the file name {name[:40]}... is too long '
+                         f'({size} bytes; this file system allows {limit} here)')
+
+
+def check_run_files(config):
+    """The places a training run writes can be written, and no name it writes is refused."""
+    check_save_name(config.save)
+    check_checkpoint_name(config.checkpoint)
+    check_results_dir(config.results_dir)
+    check_writable_folder('--checkpoint', os.path.dirname(checkpoint_path(config)))
+    check_name_lengths(config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Each script's rules
+# ---------------------------------------------------------------------------------------------
+
+class TrainingRules:
+    """The rules both image experiments share (MNIST_experiments.py, CIFAR_experiments.py)."""
+
+    dataset = None
+
+    def normalised(self, config):
+        return config
+
+    def check_values(self, config):
+        for name in ('layers', 'batch_size', 'test_batch_size', 'subset'):
+            at_least(name, getattr(config, name), 1)
+        if config.subset is not None and config.subset > DATASET_SIZES[self.dataset][0]:
+            raise UsageError(f'--subset {config.subset} is more than the {DATASET_SIZES[self.dataset][0]:,} '
+                             f'training images')
+        at_least('epochs', config.epochs, 0)
+        positive_float32('lr_init', config.lr_init)
+        positive_float32('decay_rate', config.decay_rate)
+        check_decay_steps(config.decay_steps)
+        check_seed('seed', config.seed)
+        check_save_name(config.save)
+        check_device(config.device)
+        from .distributed import world_size
+        if config.batch_size % world_size():
+            raise UsageError(f'--batch_size {config.batch_size} (global) must be divisible by the '
+                             f'{world_size()} processes')
+
+    def check_files(self, config):
+        check_run_files(config)
+
+    def check_size(self, config, training: bool):
+        from .network_size import check_fits
+        check_fits(config, training, pick_device(config))
+
+
+class MnistRules(TrainingRules):
+    dataset = 'MNIST'
+
+    def normalised(self, config):
+        """-tbs N, the release's spelling, sets both quantities its --test_batch_size decided."""
+        if config.release_tbs is None:
+            return config
+        for name in ('train_error_images', 'test_batch_size'):
+            if name in config.given and getattr(config, name) != config.release_tbs:
+                raise UsageError(f'-tbs {config.release_tbs} (the release\'s option, which sets '
+                                 f'--test_batch_size and --train_error_images) contradicts '
+                                 f'--{name} {getattr(config, name)}')
+        given = (config.given - {'release_tbs'}) | {'train_error_images', 'test_batch_size'}
+        return Config(self.dataset, {**config.as_dict(), 'train_error_images': config.release_tbs,
+                                     'test_batch_size': config.release_tbs, 'release_tbs': None}, given)
+
+    def check_values(self, config):
+        super().check_values(config)
+        at_least('train_error_images', config.train_error_images, 1)
+        at_least('pretrain', config.pretrain, 0)
+        at_least('in_channels', config.in_channels, 1)
+        at_least('dim_int', config.dim_int, 1)
+        positive_float32('pretrain_lr', config.pretrain_lr)
+        check_seed('embedding_seed', config.embedding_seed)
+        if config.seeds is not None:
+            self._check_seeds(config)
+
+    @staticmethod
+    def _check_seeds(config):
+        from .distributed import launched_by_torchrun
+        if config.seed is not None:
+            raise UsageError('--seeds and --seed exclude each other: give the one seed as --seeds S, '
+                             'or train it alone with --seed S')
+        if any(not 0 <= seed < SEED_LIMIT for seed in config.seeds):
+            raise UsageError(f'--seeds must be in [0, 2^63), got {" ".join(map(str, config.seeds))}')
+        if len(set(config.seeds)) != len(config.seeds):
+            raise UsageError(f'--seeds lists a seed more than once: {" ".join(map(str, config.seeds))}')
+        if launched_by_torchrun():
+            raise UsageError('--seeds is for one process; under torchrun give each process its own '
+                             'run, or use reproduce.py')
+
+
+class CifarRules(TrainingRules):
+    dataset = 'CIFAR10'
+
+
+class SyntheticRules:
+    """synthetic_experiments.py: the same value rules as the image experiments' where the flags
+    mean the same (rates, seeds, sizes, the memory a network needs)."""
+
+    dataset = 'SYNTHETIC'
+
+    def normalised(self, config):
+        """--matrix scaling sets q = 2d, as the release did whatever -q said."""
+        if config.matrix != 'scaling':
+            return config
+        if 'dim' in config.given and config.dim != 2 * config.data_dim:
+            raise UsageError(f'--matrix scaling sets q = 2d = {2 * config.data_dim}; drop --dim '
+                             f'{config.dim}')
+        return config.replace(dim=2 * config.data_dim)
+
+    def check_values(self, config):
+        for name in ('dataset_size', 'data_dim', 'dim', 'num_layers', 'dim_int'):
+            at_least(name, getattr(config, name), 1)
+        at_least('epochs', config.epochs, 0)
+        positive_float32('learning_rate', config.learning_rate)
+        if not math.isfinite(config.nu) or config.nu == 0:
+            raise UsageError(f'--nu must be negative (Gaussian features) or positive (Student-t with '
+                             f'2 nu degrees of freedom), got {config.nu}')
+        within_float32('nu', config.nu)
+        within_float32('sigma', config.sigma, non_negative=True)
+        within_float32('alpha', config.alpha)
+        if config.matrix == 'lifting' and config.dim < config.data_dim:
+            raise UsageError(f'--matrix lifting needs --dim q >= --data_dim d, got q={config.dim}, '
+                             f'd={config.data_dim}')
+        check_seed('seed', config.seed)
+        check_save_name(config.save)
+        check_device(config.device)
+
+    def check_files(self, config):
+        check_results_dir(config.results_dir)
+
+    def check_size(self, config, training: bool):
+        from .network_size import check_fits_synthetic
+        check_fits_synthetic(config, flags.synthetic_method(config), pick_device(config))
+
+
+RULES = {'MNIST': MnistRules(), 'CIFAR10': CifarRules(), 'SYNTHETIC': SyntheticRules()}
+
+
+def default_embedding_seed(config):
+    """The seed of MNIST's drawn A and B when --embedding_seed is not given: the run's seed, or
+    the first of --seeds (runs that share it share their embedding)."""
+    if config.embedding_seed is not None:
+        return config.embedding_seed
+    return config.seeds[0] if config.seeds else config.seed
+
+
+def resolved(config):
+    """The config with the defaults that follow from its seed filled in (MNIST's embedding seed),
+    once the seed is known (given, or drawn when the run starts)."""
+    if config.dataset == 'MNIST':
+        return config.replace(embedding_seed=default_embedding_seed(config))
+    return config
+
+
+def argparse_namespace(config) -> argparse.Namespace:
+    """A Config as an argparse Namespace, for code written against parsed flags (benchmarks)."""
+    return argparse.Namespace(**config.as_dict())
