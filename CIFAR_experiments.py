@@ -9,16 +9,15 @@ import sys
 
 from resnet_ode import cifar, gate, launch, training
 from resnet_ode.errors import one_line_errors
-from resnet_ode.flags import cifar_parser
 
 
 def get_args_parser():
-    return cifar_parser()
+    return cifar.parser()
 
 
 @one_line_errors
 def main(args) -> int:
-    config = gate.validate('CIFAR10', args)
+    config = gate.validate(cifar.RULES, args)
     if config.evaluate:
         return cifar.evaluate(config)
     with launch.start_run(config) as started:

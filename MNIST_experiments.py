@@ -9,24 +9,23 @@ method itself is in models.py, the training loop in resnet_ode/training.py.
 import sys
 
 from resnet_ode import gate, launch, mnist, training
-from resnet_ode.errors import EXIT_DIVERGED, one_line_errors
-from resnet_ode.flags import mnist_parser
+from resnet_ode.errors import EXIT_DIVERGED, PretrainingStopped, one_line_errors
 
 
 def get_args_parser():
-    return mnist_parser()
+    return mnist.parser()
 
 
 @one_line_errors
 def main(args) -> int:
-    config = gate.validate('MNIST', args)
+    config = gate.validate(mnist.RULES, args)
     if config.evaluate:
         return mnist.evaluate(config)
     try:
         with launch.start_run(config) as started:
             experiment = mnist.build_experiment(started)  # data, A and B, the ODE block of each seed
             return training.fit(experiment, started)      # train, evaluate, checkpoint, pickle
-    except mnist.PretrainingStopped as exc:  # the claim has removed what it created: nothing is left
+    except PretrainingStopped as exc:  # the claim has removed what it created: nothing is left
         print(exc, file=sys.stderr if exc.status == EXIT_DIVERGED else sys.stdout)
         return exc.status
 

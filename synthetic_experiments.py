@@ -23,16 +23,15 @@ import sys
 
 from resnet_ode import gate, synthetic
 from resnet_ode.errors import one_line_errors
-from resnet_ode.flags import synthetic_parser
 
 
 def get_args_parser():
-    return synthetic_parser()
+    return synthetic.parser()
 
 
 @one_line_errors
 def main(args) -> int:
-    return synthetic.claimed_run(gate.validate('SYNTHETIC', args))
+    return synthetic.claimed_run(gate.validate(synthetic.RULES, args))
 
 
 if __name__ == '__main__':

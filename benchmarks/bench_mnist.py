@@ -21,7 +21,7 @@ import torch
 
 from benchmarks import measure
 from benchmarks import release_style as rs
-from resnet_ode import data, distributed, flags, mnist
+from resnet_ode import data, distributed, mnist
 
 NAMES = {'a': 'a: release-style (DataLoader + odeint, blended outputs)',
          'b': 'b: project (device data, fixed integrator)', 'c': 'c: project with --compile'}
@@ -93,7 +93,7 @@ def main(argv=None):
         return measure.ProjectPipeline(
             args, device, net, torch.compile(net) if compiled else net, train, test,
             mnist.EVAL_CHUNK,
-            lambda train_set: mnist.first_training_images(train_set, flags.TRAIN_ERROR_IMAGES),
+            lambda train_set: mnist.first_training_images(train_set, mnist.TRAIN_ERROR_IMAGES),
             parameters=list(net.ode_block.parameters()), eval_transform=data.mnist_to_float,
             train_transform=lambda images, generator: data.mnist_to_float(images))
     pipelines = {key: rs.mnist_pipeline(args, device) if key == 'a' else project_pipeline(key == 'c')

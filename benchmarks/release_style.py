@@ -57,7 +57,7 @@ def release_net_from(project_net: models.MNISTODENet) -> models.MNISTODENet:
 
 def project_mnist_net(args, device) -> models.MNISTODENet:
     """The project's network as MNIST_experiments.py builds it for --seed (no embedding files)."""
-    net, _ = mnist.build_network(gate.Config('MNIST', {
+    net, _ = mnist.build_network(gate.Config(mnist.RULES, {
         **vars(args), 'time_weights': 'release', 'integrator': 'fixed', 'embedding_seed': args.seed,
         'embedding_dir': 'none', 'pretrain': 0, 'seeds': None}), None)
     net.to(device).freeze_embedding()

@@ -10,7 +10,6 @@ import warnings
 
 import torch
 
-from . import gate
 from .errors import UsageError
 from .faults import fault_point
 from .files import NotARegularFile, open_regular, torch_load_failure, write_bytes
@@ -65,32 +64,3 @@ def save_checkpoint(path: str, config, dataset: str, epoch: int, test_error: flo
                 'epoch': epoch, 'test_error': test_error, 'results_file': results_file,
                 'facts': facts, **parts}, path)
     fault_point('checkpoint')
-
-
-def load_checkpoint(path: str, dataset: str, parts: tuple, device):
-    """A best-model checkpoint of this project for `dataset`, checked before use: its format, its
-    arguments (through the gate, as a command line's, for the network to run on `device`), and
-    its parts (`parts`, state dicts). Returns (checkpoint, its Config); UsageError otherwise."""
-    checkpoint = load_torch(path, 'checkpoint')
-    if not isinstance(checkpoint, dict) or checkpoint.get('dataset') != dataset:
-        raise UsageError(f'{path} is not a checkpoint of this project for {dataset}')
-
-    def refuse(why):
-        raise UsageError(f'{path} is not a checkpoint of this project ({why})')
-
-    if checkpoint.get('format') != CHECKPOINT_FORMAT:
-        refuse(f'format {checkpoint.get("format")!r}; this version writes {CHECKPOINT_FORMAT}')
-    if not isinstance(checkpoint.get('args'), dict):
-        refuse(f'its arguments are a {type(checkpoint.get("args")).__name__}, not a dict')
-    try:
-        stored = gate.validate(dataset, checkpoint['args'], gate.CHECKPOINT, stored_device=device)
-    except UsageError as exc:
-        refuse(str(exc))
-    for name in parts:
-        if not isinstance(checkpoint.get(name), dict):
-            refuse(f'no {name}')
-    if not isinstance(checkpoint.get('epoch'), int) or isinstance(checkpoint.get('epoch'), bool):
-        refuse(f'its epoch is {checkpoint.get("epoch")!r}')
-    if not isinstance(checkpoint.get('test_error'), float):
-        refuse(f'its test error is {checkpoint.get("test_error")!r}')
-    return checkpoint, stored

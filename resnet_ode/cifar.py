@@ -9,11 +9,11 @@ import torch
 import models
 
 from . import data, distributed
-from .checkpoints import load_checkpoint
-from .errors import DataError
-from .evaluation import eval_chunk, evaluate_checkpoint
+from .errors import DataError, OneLineArgumentParser
+from .evaluation import eval_chunk
 from .files import missing_ancestors
-from .gate import DATASET_SIZES, pick_device
+from .flags import add_common_arguments
+from .gate import DATASET_SIZES, TrainingRules, pick_device, refuse_beyond_memory, tensor_count
 from .protocol import CIFAR_TRAIN_ERROR_IMAGES
 from .random_state import seed_everything
 from .training import Experiment
@@ -33,6 +33,8 @@ CIFAR_IMAGE_SIZE = 32
 # Evaluation batch caps per device type (results never depend on them).
 EVAL_CHUNK = {'cpu': 500, 'cuda': 2500}
 TRAIN_EVAL_SIZE = CIFAR_TRAIN_ERROR_IMAGES  # train_classif's sample, as in the release
+# Each block of the third stage keeps about three 256 x 8 x 8 maps per image for the backward pass.
+STAGE3_ACTIVATIONS_PER_IMAGE = 3 * 256 * 8 * 8
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,6 +102,49 @@ def load_datasets(config, dist):
 # The run
 # ---------------------------------------------------------------------------------------------
 
+def parser() -> OneLineArgumentParser:
+    """CIFAR_experiments.py: the release README's protocol (300 epochs, x0.1 at 260)."""
+    parser = OneLineArgumentParser(
+        prog='CIFAR_experiments.py',
+        description='Train a ResNet18-layout network of RKHS or SHL blocks on CIFAR-10 (Figure 3).')
+    add_common_arguments(parser, layers=10, epochs=300, lr_init=3e-3, decay_steps=[260],
+                         decay_rate=0.1, folder_prefix='CIFAR')
+    add = parser.add_argument
+    add('--channels_last', action='store_true',
+        help='channels_last memory format (a GPU speed option; same maths)')
+    add('--amp', action='store_true',
+        help='bfloat16 autocast of the training forward (CUDA or CPU); off by default since it '
+             'changes results')
+    add('--sync_bn', action='store_true',
+        help='under torchrun, synchronise BatchNorm statistics across processes (default off: '
+             'each process normalises its own share of the batch)')
+    return parser
+
+
+class CifarRules(TrainingRules):
+    dataset = DATASET
+    network_flags = ('model', 'layers')
+
+    def parser(self):
+        return parser()
+
+    def check_size(self, config, training: bool):
+        """The network fits in the device's memory."""
+        refuse_beyond_memory(f'--layers {config.layers}', training_bytes(config, config.batch_size if training else 0),
+                             pick_device(config))
+
+
+def training_bytes(config, batch: int) -> int:
+    """The CIFAR network in training: its tensors, as many gradients, and the third stage's
+    activations for one batch."""
+    sizes = tensor_count(lambda layers: models.CifarResNet(config.model, layers))
+    tensors = sizes[0] + (sizes[1] - sizes[0]) * (config.layers - 1)
+    return 4 * (2 * tensors + batch * config.layers * STAGE3_ACTIVATIONS_PER_IMAGE)
+
+
+RULES = CifarRules()
+
+
 def random_training_images(train_set, transform):
     """train_classif, as in the release: 10,000 training images drawn anew at each evaluation
     and passed through the training augmentation."""
@@ -151,8 +196,9 @@ def build_experiment(started) -> Experiment:
 
 def evaluate(config) -> int:
     """--evaluate: rebuild the checkpoint's network, print its test error, write nothing."""
+    from .checkpoint_evaluation import evaluate_checkpoint, load_checkpoint  # only --evaluate needs them
     device = pick_device(config)
-    checkpoint, stored = load_checkpoint(config.evaluate, DATASET, ('model',), config.device)
+    checkpoint, stored = load_checkpoint(config.evaluate, RULES, ('model',), config.device)
     _, test_set = load_datasets(config, distributed.SINGLE)
     net = models.CifarResNet(stored.model, stored.layers).to(device)
     return evaluate_checkpoint(net, checkpoint, stored, {'model': net}, test_set.to(device),

@@ -38,57 +38,10 @@ RELEASE_COMMIT = '54bc56f'
 DOWNLOAD_URL = f'https://github.com/{RELEASE_REPOSITORY}/raw/{RELEASE_COMMIT}/{DEFAULT_DIR}/'
 DOWNLOAD_COMMAND = 'python -m resnet_ode.embeddings --download'
 
-# SHA-256 of the 48 files as shipped (computed from a byte-for-byte copy of that commit).
-RELEASE_SHA256 = {
-    '8channels_0pass_input_embedding.pt': '2f839c6b96c5df3501c575848f66dc144933dba88cb427c24f2bdb8183985974',
-    '8channels_0pass_output_embedding.pt': 'fbca2dc9cf73aa16dfd0a46f62ebb7d644fef0eb5c818c2d3eb75e86555edd33',
-    '8channels_1pass_input_embedding.pt': 'fa8adcc1db9b096f8d05052d4d2f4b733aafb0bc31d5935c30bdf16e8c67509e',
-    '8channels_1pass_output_embedding.pt': '7c8fdda8dcfd5a2545c9492a2f5bd468e3643ef2045114087dc837e3f0a710fc',
-    '8channels_2pass_input_embedding.pt': '35c4b3c1568ce252eed7fdec1a8119cbf1f53b96a39a3c33d6bd70069e4ee375',
-    '8channels_2pass_output_embedding.pt': '0754557248547b6fae948ea99e6d3e47f564d5e39f2279c39500b5178b3ed4eb',
-    '8channels_3pass_input_embedding.pt': 'a048e29f2f6c77c973f8b593e5367214c7c5cbe4758cd2c1ab9cdd050a5dd013',
-    '8channels_3pass_output_embedding.pt': '7335e7ec2e741d9c1c3f9b5f7aa6fcf3ef19498ff3562519264ca197668dfc35',
-    '8channels_4pass_input_embedding.pt': 'bdc27566e5499b98e3dc073241932172777d02b82087bb8305c384a3d6317e5a',
-    '8channels_4pass_output_embedding.pt': '55725c408846e53d218e911320510c20b826e8b01458e5a93b38041be7d6fb48',
-    '8channels_5pass_input_embedding.pt': 'f5185ed0c8630070947352cf2cf604fdb916c5d489cc0c66f864b1fbd81e6f15',
-    '8channels_5pass_output_embedding.pt': 'dd742cb23597586dd9142b4573edbcf35651184c7618c030242893758c8794b4',
-    '16channels_0pass_input_embedding.pt': 'bce07b7d0a76f7eabc08c08b5b37c68ba41837d6791060a6cd1c9c9fec74f75a',
-    '16channels_0pass_output_embedding.pt': 'f11e6511e2480f734fc38c3de86dc1614ad675f4f36d11f76c36ea7c4591739f',
-    '16channels_1pass_input_embedding.pt': '75582f563dfa361e542643e28a6d5dc06e9df44958f40485cd9f902a172d61d6',
-    '16channels_1pass_output_embedding.pt': '140d36d43617e1c9aa721ea76743fc46dc4d4ef9108a71c33ea1920f2d623223',
-    '16channels_2pass_input_embedding.pt': '246c2d724190b49a8cbf2e15edff04efea17066b483529014fbfe6d68c2d7353',
-    '16channels_2pass_output_embedding.pt': '1105bb8a0976ae96ce3ede24c6d2d2fb3a4a4fea3260843062db1c3f7a9e0afd',
-    '16channels_3pass_input_embedding.pt': '699d41ea5f200c45285a14d688700d8346724ca24d5ed5318348b93988087473',
-    '16channels_3pass_output_embedding.pt': '94c61d3429511a1f002340df7e6b34022a0fc05c187a5d42ecc7c9e3a8a5166e',
-    '16channels_4pass_input_embedding.pt': 'abd41698569a9b9ba8cd44fdfc91e3b177278bb81d57b3487b904222a5e14bbf',
-    '16channels_4pass_output_embedding.pt': '342dcf5e7abd06d2ffcb06f173856910f6a1e6940a2bb9cf042005a86c1806a6',
-    '16channels_5pass_input_embedding.pt': '22f99038cdc45883c32c335cc10fc2eec18beda442b0db96aeaa9a66fabd744b',
-    '16channels_5pass_output_embedding.pt': 'cefcb215e6633a4877d4e81f45b41546866097d3519fac8e5c7ca3c2666462c8',
-    '32channels_0pass_input_embedding.pt': '2e9bbf10cafc75c9171151aa343b38ca54df96c3437ef88e31424916b9e1f40c',
-    '32channels_0pass_output_embedding.pt': '4f82fc917e6cdd99c59e225e319b98b5607981c0ba9e4c1a2159025250681cd9',
-    '32channels_1pass_input_embedding.pt': 'aacecdf9c27737c428d0aedefc42177123f86cb4caa2e276fb55eefaa13c9ba8',
-    '32channels_1pass_output_embedding.pt': 'dae85e95db7ca59a2a97e197d3c5fda0ee9280a5025ee42350637a719743c4e5',
-    '32channels_2pass_input_embedding.pt': '1cbd48a0267d72a2c291cb73a635134d01771200215af5eb368908f080690cdc',
-    '32channels_2pass_output_embedding.pt': '9ff842cb6dbe180e3757751468b40b509c995dcce9bac33689d7f8a0e1639021',
-    '32channels_3pass_input_embedding.pt': '69bb37bcf1d6efbacf0adf4024de391da80bd68c927c1767bd5172492798e95c',
-    '32channels_3pass_output_embedding.pt': '7a37faf133a0b3b927f07bada8744cd14d2fc1c5f454a44fa07e4f36f59e6006',
-    '32channels_4pass_input_embedding.pt': '403c949a3d0b4cc8b3713e2426bb7ed2f7ea2e71ef2aae81496f348c4d72f33c',
-    '32channels_4pass_output_embedding.pt': '8897f5d56b947bb93151e9b82de3fffea8f7a054d8a4815af43020ea049eac34',
-    '32channels_5pass_input_embedding.pt': 'd02b63ece7d4fee5e6dbeae921b2ae63321a76d7e94bb69946c4c00054602af7',
-    '32channels_5pass_output_embedding.pt': '13c1f44a99e33228382baf51b1981e47cef2a18c00e52e962cc5c12c973a1bbc',
-    '64channels_0pass_input_embedding.pt': 'a97522fa391e41e8d72bae2e2218d2828bb8344cc91b7a140b3bfb3513906a23',
-    '64channels_0pass_output_embedding.pt': '5e14a5300f10246a8ab0e18d3ca13aca9c1de48d80df9ef56ddce2dcb05cc64c',
-    '64channels_1pass_input_embedding.pt': 'b0df6d44fda8f36ddde35b6d8e84ec9cff95f85a92dd773d417a69871c85dd1a',
-    '64channels_1pass_output_embedding.pt': 'fc65d5c966a10e7cff2acba9d04022a5380db4742db50a4c8a7499456c88bfeb',
-    '64channels_2pass_input_embedding.pt': '2d0bfef2e554412ad58d3a43a1741ba4761e82332ec61a90ea1219541c57d867',
-    '64channels_2pass_output_embedding.pt': '3eeeb49a799af60d44e3a9efd8b7298db18ca7014bdee5208aaa32c55e1ea23c',
-    '64channels_3pass_input_embedding.pt': '3292d8947b01712b35bc02a7d2ed0e69593b3e7b857bbff577fbb9903eab2fd7',
-    '64channels_3pass_output_embedding.pt': '2dc2a187769a1d1840b5baf1753c24cf2f715eabce58d758c42469639a51eb6c',
-    '64channels_4pass_input_embedding.pt': '593d53e24bc2c498cb8b0de7746a97b5702fb70dabf42a793d903d73b6dd0991',
-    '64channels_4pass_output_embedding.pt': '412b6025d3691abf72c9cdbe271a95a1d2fc72a22eaa12415887faab9052d512',
-    '64channels_5pass_input_embedding.pt': '0e8cb085aea41ad2248f61419104464b11b39174509177612419b0b5df832b66',
-    '64channels_5pass_output_embedding.pt': '7afa774803b5aba6f7172301c40ca32083345c4f266f8a52c6e727a6daa05b93',
-}
+# SHA-256 of the 48 files as shipped (computed from a byte-for-byte copy of that commit), one
+# `sha256sum` line per file beside this module.
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), 'release_embeddings.sha256')) as _sums:
+    RELEASE_SHA256 = {name: digest for digest, name in map(str.split, _sums)}
 PARTS = ('input', 'output')  # A, B
 
 

@@ -38,6 +38,14 @@ class DownloadError(UsageError):
     """A download that failed, or a file in the way: nothing was written."""
 
 
+class PretrainingStopped(Exception):
+    """Pretraining diverged (exit 3) or was interrupted (130/143); nothing was written."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
 class NothingToDo(Exception):
     """The command has nothing left to do (--resume of a finished run): one line on stdout, 0."""
 

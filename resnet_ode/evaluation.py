@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import torch
 
-from .errors import EXIT_OK, UsageError
 from .faults import fault_point
 
 
@@ -48,29 +47,3 @@ def evaluate(exp, generator, dist) -> tuple[list, list]:
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0][:160] if text else type(exc).__name__
-
-
-def _recorded_images(stored, full: int) -> str:
-    """What the checkpoint's own run measured its test error on: --subset cuts the test set too."""
-    if stored.synthetic:
-        return f'{stored.subset or "the synthetic"} synthetic test images'
-    return (f'its first {min(stored.subset, full):,} test images (--subset)' if stored.subset
-            else f'{full:,} test images')
-
-
-def evaluate_checkpoint(model, checkpoint: dict, stored, parts: dict, test_set, transform, chunk,
-                        path: str) -> int:
-    """--evaluate: load the checkpoint's parts into `model`, print its test error, write nothing.
-    stored: the Config of the run that saved it."""
-    try:
-        for name, module in parts.items():
-            module.load_state_dict(checkpoint[name])
-    except (RuntimeError, TypeError, KeyError, ValueError, AttributeError) as exc:
-        raise UsageError(f'{path} is not a checkpoint of this project (it does not fit the network '
-                         f'its arguments build: {first_line(exc)})') from None
-    model.eval()
-    error = count_errors(model, test_set.images, test_set.labels, transform, chunk).item() / len(test_set)
-    print(f'test error {100 * error:.4f}% on {len(test_set):,} test images (checkpoint of epoch '
-          f'{checkpoint["epoch"]}, whose run recorded {100 * checkpoint["test_error"]:.4f}% on '
-          f'{_recorded_images(stored, len(test_set))})')
-    return EXIT_OK

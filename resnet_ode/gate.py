@@ -8,12 +8,10 @@ command line again, and nothing changes a Config: a changed value is a new Confi
 """
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import struct
 
-from . import flags
 from .errors import UsageError
 from .files import TEMPORARY_NAME_EXTRA, check_writable_folder, name_max
 
@@ -23,9 +21,6 @@ SEED_LIMIT = 2 ** 63  # seeds are torch's: [0, 2^63)
 # (training, test) images of each dataset; --subset takes at most the training set's
 DATASET_SIZES = {'MNIST': (60_000, 10_000), 'CIFAR10': (50_000, 10_000)}
 FOLDER_PREFIX = {'MNIST': 'MNIST', 'CIFAR10': 'CIFAR'}  # MNIST_experiments/, CIFAR_checkpoint/, ...
-# The arguments that decide the network: every checkpoint and resume state must hold them.
-NETWORK_FLAGS = {'MNIST': ('model', 'in_channels', 'dim_int', 'layers', 'method', 'time_weights'),
-                 'CIFAR10': ('model', 'layers')}
 # The flags --evaluate reads; it takes everything else from the checkpoint, so any other flag
 # given with it would be ignored in silence.
 EVALUATE_READS = frozenset(('evaluate', 'device', 'data_root', 'test_batch_size', 'subset', 'synthetic'))
@@ -39,14 +34,20 @@ NOT_CHECKPOINT_SUFFIXES = ('.pkl', RESUME_SUFFIX, BATCH_RESUME_SUFFIX, '.lock')
 
 class Config:
     """A run's validated values, read-only: `config.layers`, `config.seed`, ... One attribute per
-    flag of its script; `given` holds the flags the command line set itself."""
+    flag of its script; `given` holds the flags the command line set itself, `rules` the rules
+    they passed (its experiment's)."""
 
-    __slots__ = ('_values', 'dataset', 'given')
+    __slots__ = ('_values', 'rules', 'given')
 
-    def __init__(self, dataset: str, values: dict, given=frozenset()):
+    def __init__(self, rules, values: dict, given=frozenset()):
         object.__setattr__(self, '_values', dict(values))
-        object.__setattr__(self, 'dataset', dataset)
+        object.__setattr__(self, 'rules', rules)
         object.__setattr__(self, 'given', frozenset(given))
+
+    @property
+    def dataset(self) -> str:
+        """'MNIST', 'CIFAR10' or 'SYNTHETIC': whose run this is."""
+        return self.rules.dataset
 
     def __getattr__(self, name):
         try:
@@ -62,7 +63,7 @@ class Config:
         unknown = set(changes) - set(self._values)
         if unknown:
             raise AttributeError(f'no such value: {", ".join(sorted(unknown))}')
-        return Config(self.dataset, {**self._values, **changes}, self.given)
+        return Config(self.rules, {**self._values, **changes}, self.given)
 
     def as_dict(self) -> dict:
         """The values as plain Python (stored in checkpoints and resume states)."""
@@ -73,9 +74,9 @@ class Config:
         return f'Config({self.dataset}, {self._values!r})'
 
 
-def validate(dataset: str, source, origin: str = COMMAND_LINE, *, stored_device=None) -> Config:
-    """The Config of a run of `dataset` ('MNIST', 'CIFAR10' or 'SYNTHETIC') from `source`: an
-    argparse Namespace (the script's parsed command line), a list of words (a sweep's flags after
+def validate(rules, source, origin: str = COMMAND_LINE, *, stored_device=None) -> Config:
+    """The Config of a run of the experiment whose `rules` (mnist.RULES, cifar.RULES or
+    synthetic.RULES: its parser and its checks) it must follow, from `source`: an argparse Namespace (the script's parsed command line), a list of words (a sweep's flags after
     "--") or a dict (the arguments a checkpoint or resume state stored). Raises UsageError with
     the first rule broken; for stored arguments the caller names the file.
 
@@ -84,9 +85,9 @@ def validate(dataset: str, source, origin: str = COMMAND_LINE, *, stored_device=
     device for all but a sweep's flags (whose grid flags are set per run). stored_device: the
     device an evaluated checkpoint will be loaded on.
     """
-    parser = flags.PARSERS[dataset]()
+    parser = rules.parser()
     if isinstance(source, dict):
-        missing = [name for name in NETWORK_FLAGS.get(dataset, ()) if name not in source]
+        missing = [name for name in rules.network_flags if name not in source]
         if missing:
             raise UsageError(f'its arguments lack {", ".join(missing)}')
         namespace = parser.parse_stored(source)
@@ -98,9 +99,7 @@ def validate(dataset: str, source, origin: str = COMMAND_LINE, *, stored_device=
     values = {key: value for key, value in vars(namespace).items() if not key.startswith('_')}
     if stored_device is not None or origin == CHECKPOINT:
         values['device'] = stored_device
-    config = Config(dataset, values, getattr(namespace, '_given', frozenset()))
-    rules = RULES[dataset]
-    config = rules.normalised(config)
+    config = rules.normalised(Config(rules, values, getattr(namespace, '_given', frozenset())))
     if origin == COMMAND_LINE and getattr(config, 'evaluate', None) is not None:
         return _checked_evaluate(config)
     rules.check_values(config)
@@ -337,16 +336,81 @@ def check_run_files(config):
 
 
 # ---------------------------------------------------------------------------------------------
-# Each script's rules
+# The memory a network needs: an absurd size is refused before anything is built
 # ---------------------------------------------------------------------------------------------
 
-class TrainingRules:
-    """The rules both image experiments share (MNIST_experiments.py, CIFAR_experiments.py)."""
+# The time schedule of an ODE block keeps about this many bytes of Python objects per evaluation.
+SCHEDULE_BYTES_PER_EVALUATION = 200
+
+
+def memory_limit(device) -> tuple[int, str]:
+    """(bytes, what they are) of the memory a run on `device` can use at most: the GPU's, or the
+    machine's RAM (or the container's limit, when lower)."""
+    if device.type == 'cuda':
+        import torch
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory, f'{device}\'s memory'
+    limit = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    try:
+        with open('/sys/fs/cgroup/memory.max') as f:
+            text = f.read().strip()
+        if text.isdigit():
+            limit = min(limit, int(text))
+    except OSError:
+        pass
+    return limit, 'this machine\'s memory'
+
+
+def refuse_beyond_memory(what: str, needed: int, device):
+    limit, where = memory_limit(device)
+    if needed > limit:
+        raise UsageError(f'{what}: the network would need at least {needed / 2 ** 30:,.1f} GiB '
+                         f'(parameters, gradients and one batch\'s activations), more than '
+                         f'{where} ({limit / 2 ** 30:,.1f} GiB)')
+
+
+def tensor_count(build) -> list[int]:
+    """Parameters and buffers of the modules build(1) and build(2), made on the meta device
+    (nothing allocated): a size linear in its argument is read off the two."""
+    import torch
+    with torch.device('meta'):
+        return [sum(t.numel() for t in (*module.parameters(), *module.buffers()))
+                for module in (build(1), build(2))]
+
+
+# ---------------------------------------------------------------------------------------------
+# The rules every experiment shares
+# ---------------------------------------------------------------------------------------------
+
+class Rules:
+    """An experiment's flags and their rules: its parser, the values a command line may give,
+    the files a run writes, the memory its network needs. Each experiment module subclasses it
+    (mnist.RULES, cifar.RULES, synthetic.RULES)."""
 
     dataset = None
+    network_flags = ()  # the arguments that decide the network: every checkpoint must hold them
+
+    def parser(self):
+        raise NotImplementedError
 
     def normalised(self, config):
         return config
+
+    def resolved(self, config):
+        return config
+
+    def check_values(self, config):
+        raise NotImplementedError
+
+    def check_files(self, config):
+        check_results_dir(config.results_dir)
+
+    def check_size(self, config, training: bool):
+        pass
+
+
+class TrainingRules(Rules):
+    """The rules both image experiments share (MNIST_experiments.py, CIFAR_experiments.py)."""
 
     def check_values(self, config):
         for name in ('layers', 'batch_size', 'test_batch_size', 'subset'):
@@ -369,117 +433,8 @@ class TrainingRules:
     def check_files(self, config):
         check_run_files(config)
 
-    def check_size(self, config, training: bool):
-        from .network_size import check_fits
-        check_fits(config, training, pick_device(config))
-
-
-class MnistRules(TrainingRules):
-    dataset = 'MNIST'
-
-    def normalised(self, config):
-        """-tbs N, the release's spelling, sets both quantities its --test_batch_size decided."""
-        if config.release_tbs is None:
-            return config
-        for name in ('train_error_images', 'test_batch_size'):
-            if name in config.given and getattr(config, name) != config.release_tbs:
-                raise UsageError(f'-tbs {config.release_tbs} (the release\'s option, which sets '
-                                 f'--test_batch_size and --train_error_images) contradicts '
-                                 f'--{name} {getattr(config, name)}')
-        given = (config.given - {'release_tbs'}) | {'train_error_images', 'test_batch_size'}
-        return Config(self.dataset, {**config.as_dict(), 'train_error_images': config.release_tbs,
-                                     'test_batch_size': config.release_tbs, 'release_tbs': None}, given)
-
-    def check_values(self, config):
-        super().check_values(config)
-        at_least('train_error_images', config.train_error_images, 1)
-        at_least('pretrain', config.pretrain, 0)
-        at_least('in_channels', config.in_channels, 1)
-        at_least('dim_int', config.dim_int, 1)
-        positive_float32('pretrain_lr', config.pretrain_lr)
-        check_seed('embedding_seed', config.embedding_seed)
-        if config.seeds is not None:
-            self._check_seeds(config)
-
-    @staticmethod
-    def _check_seeds(config):
-        from .distributed import launched_by_torchrun
-        if config.seed is not None:
-            raise UsageError('--seeds and --seed exclude each other: give the one seed as --seeds S, '
-                             'or train it alone with --seed S')
-        if any(not 0 <= seed < SEED_LIMIT for seed in config.seeds):
-            raise UsageError(f'--seeds must be in [0, 2^63), got {" ".join(map(str, config.seeds))}')
-        if len(set(config.seeds)) != len(config.seeds):
-            raise UsageError(f'--seeds lists a seed more than once: {" ".join(map(str, config.seeds))}')
-        if launched_by_torchrun():
-            raise UsageError('--seeds is for one process; under torchrun give each process its own '
-                             'run, or use reproduce.py')
-
-
-class CifarRules(TrainingRules):
-    dataset = 'CIFAR10'
-
-
-class SyntheticRules:
-    """synthetic_experiments.py: the same value rules as the image experiments' where the flags
-    mean the same (rates, seeds, sizes, the memory a network needs)."""
-
-    dataset = 'SYNTHETIC'
-
-    def normalised(self, config):
-        """--matrix scaling sets q = 2d, as the release did whatever -q said."""
-        if config.matrix != 'scaling':
-            return config
-        if 'dim' in config.given and config.dim != 2 * config.data_dim:
-            raise UsageError(f'--matrix scaling sets q = 2d = {2 * config.data_dim}; drop --dim '
-                             f'{config.dim}')
-        return config.replace(dim=2 * config.data_dim)
-
-    def check_values(self, config):
-        for name in ('dataset_size', 'data_dim', 'dim', 'num_layers', 'dim_int'):
-            at_least(name, getattr(config, name), 1)
-        at_least('epochs', config.epochs, 0)
-        positive_float32('learning_rate', config.learning_rate)
-        if not math.isfinite(config.nu) or config.nu == 0:
-            raise UsageError(f'--nu must be negative (Gaussian features) or positive (Student-t with '
-                             f'2 nu degrees of freedom), got {config.nu}')
-        within_float32('nu', config.nu)
-        within_float32('sigma', config.sigma, non_negative=True)
-        within_float32('alpha', config.alpha)
-        if config.matrix == 'lifting' and config.dim < config.data_dim:
-            raise UsageError(f'--matrix lifting needs --dim q >= --data_dim d, got q={config.dim}, '
-                             f'd={config.data_dim}')
-        check_seed('seed', config.seed)
-        check_save_name(config.save)
-        check_device(config.device)
-
-    def check_files(self, config):
-        check_results_dir(config.results_dir)
-
-    def check_size(self, config, training: bool):
-        from .network_size import check_fits_synthetic
-        check_fits_synthetic(config, flags.synthetic_method(config), pick_device(config))
-
-
-RULES = {'MNIST': MnistRules(), 'CIFAR10': CifarRules(), 'SYNTHETIC': SyntheticRules()}
-
-
-def default_embedding_seed(config):
-    """The seed of MNIST's drawn A and B when --embedding_seed is not given: the run's seed, or
-    the first of --seeds (runs that share it share their embedding)."""
-    if config.embedding_seed is not None:
-        return config.embedding_seed
-    return config.seeds[0] if config.seeds else config.seed
-
 
 def resolved(config):
     """The config with the defaults that follow from its seed filled in (MNIST's embedding seed),
     once the seed is known (given, or drawn when the run starts)."""
-    if config.dataset == 'MNIST':
-        return config.replace(embedding_seed=default_embedding_seed(config))
-    return config
-
-
-def argparse_namespace(config) -> argparse.Namespace:
-    """A Config as an argparse Namespace, for code written against parsed flags (benchmarks)."""
-    return argparse.Namespace(**config.as_dict())
+    return config.rules.resolved(config)

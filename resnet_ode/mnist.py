@@ -7,16 +7,25 @@ import sys
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import models
 
 from . import data, distributed, embeddings
-from .checkpoints import load_checkpoint
-from .errors import EXIT_DIVERGED
-from .evaluation import eval_chunk, evaluate_checkpoint
-from .faults import fault_point
-from .gate import pick_device
+from .errors import OneLineArgumentParser, UsageError
+from .evaluation import eval_chunk
+from .flags import add_common_arguments
+from .gate import (
+    SCHEDULE_BYTES_PER_EVALUATION,
+    SEED_LIMIT,
+    Config,
+    TrainingRules,
+    at_least,
+    check_seed,
+    pick_device,
+    positive_float32,
+    refuse_beyond_memory,
+    tensor_count,
+)
 from .random_state import seed_everything
 from .training import Experiment
 
@@ -26,6 +35,155 @@ DATASET = 'MNIST'
 EVAL_CHUNK = {'cpu': 2000, 'cuda': 10_000}
 PARTS = ('input_net', 'ode_block', 'output_net')
 
+
+# ---------------------------------------------------------------------------------------------
+# The command line and its rules
+# ---------------------------------------------------------------------------------------------
+
+# The release measured train_classif on the first batch of an unshuffled training loader whose
+# batch size was its --test_batch_size: 10,000 by its script's default, 1,000 in its stored runs
+# (every stored value is a multiple of 0.001, and equals this project's error on the first 1,000
+# images from the same embedding files).
+TRAIN_ERROR_IMAGES = 10_000
+
+
+def parser() -> OneLineArgumentParser:
+    """MNIST_experiments.py. Its defaults are the release README's protocol (30 epochs, x0.1 at
+    epoch 25); the sweeps run the release's stored protocol (reproduce.py --protocol)."""
+    parser = OneLineArgumentParser(
+        prog='MNIST_experiments.py',
+        description='Train an RKHS or SHL residual ODE block on MNIST (Figures 1 and 2). The '
+                    'defaults are the protocol of the release\'s README (30 epochs, x0.1 at epoch '
+                    '25); the paper\'s stored runs, and reproduce.py, use 40 epochs, x0.2 at 35 '
+                    'and --train_error_images 1000.')
+    add_common_arguments(parser, layers=20, epochs=30, lr_init=0.5, decay_steps=[25], decay_rate=0.1,
+                         folder_prefix='MNIST', release_tbs_is_test_batch_size=False)
+    add = parser.add_argument
+    add('--train_error_images', type=int, default=TRAIN_ERROR_IMAGES,
+        help='train_classif is the error on the first N training images (default '
+             f'{TRAIN_ERROR_IMAGES:,}, the release script\'s; its stored runs used 1,000, which '
+             'reproduce.py uses)')
+    add('-tbs', dest='release_tbs', type=int, default=None, metavar='N',
+        help='the release\'s option, with its meaning: --test_batch_size N and --train_error_images '
+             'N together (the release measured the training error on its first evaluation batch)')
+    add('--in_channels', '-in', type=int, default=32,
+        help='channels C of the ODE state (C x 5 x 5) (default 32)')
+    add('--dim_int', type=int, default=32, help='channels of the residual\'s hidden layer (default 32)')
+    add('--pretrain', '-p', type=int, default=0,
+        help='pretraining passes of the input and output networks; 0: none. With release embedding '
+             'files, picks the p-pass files instead (default 0)')
+    add('--pretrain_lr', type=float, default=0.01,
+        help='learning rate of that pretraining (default 0.01; the release used 1.0, which '
+             'diverges, see README)')
+    add('--method', default='midpoint', choices=models.METHODS,
+        help='fixed-step scheme (torchdiffeq\'s; rk4 is the 3/8 rule) (default midpoint)')
+    add('--time_weights', default='release', choices=models.TIME_WEIGHTS,
+        help='release: the paper\'s code, which made its figures; linear: exact interpolation of '
+             'the N+1 nodes (default release)')
+    add('--integrator', default='fixed', choices=models.INTEGRATORS,
+        help='fixed: precomputed-schedule loop (fast); torchdiffeq: plain odeint, as the release '
+             '(default fixed)')
+    add('--embedding_dir', default=embeddings.DEFAULT_PATH,
+        help='folder of the release\'s embedding files {C}channels_{p}pass_{input,output}_embedding.pt; '
+             'A and B are loaded from them and not pretrained. Given explicitly, a missing or '
+             'unusable file is an error; the default folder may lack them, and the run then draws A '
+             'and B and says so. "none" never loads them (default: '
+             f'{embeddings.DEFAULT_DIR} in the repository; python -m resnet_ode.embeddings --download fetches '
+             'them)')
+    add('--seeds', type=int, nargs='+', default=None, metavar='S',
+        help='train these K seeds at once, as one batched model: member k is the run --seed Sk '
+             'would make (its own block, data order, curves, checkpoint and pickle <save '
+             'stem>_s<Sk>.pkl); A and B are shared. Excludes --seed')
+    add('--embedding_seed', type=int, default=None,
+        help='seed of the input/output networks\' initialisation and pretraining when no release '
+             'files are loaded (default: --seed, or the first of --seeds); runs sharing it share '
+             'their embedding')
+    return parser
+
+
+class MnistRules(TrainingRules):
+    dataset = DATASET
+    network_flags = ('model', 'in_channels', 'dim_int', 'layers', 'method', 'time_weights')
+
+    def parser(self):
+        return parser()
+
+    def normalised(self, config):
+        """-tbs N, the release's spelling, sets both quantities its --test_batch_size decided."""
+        if config.release_tbs is None:
+            return config
+        for name in ('train_error_images', 'test_batch_size'):
+            if name in config.given and getattr(config, name) != config.release_tbs:
+                raise UsageError(f'-tbs {config.release_tbs} (the release\'s option, which sets '
+                                 f'--test_batch_size and --train_error_images) contradicts '
+                                 f'--{name} {getattr(config, name)}')
+        given = (config.given - {'release_tbs'}) | {'train_error_images', 'test_batch_size'}
+        return Config(self, {**config.as_dict(), 'train_error_images': config.release_tbs,
+                                     'test_batch_size': config.release_tbs, 'release_tbs': None}, given)
+
+    def check_values(self, config):
+        super().check_values(config)
+        at_least('train_error_images', config.train_error_images, 1)
+        at_least('pretrain', config.pretrain, 0)
+        at_least('in_channels', config.in_channels, 1)
+        at_least('dim_int', config.dim_int, 1)
+        positive_float32('pretrain_lr', config.pretrain_lr)
+        check_seed('embedding_seed', config.embedding_seed)
+        if config.seeds is not None:
+            self._check_seeds(config)
+
+    @staticmethod
+    def _check_seeds(config):
+        from .distributed import launched_by_torchrun
+        if config.seed is not None:
+            raise UsageError('--seeds and --seed exclude each other: give the one seed as --seeds S, '
+                             'or train it alone with --seed S')
+        if any(not 0 <= seed < SEED_LIMIT for seed in config.seeds):
+            raise UsageError(f'--seeds must be in [0, 2^63), got {" ".join(map(str, config.seeds))}')
+        if len(set(config.seeds)) != len(config.seeds):
+            raise UsageError(f'--seeds lists a seed more than once: {" ".join(map(str, config.seeds))}')
+        if launched_by_torchrun():
+            raise UsageError('--seeds is for one process; under torchrun give each process its own '
+                             'run, or use reproduce.py')
+
+    def check_size(self, config, training: bool):
+        """The ODE blocks (with --seeds, all members side by side) fit in the device's memory."""
+        batch = config.batch_size if training else 0  # the global batch: an over-estimate under torchrun
+        members = len(config.seeds) if config.seeds and training else 1
+        refuse_beyond_memory(f'--layers {config.layers} --in_channels {config.in_channels} --dim_int '
+                             f'{config.dim_int}' + (f' with {members} seeds' if members > 1 else ''),
+                             members * block_training_bytes(config, batch), pick_device(config))
+
+    def resolved(self, config):
+        return config.replace(embedding_seed=default_embedding_seed(config))
+
+
+def default_embedding_seed(config):
+    """The seed of MNIST's drawn A and B when --embedding_seed is not given: the run's seed, or
+    the first of --seeds (runs that share it share their embedding)."""
+    if config.embedding_seed is not None:
+        return config.embedding_seed
+    return config.seeds[0] if config.seeds else config.seed
+
+
+def block_training_bytes(config, batch: int) -> int:
+    """One member's ODE block in training: its tensors, as many gradients, the activations a
+    batch of `batch` images keeps for the backward pass (the state and the hidden layer at every
+    evaluation), and the time schedule's objects."""
+    field = models.residual_type(config.model)
+    sizes = tensor_count(lambda steps: field(config.in_channels, config.dim_int, steps, 'linear'))
+    tensors = sizes[0] + (sizes[1] - sizes[0]) * (config.layers - 1)
+    evaluations = config.layers * len(models.STAGE_FRACTIONS[config.method])
+    activations = evaluations * batch * (config.in_channels + config.dim_int) * models.MNIST_STATE_SIZE ** 2
+    return 4 * (2 * tensors + activations) + SCHEDULE_BYTES_PER_EVALUATION * evaluations
+
+
+RULES = MnistRules()
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
 
 def first_training_images(train_set, count: int):
     """train_classif is measured on the first `count` training images, in dataset order."""
@@ -74,51 +232,6 @@ def describe_embedding(config, record) -> tuple[str, str | None]:
                   f'{embeddings.DOWNLOAD_COMMAND}, or pass --embedding_dir <folder holding them>')
 
 
-class PretrainingStopped(Exception):
-    """Pretraining diverged (exit 3) or was interrupted (130/143); nothing was written."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.status = status
-
-
-def pretrain(net: models.MNISTODENet, train_set, config, dist, stop):
-    """Train A followed by B (no ODE block) with plain SGD at a constant rate, then freeze them.
-
-    Pretraining is not resumable: a few passes of two small networks, cheaper to redo than to
-    save. On SIGINT/SIGTERM it stops after the current batch and says that nothing was saved.
-    """
-    stop.defer()  # from here a signal stops after the current batch, with the line below
-    device = train_set.labels.device
-    embedding = nn.Sequential(net.input_net, net.output_net)
-    optimizer = torch.optim.SGD(embedding.parameters(), lr=config.pretrain_lr)
-    generator = torch.Generator(device=device)
-    generator.manual_seed(config.embedding_seed)
-    finite = torch.ones((), dtype=torch.bool, device=device)
-    embedding.train()
-    for epoch in range(config.pretrain):
-        permutation = torch.randperm(len(train_set), device=device, generator=generator)
-        for batch in permutation.split(config.batch_size):
-            loss = F.cross_entropy(embedding(data.mnist_to_float(train_set.images[batch])),
-                                   train_set.labels[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            finite &= torch.isfinite(loss)
-            fault_point('pretraining')
-            if stop.requested:
-                raise PretrainingStopped(
-                    f'interrupted by {stop.name} during pretraining pass {epoch + 1}: nothing was '
-                    f'saved (pretraining is not resumable); rerun the same command', stop.exit_status)
-        if not bool(finite):  # one sync per pass
-            raise PretrainingStopped(
-                f'error: pretraining diverged (non-finite loss) in pass {epoch + 1} at --pretrain_lr '
-                f'{config.pretrain_lr}; lower it. Nothing was written', EXIT_DIVERGED)
-        dist.print(f'pretraining pass {epoch + 1}/{config.pretrain} done')
-    # Every rank pretrained the same way; rank 0's result is made the one truth all the same.
-    dist.broadcast_module(embedding)
-
-
 def build_network(config, resume_state) -> tuple[models.MNISTODENet, dict]:
     """The ODE block of each seed (with several, stacked side by side), then A and B.
 
@@ -154,6 +267,7 @@ def build_experiment(started) -> Experiment:
         if warning:
             dist.print(warning, file=sys.stderr)
         if embedding['embedding_files'] is None and config.pretrain > 0:
+            from .pretraining import pretrain  # only a drawn A and B are pretrained
             pretrain(net.to(device), train_set, config, dist, started.stop)
     net = net.to(device)
     net.freeze_embedding()
@@ -181,8 +295,9 @@ def build_experiment(started) -> Experiment:
 
 def evaluate(config) -> int:
     """--evaluate: rebuild the checkpoint's network, print its test error, write nothing."""
+    from .checkpoint_evaluation import evaluate_checkpoint, load_checkpoint  # only --evaluate needs them
     device = pick_device(config)
-    checkpoint, stored = load_checkpoint(config.evaluate, DATASET, PARTS, config.device)
+    checkpoint, stored = load_checkpoint(config.evaluate, RULES, PARTS, config.device)
     _, test_set = data.load_datasets(config, distributed.SINGLE)
     net = models.MNISTODENet(stored.model, stored.in_channels, stored.dim_int, stored.layers,
                              stored.method, stored.time_weights).to(device)

@@ -6,8 +6,10 @@ field agrees. Torch-free, so that the sweep runner and the plotting script start
 """
 from __future__ import annotations
 
+import argparse
+
 from . import embeddings
-from .protocol import CIFAR_TRAIN_ERROR_IMAGES, SYNTHETIC, build, build_synthetic
+from .protocol import CIFAR_TRAIN_ERROR_IMAGES, SYNTHETIC, build
 
 # Fields that decide whether two runs are comparable. A sweep reuses an existing pickle only when
 # all of these match what it would run; figures and tables never average runs that differ in one.
@@ -40,22 +42,6 @@ RELEASE = {
                     train_error_images=CIFAR_TRAIN_ERROR_IMAGES, train_error_sample='random', method=None,
                     time_weights=None, integrator=None, sync_bn=False),
 }
-
-
-def of_command(dataset: str, argv: list) -> dict:
-    """The record that the experiment script of `dataset` would write when run with `argv`: its
-    flags read through the gate, and the embedding files it would load. Imports the scripts'
-    parsers, hence torch; raises UsageError (EmbeddingError) as the run would."""
-    from . import gate
-    config = gate.resolved(gate.validate(dataset, list(argv), gate.SWEEP))
-    if dataset == SYNTHETIC:
-        from .flags import synthetic_method
-        return build_synthetic(config, synthetic_method(config), {})
-    facts = {}
-    if dataset == 'MNIST':
-        paths = embeddings.for_run(config)
-        facts = embeddings.describe(paths) if paths else {'embedding_seed': config.embedding_seed}
-    return build(config, dataset, facts)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -190,10 +176,9 @@ def of_file(path: str, dataset: str) -> tuple[dict | None, str | None]:
                     raise ValueError('no protocol record')
                 return data['protocol'], None
             return read(data, dataset)[0], None
-        from . import gate
         from .checkpoints import load_torch
         state = load_torch(path, 'resume state')
-        return build(gate.Config(dataset, state['args']), dataset, state['facts']), None
+        return build(argparse.Namespace(**state['args']), dataset, state['facts']), None
     except Exception as exc:  # unreadable, crafted, or not this project's
         return None, f'cannot be read as a run of this project ({type(exc).__name__}: {str(exc)[:80]})'
 

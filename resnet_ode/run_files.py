@@ -2,16 +2,13 @@
 
 A run claims its files before any work (RunClaim: a lock beside each), so that a second process
 with the same --save is refused at once. It never overwrites results; an interrupted run leaves a
-resume state, which --resume continues (prepare_run checks it and takes the run's arguments from
-it, through the gate).
+resume state, which --resume continues (resume_state.py reads it).
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import math
 import os
-import pickle
 import tempfile
 from dataclasses import dataclass
 
@@ -19,14 +16,6 @@ from . import gate
 from .distributed import launched_by_torchrun
 from .errors import RUNNING_ELSEWHERE, NothingToDo, UsageError
 from .files import missing_ancestors
-
-RESUME_FORMAT = 2
-# What a resume state of this project holds, and the type of each entry.
-RESUME_STATE_ENTRIES = {'format': int, 'args': dict, 'facts': dict, 'parts': dict, 'optimizer': dict,
-                        'scheduler': dict, 'data_generators': list, 'rng': dict, 'progress': list,
-                        'epoch': int, 'elapsed': (int, float), 'position': (dict, type(None))}
-PROGRESS_ENTRIES = ('train_loss', 'train_classif', 'test_classif', 'epoch_times', 'learning_rates',
-                    'evaluated_at', 'best_error', 'best_epoch', 'diverged_epoch')
 
 
 @dataclass(frozen=True)
@@ -123,7 +112,8 @@ def prepare_run(config, claim: 'RunClaim'):
     if not os.path.lexists(resume):
         raise UsageError(f'--resume: no resume state {resume} for --save {config.save}'
                          f'{" --seeds " + _seeds_text(seeds) if seeds else ""}{_batch_hint(config)}')
-    state, stored = load_resume_state(resume, config)
+    from . import resume_state  # only a resumed run reads a resume state
+    state, stored = resume_state.load(resume, config)
     claim.make_folders([paths for _, paths in member_runs(stored)])
     for path in written:  # a batch killed while it wrote its members' pickles
         print(f'{path} was written before the interruption: kept; writing the other members')
@@ -162,10 +152,11 @@ def _refuse_odd_metrics(members):
 
 
 def _refuse_finished_run(config, members, resume, written, remove: bool):
+    from . import resume_state  # only a finished run's leftovers are read
     """Every results file of the run exists. A resume state left beside them by a kill between
     the last pickle and its removal is removed (when it is the state of the run that wrote them;
     by rank 0 only, `remove`). Then --resume has nothing to do, and a fresh run is refused."""
-    removed = os.path.lexists(resume) and _is_leftover_state(resume, members)
+    removed = os.path.lexists(resume) and resume_state.is_leftover(resume, members)
     if removed and remove:
         with contextlib.suppress(FileNotFoundError):
             os.remove(resume)
@@ -176,98 +167,6 @@ def _refuse_finished_run(config, members, resume, written, remove: bool):
                           f'in {", ".join(written)}{note}')
     raise UsageError(f'{written[0]} exists; results are never overwritten: choose another --save '
                      f'or move the file{note}')
-
-
-def _is_leftover_state(resume: str, members) -> bool:
-    """Whether the resume state is the one the run that wrote these pickles saved last: same seed,
-    and the same test-error curve (a pickle holds the curve of the state it was written from)."""
-    import numpy as np
-
-    from .checkpoints import load_torch
-    from .safe_pickle import UnsafePickle, load_results
-    try:
-        state = load_torch(resume, 'resume state')
-        progress = state['progress']
-        if len(progress) != len(members):
-            return False
-        seeds = state['args'].get('seeds') or [state['args']['seed']]
-        for (_, paths), saved, seed in zip(members, progress, seeds):
-            results = load_results(paths.results)
-            if (not isinstance(results, dict) or results.get('seed') != seed
-                    or not np.array_equal(np.asarray(results.get('test_classif')),
-                                          np.asarray(saved['test_classif'], dtype=np.float32))):
-                return False
-        return True
-    except (UsageError, UnsafePickle, OSError, KeyError, TypeError, IndexError, ValueError,
-            AttributeError, EOFError, pickle.UnpicklingError):
-        return False
-
-
-# ---------------------------------------------------------------------------------------------
-# The resume state, read back
-# ---------------------------------------------------------------------------------------------
-
-def load_resume_state(resume: str, config):
-    """The resume state of this run (its --save and --seeds), checked, and the Config it
-    continues: the stored values, with only where it runs taken from the command line, through
-    the gate. A flag given now that contradicts the stored run is refused."""
-    from .checkpoints import load_torch
-    state = load_torch(resume, 'resume state')
-    _check_resume_state(state, resume, config)
-    _check_resume_flags(config, state['args'])
-    values = {**state['args'], **{key: getattr(config, key) for key in gate.RESUME_MAY_CHANGE}}
-    try:
-        stored = gate.validate(config.dataset, values, gate.RESUME_STATE)
-    except UsageError as exc:
-        raise UsageError(f'resume state {resume} is not a resume state of this project ({exc})') from None
-    return state, stored
-
-
-def _check_resume_state(state, resume: str, config):
-    """The resume state has the shape this project writes and is the state of this run (its
-    --save and --seeds): anything else is refused in one line, before it is used."""
-    def refuse(why):
-        raise UsageError(f'resume state {resume} is not a resume state of this project ({why})')
-
-    if not isinstance(state, dict):
-        refuse(f'a {type(state).__name__}, not a dict')
-    if state.get('format') != RESUME_FORMAT:
-        refuse(f'format {state.get("format")!r}; this version writes {RESUME_FORMAT}')
-    for key, kind in RESUME_STATE_ENTRIES.items():
-        if key not in state:
-            refuse(f'no {key!r}')
-        if not isinstance(state[key], kind) or isinstance(state[key], bool):
-            refuse(f'{key!r} is a {type(state[key]).__name__}')
-    stored, seeds = state['args'], getattr(config, 'seeds', None)
-    if stored.get('save') != config.save or (stored.get('seeds') or None) != (seeds or None):
-        refuse(f'it is the state of --save {stored.get("save")!r} --seeds {stored.get("seeds")!r}')
-    members = len(seeds) if seeds else 1
-    if len(state['progress']) != members or len(state['data_generators']) != members:
-        refuse(f'{len(state["progress"])} member(s) recorded for {members}')
-    for progress in state['progress']:
-        if not isinstance(progress, dict) or set(progress) != set(PROGRESS_ENTRIES):
-            refuse('its progress records are not this project\'s')
-    epochs = stored.get('epochs')
-    if not isinstance(epochs, int) or not 0 <= state['epoch'] <= epochs:
-        refuse(f'epoch {state["epoch"]} of {epochs!r}')
-    if not math.isfinite(state['elapsed']):
-        refuse('its elapsed time is not finite')
-
-
-def _check_resume_flags(config, stored: dict):
-    """--resume continues the stored run as it was started: a flag given now that says otherwise
-    (say --layers 5 for a 2-layer run) is refused, not silently ignored."""
-    differing = sorted(dest for dest in config.given - set(gate.RESUME_MAY_CHANGE)
-                       if dest in stored and stored[dest] != getattr(config, dest))
-    if differing:
-        listed = ', '.join(f'--{dest} {_shown(getattr(config, dest))} (the run has {_shown(stored[dest])})'
-                           for dest in differing)
-        raise UsageError(f'--resume continues the run as it was started, and these flags differ '
-                         f'from it: {listed}; drop them, or start a new run with another --save')
-
-
-def _shown(value) -> str:
-    return ' '.join(map(str, value)) if isinstance(value, list) else str(value)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -203,6 +203,39 @@ def build_synthetic_runs(args) -> list[SweepRun]:
 
 
 # ----------------------------------------------------------------------------
+# The runs' flags, through the experiments' own gate
+# ----------------------------------------------------------------------------
+
+def experiment_rules(dataset: str):
+    """The gate's rules of a dataset's experiment (mnist.RULES, ...). Imported when first needed:
+    they import torch, which the sweep itself does not need."""
+    if dataset == 'MNIST':
+        from . import mnist
+        return mnist.RULES
+    if dataset == 'CIFAR10':
+        from . import cifar
+        return cifar.RULES
+    from . import synthetic
+    return synthetic.RULES
+
+
+def of_command(dataset: str, argv: list) -> dict:
+    """The protocol record that the experiment of `dataset` would write when run with `argv`: its
+    flags read through the gate, and the embedding files it would load. Raises UsageError
+    (EmbeddingError) as the run would."""
+    rules = experiment_rules(dataset)
+    config = gate.resolved(gate.validate(rules, list(argv), gate.SWEEP))
+    if dataset == protocol.SYNTHETIC:
+        from .synthetic import synthetic_method
+        return protocol.build_synthetic(config, synthetic_method(config), {})
+    facts = {}
+    if dataset == 'MNIST':
+        paths = embeddings.for_run(config)
+        facts = embeddings.describe(paths) if paths else {'embedding_seed': config.embedding_seed}
+    return protocol.build(config, dataset, facts)
+
+
+# ----------------------------------------------------------------------------
 # The flags after "--"
 # ----------------------------------------------------------------------------
 
@@ -219,7 +252,7 @@ def passthrough_problems(args, figures) -> list[str]:
     problems = []
     for prefix in prefixes:
         try:
-            config = gate.validate(DATASETS[prefix], list(args.passthrough), gate.SWEEP)
+            config = gate.validate(experiment_rules(DATASETS[prefix]), list(args.passthrough), gate.SWEEP)
         except UsageError as exc:
             return [f'after "--", for {SCRIPTS[prefix]}: {exc}']
         for dest in sorted(config.given & set(grid)):
@@ -251,7 +284,7 @@ def protocol_problems(all_runs, root) -> list[tuple[SweepRun, str, str]]:
                     if path and os.path.lexists(os.path.join(root, path))]
         if not existing:
             continue
-        want = protocol_comparison.of_command(run.dataset, run.args)
+        want = of_command(run.dataset, run.args)
         for path in existing:
             have, unreadable = protocol_comparison.of_file(os.path.join(root, path), run.dataset)
             if unreadable:

@@ -21,16 +21,137 @@ import torch.nn.functional as F
 import models
 
 from . import protocol
-from .errors import EXIT_DIVERGED, EXIT_FOR_SIGNAL, EXIT_OK, UsageError
+from .errors import EXIT_DIVERGED, EXIT_FOR_SIGNAL, EXIT_OK, OneLineArgumentParser, UsageError
 from .faults import fault_point
 from .files import save_pickle
-from .flags import SYNTHETIC_RELEASE_METHOD, synthetic_method
-from .gate import pick_device
+from .gate import (
+    SCHEDULE_BYTES_PER_EVALUATION,
+    Rules,
+    at_least,
+    check_device,
+    check_save_name,
+    check_seed,
+    pick_device,
+    positive_float32,
+    refuse_beyond_memory,
+    within_float32,
+)
 from .random_state import seed_everything
 from .run_files import RunClaim
 from .signals import StopRequest
 
 PROGRESS_LINES = 10  # progress lines printed per run
+
+
+SYNTHETIC_RESULTS_DIR = 'synthetic_experiments'  # the release's folder
+# The release's synthetic script accepted --method but always integrated with midpoint. 'release',
+# the default, does the same; an explicit scheme is honoured.
+SYNTHETIC_RELEASE_METHOD = 'midpoint'
+SYNTHETIC_LAYERS = 20  # the release's default depth at 54bc56f (840 trainable parameters)
+
+
+def parser() -> OneLineArgumentParser:
+    """synthetic_experiments.py: the release's flags, short forms and defaults, then this
+    project's additions."""
+    parser = OneLineArgumentParser(
+        prog='synthetic_experiments.py',
+        description='The release\'s synthetic experiment: a residual ODE block on R^q fits y = -x '
+                    'by full-batch gradient descent.')
+    add = parser.add_argument
+    add('--model', '-m', default='RKHS', choices=list(models.DENSE_RESIDUALS),
+        help='RKHS: fixed random hidden layer; SHL: trained hidden layers (default RKHS)')
+    add('--dataset_size', '-N', type=int, default=100,
+        help='training points, and as many test points (default 100)')
+    add('--data_dim', '-d', type=int, default=2, help='dimension d of the data (default 2)')
+    add('--dim', '-q', type=int, default=2,
+        help='dimension q of the ODE state (default 2; --matrix scaling sets it to 2d)')
+    add('--num_layers', '-l', type=int, default=SYNTHETIC_LAYERS,
+        help=f'steps N of the ODE solver, of size 1/N; N+1 parameter nodes (default {SYNTHETIC_LAYERS})')
+    add('--dim_int', '-r', type=int, default=20, help='width r of the residual\'s hidden layer (default 20)')
+    add('--nu', type=float, default=-1.0,
+        help='RKHS features: < 0 Gaussian; > 0 Student-t with 2 nu degrees of freedom, centred '
+             '(default -1)')
+    add('--sigma', type=float, default=0.0, help='standard deviation of the target noise (default 0)')
+    add('--matrix', '-mat', default='lifting', choices=models.SYNTHETIC_MATRICES,
+        help='fixed maps A and B: lifting (q//d copies of x; B reads the first d coordinates) or '
+             'scaling (q = 2d; A = alpha [I; 0], B = alpha [0, I]) (default lifting)')
+    add('--alpha', type=float, default=1.0, help='the factor of --matrix scaling (default 1)')
+    add('--method', default='release', choices=('release',) + models.METHODS,
+        help='fixed-step scheme (torchdiffeq\'s). release, the default: midpoint, which the '
+             'release\'s script always used whatever its --method said; a scheme given is honoured')
+    add('--epochs', '-e', type=int, default=1000, help='full-batch gradient steps (default 1000)')
+    add('--learning_rate', '-lr', type=float, default=1.0, help='gradient step size (default 1)')
+    add('--save', '-s', default='synthetic.pkl',
+        help='results file name (a plain name ending in .pkl) in --results_dir; an existing file is '
+             'never overwritten (default synthetic.pkl)')
+    add('--results_dir', default=SYNTHETIC_RESULTS_DIR,
+        help=f'folder of the results pickle (default {SYNTHETIC_RESULTS_DIR})')
+    add('--seed', type=int, default=None,
+        help='random seed of the data, Omega and initialisation; drawn and recorded when not given')
+    add('--device', default=None,
+        help='torch device, e.g. cpu, cuda (default cuda if available, else cpu, as the release)')
+    add('--time_weights', default='release', choices=models.TIME_WEIGHTS,
+        help='release: the release\'s node rule; linear: exact interpolation (default release)')
+    add('--integrator', default='fixed', choices=models.INTEGRATORS,
+        help='fixed: precomputed-schedule loop; torchdiffeq: plain odeint, as the release (default fixed)')
+    return parser
+
+
+def synthetic_method(config) -> str:
+    """The scheme a synthetic run integrates with."""
+    return SYNTHETIC_RELEASE_METHOD if config.method == 'release' else config.method
+
+
+class SyntheticRules(Rules):
+    """synthetic_experiments.py: the same value rules as the image experiments' where the flags
+    mean the same (rates, seeds, sizes, the memory a network needs)."""
+
+    dataset = protocol.SYNTHETIC
+
+    def parser(self):
+        return parser()
+
+    def normalised(self, config):
+        """--matrix scaling sets q = 2d, as the release did whatever -q said."""
+        if config.matrix != 'scaling':
+            return config
+        if 'dim' in config.given and config.dim != 2 * config.data_dim:
+            raise UsageError(f'--matrix scaling sets q = 2d = {2 * config.data_dim}; drop --dim '
+                             f'{config.dim}')
+        return config.replace(dim=2 * config.data_dim)
+
+    def check_values(self, config):
+        for name in ('dataset_size', 'data_dim', 'dim', 'num_layers', 'dim_int'):
+            at_least(name, getattr(config, name), 1)
+        at_least('epochs', config.epochs, 0)
+        positive_float32('learning_rate', config.learning_rate)
+        if not math.isfinite(config.nu) or config.nu == 0:
+            raise UsageError(f'--nu must be negative (Gaussian features) or positive (Student-t with '
+                             f'2 nu degrees of freedom), got {config.nu}')
+        within_float32('nu', config.nu)
+        within_float32('sigma', config.sigma, non_negative=True)
+        within_float32('alpha', config.alpha)
+        if config.matrix == 'lifting' and config.dim < config.data_dim:
+            raise UsageError(f'--matrix lifting needs --dim q >= --data_dim d, got q={config.dim}, '
+                             f'd={config.data_dim}')
+        check_seed('seed', config.seed)
+        check_save_name(config.save)
+        check_device(config.device)
+
+    def check_size(self, config, training: bool):
+        """The data, the network and its activations fit in the device's memory: N points in R^d
+        and R^q, (N+1) parameter nodes of a q x r layer (two for SHL), and the state and hidden
+        layer of every point at every evaluation."""
+        evaluations = config.num_layers * len(models.STAGE_FRACTIONS[synthetic_method(config)])
+        nodes = (config.num_layers + 1) * config.dim * config.dim_int * 2
+        points = 4 * config.dataset_size * (config.data_dim + config.dim)
+        activations = evaluations * config.dataset_size * (config.dim + config.dim_int)
+        needed = 4 * (3 * nodes + points + activations) + SCHEDULE_BYTES_PER_EVALUATION * evaluations
+        refuse_beyond_memory(f'-N {config.dataset_size} -q {config.dim} -r {config.dim_int} -l '
+                             f'{config.num_layers}', needed, pick_device(config))
+
+
+RULES = SyntheticRules()
 
 
 def draw_data(config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

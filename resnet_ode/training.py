@@ -226,8 +226,9 @@ def _fit(state: TrainingState, exp: Experiment, started) -> int:
     return _finish(state)
 
 
-def _resume(state: TrainingState, resume_state: dict) -> Optional[dict]:
-    position = state.restore(resume_state)
+def _resume(state: TrainingState, saved: dict) -> Optional[dict]:
+    from .resume_state import restore  # only a resumed run restores one
+    position = restore(state, saved)
     what = state.members[0].paths.results if len(state.members) == 1 else state.resume_path
     state.dist.print(f'resuming {what} at epoch {state.epoch + 1}'
                      + (f', step {position["step"]}' if position else ''))

@@ -14,10 +14,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .errors import UsageError
-from .evaluation import first_line
-from .random_state import rng_state, set_rng_state
-from .run_files import RESUME_FORMAT, RunPaths
+from .random_state import rng_state
+
+RESUME_FORMAT = 2  # the layout of the resume state (resume_state.py reads it back)
 
 
 @dataclass
@@ -39,7 +38,7 @@ class Progress:
 class Member:
     """One seed of a run: the values and files the single run of that seed has, its progress."""
     config: object
-    paths: RunPaths
+    paths: object  # its run_files.RunPaths
     progress: Progress = field(default_factory=Progress)
 
 
@@ -125,46 +124,3 @@ class TrainingState:
             'progress': [vars(m.progress) for m in self.members], 'epoch': self.epoch,
             'elapsed': self.seconds(), 'position': position, 'code_version': self.code_version,
         }
-
-    def restore(self, state: dict) -> Optional[dict]:
-        """Continue from a resume state; returns where an interrupted epoch stopped, if it did.
-
-        Its shape was checked when it was loaded (run_files); what does not fit the network its
-        arguments build (a tensor of another shape, an edited argument) is refused here, in one
-        line, before anything is written."""
-        try:
-            for name, module in self.exp.parts.items():
-                module.load_state_dict(state['parts'][name])
-            self.optimizer.load_state_dict(state['optimizer'])
-            self.scheduler.load_state_dict(state['scheduler'])
-            for generator, saved in zip(self.generators, state['data_generators']):
-                generator.set_state(saved.to(generator.get_state().device))
-            set_rng_state(state['rng'])
-            position = state['position']
-            if position is not None:
-                _check_position(position, len(self.members), len(self.exp.train_set))
-        except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
-            raise UsageError(f'resume state {self.resume_path} is not a resume state of this project '
-                             f'(it does not fit the network its arguments build: '
-                             f'{first_line(exc)})') from None
-        for member, saved in zip(self.members, state['progress']):
-            member.progress = Progress(**saved)
-        self.epoch, self.elapsed = state['epoch'], state['elapsed']
-        started_with = str(state.get('code_version', 'unknown'))
-        # a run continued under other code says so
-        self.code_version = (started_with if started_with.endswith(self.code_version)
-                             else f'{started_with}, resumed under {self.code_version}')
-        return position
-
-
-def _check_position(position: dict, members: int, train_size: int):
-    """Where an interrupted epoch stopped: a step within the epoch, and each member's data order
-    a permutation of the training set (a crafted one would index out of it)."""
-    permutation, step, losses = position['permutation'], position['step'], position['losses']
-    if (not isinstance(step, int) or not isinstance(permutation, torch.Tensor)
-            or tuple(permutation.shape) != (members, train_size) or not isinstance(losses, torch.Tensor)
-            or tuple(losses.shape) != (members, step) or not isinstance(position['diverged'], dict)):
-        raise ValueError('its position in the interrupted epoch is malformed')
-    if not 0 <= step <= train_size or not torch.equal(
-            torch.sort(permutation, dim=1).values, torch.arange(train_size).expand(members, -1)):
-        raise ValueError('its data order is not a permutation of the training set')

@@ -11,7 +11,7 @@ import torch.nn as nn
 import MNIST_experiments
 import models
 from conftest import folder_snapshot, load_results, run_script
-from resnet_ode import embeddings, gate
+from resnet_ode import embeddings, gate, mnist
 
 SMALL_RUN = ['--synthetic', '--subset', '64', '--layers', '2', '--in_channels', '8', '--dim_int', '4',
              '--epochs', '0', '--seed', '1', '--save', 'e.pkl']
@@ -157,8 +157,8 @@ def test_release_short_options_are_aliases():
                              '--lr_init 0.1 --decay_rate 0.2 --decay_steps 1 2 --batch_size 64 '
                              '--test_batch_size 100 --train_error_images 100 --save x.pkl'.split())
     # -tbs keeps the release's meaning: the evaluation batch and the training-error sample
-    short, long = (gate.validate('MNIST', namespace, gate.SWEEP) for namespace in (short, long))
-    assert short.as_dict() == long.as_dict() != gate.validate('MNIST', [], gate.SWEEP).as_dict()
+    short, long = (gate.validate(mnist.RULES, namespace, gate.SWEEP) for namespace in (short, long))
+    assert short.as_dict() == long.as_dict() != gate.validate(mnist.RULES, [], gate.SWEEP).as_dict()
     import CIFAR_experiments
     parser = CIFAR_experiments.get_args_parser()
     assert vars(parser.parse_args('-m SHL -l 1 -e 2 -lr 0.1 -dr 0.5 -ds 1 -bs 8 -tbs 9 -s c.pkl'.split())) \

@@ -427,7 +427,7 @@ def test_rkhs_blocks_of_one_seed_and_width_share_omega_whatever_their_depth():
     import torch
 
     def omega(layers, seed):
-        args = gate.validate('MNIST', ['--model', 'RKHS', '--layers', str(layers), '--in_channels', '8',
+        args = gate.validate(mnist.RULES, ['--model', 'RKHS', '--layers', str(layers), '--in_channels', '8',
                                        '--dim_int', '8', '--seed', str(seed), '--synthetic',
                                        '--embedding_seed', '0'], gate.SWEEP)
         with torch.random.fork_rng(devices=[]):

@@ -8,7 +8,6 @@ the exit status, the one stderr line, a signal or a kill is what is tested.
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import pickle
 import pickletools
@@ -27,7 +26,7 @@ import MNIST_experiments
 import models
 import reproduce
 from conftest import MNIST_ROOT, REPO, folder_snapshot, load_results, run_script, start_process
-from resnet_ode import embeddings, errors, faults, figure_grid, files, gate, run_files, safe_pickle, sweep
+from resnet_ode import embeddings, errors, faults, figure_grid, files, gate, mnist, run_files, safe_pickle, sweep
 
 SMALL = ['--synthetic', '--subset', '256', '--layers', '2', '--in_channels', '4', '--dim_int', '4',
          '--batch_size', '64', '--embedding_dir', 'none']
@@ -441,13 +440,13 @@ def test_state_names_stay_short_and_reproduce_computes_the_same_name():
     args = reproduce.parse_args(['figure1a', '--num_seeds', '20', '--batch_seeds', '20', '--dry_run'])
     for seeds in ([0], list(range(20))):
         run = sweep.make_run('figure1a', figure_grid.figure_grid('figure1a')[0], seeds, args)
-        config = gate.validate('MNIST', run.args, gate.SWEEP)
+        config = gate.validate(mnist.RULES, run.args, gate.SWEEP)
         assert run.resume_state == run_files.resume_path(config)
 
 
 def test_a_hundred_consecutive_seeds_pass_and_a_long_seed_list_is_refused_up_front(capsys):
     many = MNIST_experiments.get_args_parser().parse_args([*SMALL, '--save', 'q.pkl', '--seeds', *map(str, range(100))])
-    gate.validate('MNIST', many)  # 'q_s0to99.batch-resume.pt': no ceiling at 75 seeds
+    gate.validate(mnist.RULES, many)  # 'q_s0to99.batch-resume.pt': no ceiling at 75 seeds
     scattered = [str(10 ** 15 + 7 * k) for k in range(20)]
     assert _main([*SMALL, '--save', 'q.pkl', '--seeds', *scattered]) == 2
     line = _error_line(capsys.readouterr().err)
@@ -805,6 +804,6 @@ def test_a_state_of_an_earlier_layout_is_refused_in_one_line(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     assert _main(['--synthetic', '--save', 'o.pkl', '--resume']) == 2
     assert _error_line(capsys.readouterr().err) == (
-        f"error: resume state MNIST_experiments/o.resume.pt is not a resume state of this project "
-        f"(its progress records are not this project's)")
+        "error: resume state MNIST_experiments/o.resume.pt is not a resume state of this project "
+        "(its progress records are not this project's)")
     assert path.read_bytes() == before and not (tmp_path / 'MNIST_experiments' / 'o.pkl').exists()

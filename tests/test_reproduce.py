@@ -173,13 +173,12 @@ def _existing(tmp_path, argv, names, **changes):
     `changes` alter that record (a run made another way)."""
     import torch
 
-    from resnet_ode import protocol_comparison
     args = reproduce.parse_args(argv[:1] + ['--results_root', str(tmp_path)] + argv[1:])
     figures = figure_grid.FIGURES if args.figure == 'all' else (args.figure,)
     by_name = {run.name: run for figure in figures for run in sweep.build_runs(figure, args, str(tmp_path))}
     for name in names:
         run = by_name[name.replace('.resume.pt', '')]
-        record = dict(protocol_comparison.of_command('MNIST', run.args), **changes)
+        record = dict(sweep.of_command('MNIST', run.args), **changes)
         if name.endswith('.resume.pt'):
             import MNIST_experiments
             parsed = MNIST_experiments.get_args_parser().parse_args(run.args)
@@ -301,11 +300,10 @@ def _add_the_real_records(folder):
     """Give each fake run's pickle the protocol record the real script would have written for its
     command line, so that a rerun skips it. Computed here, once: importing the real script in
     every fake process would cost each one seconds of torch import."""
-    from resnet_ode import protocol_comparison
     for path in folder.glob('*.pkl'):
         with open(path, 'rb') as handle:
             run = pickle.load(handle)
-        run['protocol'] = protocol_comparison.of_command('MNIST', run['argv'])
+        run['protocol'] = sweep.of_command('MNIST', run['argv'])
         with open(path, 'wb') as handle:
             pickle.dump(run, handle)
 
