@@ -266,7 +266,7 @@ def _report(todo, all_runs, figures, root, args, sweep_start, interrupted):
     """The sweep's outcome, the plots, and its exit status (1 when a run failed)."""
     status = EXIT_OK
     by_status = {name: [run for run in todo if run.status == name]
-                 for name in ('diverged', 'failed', 'running elsewhere')}
+                 for name in ('diverged', 'failed', 'running elsewhere', 'done elsewhere')}
     if by_status['diverged']:
         print(f'{len(by_status["diverged"])} run(s) diverged (pickle written, curves stop early): '
               + ', '.join(run.name for run in by_status['diverged']))
@@ -274,6 +274,9 @@ def _report(todo, all_runs, figures, root, args, sweep_start, interrupted):
         print(f'{len(by_status["running elsewhere"])} run(s) are running in another process; a '
               f'later sweep picks up their results: '
               + ', '.join(run.name for run in by_status['running elsewhere']))
+    if by_status['done elsewhere']:
+        print(f'{len(by_status["done elsewhere"])} run(s) were finished by another process meanwhile: '
+              + ', '.join(run.name for run in by_status['done elsewhere']))
     if by_status['failed']:
         print(f'{len(by_status["failed"])} run(s) FAILED:')
         for run in by_status['failed']:

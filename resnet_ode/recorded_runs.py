@@ -90,15 +90,63 @@ def warn(message: str):
 # Reading
 # ---------------------------------------------------------------------------------------------
 
+# Every field of the release's schema (and of this project's additions) is checked for its type
+# and range before anything is built from it: a crafted 10**400 must skip the file, not crash.
+INTEGER_KEYS = ('num_layers', 'in_channels', 'dim_int', 'pretrain_pass', 'batch_size', 'num_parameters',
+                'N', 'q', 'r', 'epochs', 'seed', 'data_dim', 'best_epoch', 'diverged_epoch', 'world_size',
+                'batched_with', 'subset', 'train_error_images')
+NUMBER_KEYS = ('computation_time', 'nu', 'sigma', 'alpha', 'lr_init', 'decay_rate', 'learning_rate',
+               'pretrain_lr', 'best_test_classif')
+SEQUENCE_KEYS = ('epoch_times', 'decay_steps')
+INTEGER_LIMIT = 2 ** 63   # counts and seeds are int64 everywhere
+CURVE_LIMIT = 10 ** 8     # values in one curve: a 300-epoch CIFAR run has 58,800 losses
+
+
 def _integer(data, key, required=False):
     value = data.get(key)
     if value is None and not required:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
         raise NotARun(f'{key} is {type(value).__name__}, not a number')
-    if not np.isfinite(value) or value != int(value):
+    if isinstance(value, (float, np.floating)) and not (np.isfinite(value) and value == int(value)):
         raise NotARun(f'{key} is {value!r}, not an integer')
+    if not -INTEGER_LIMIT < int(value) < INTEGER_LIMIT:
+        raise NotARun(f'{key} is {_short(value)}, beyond any count or seed a run records')
     return int(value)
+
+
+def _number(data, key):
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer, float, np.floating)):
+        raise NotARun(f'{key} is {type(value).__name__}, not a number')
+    if isinstance(value, (int, np.integer)) and not -INTEGER_LIMIT < int(value) < INTEGER_LIMIT:
+        raise NotARun(f'{key} is {_short(value)}, beyond any value a run records')
+    if not np.isfinite(float(value)):
+        raise NotARun(f'{key} is {value!r}, not a finite number')
+    return float(value)
+
+
+def _short(value) -> str:
+    text = str(value) if not isinstance(value, int) or value.bit_length() < 200 else f'an integer of {value.bit_length()} bits'
+    return text if len(text) <= 60 else text[:57] + '...'
+
+
+def check_schema(data: dict):
+    """Each known field of a results dict holds what a run writes there (NotARun otherwise)."""
+    for key in INTEGER_KEYS:
+        _integer(data, key)
+    for key in NUMBER_KEYS:
+        _number(data, key)
+    for key in SEQUENCE_KEYS:
+        values = data.get(key)
+        if values is None:
+            continue
+        if not isinstance(values, (list, tuple, np.ndarray)) or len(values) > CURVE_LIMIT:
+            raise NotARun(f'{key} is not a list of numbers')
+        for index in range(len(values)):
+            _number({key: values[index]}, key)
 
 
 def _curve(data, key, rates: bool) -> np.ndarray:
@@ -106,8 +154,13 @@ def _curve(data, key, rates: bool) -> np.ndarray:
     value = data.get(key)
     if value is None:
         return np.zeros(0)
-    array = np.asarray(value)
-    if array.dtype.kind not in 'iuf' or array.ndim > 1:
+    if isinstance(value, (list, tuple)) and len(value) > CURVE_LIMIT:
+        raise NotARun(f'{key} holds more than {CURVE_LIMIT:,} values')
+    try:
+        array = np.asarray(value)
+    except (OverflowError, ValueError):
+        raise NotARun(f'{key} is not a list of numbers') from None
+    if array.dtype.kind not in 'iuf' or array.ndim > 1 or array.size > CURVE_LIMIT:
         raise NotARun(f'{key} is not a list of numbers ({array.dtype}, {array.ndim}-D)')
     array = array.astype(float).reshape(-1)
     finite = array[np.isfinite(array)]
@@ -151,6 +204,7 @@ def run_from_dict(data, path: str) -> RecordedRun:
         raise NotARun(f'missing key(s) {", ".join(missing)}')
     if not isinstance(data['model'], str):
         raise NotARun(f'model is {type(data["model"]).__name__}, not a name')
+    check_schema(data)
     dataset = _dataset(data, path)
     mnist = dataset == 'MNIST'
     config = Config(dataset, data['model'], _integer(data, 'num_layers', required=True),
@@ -215,6 +269,10 @@ def read_metrics(path: str) -> RecordedRun | None:
     try:
         with open(path) as f:
             header, *epochs = [json.loads(line) for line in f if line.strip()]
+        counts = [line['iterations'] for line in epochs]
+        if (not all(type(count) is int and 0 <= count <= CURVE_LIMIT for count in counts)
+                or counts != sorted(counts)):
+            raise ValueError('its iteration counts are not those of a run')
         loss = [value for epoch, line in zip(epochs[1:], epochs) for value in
                 [epoch['train_loss']] * (epoch['iterations'] - line['iterations'])]
         data = dict(header, train_loss=np.asarray(loss, dtype=float),
@@ -224,7 +282,7 @@ def read_metrics(path: str) -> RecordedRun | None:
         with warnings.catch_warnings():
             warnings.simplefilter('ignore', RuntimeWarning)
             run = run_from_dict(data, path)
-    except (OSError, ValueError, KeyError, TypeError, NotARun) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError, NotARun) as exc:
         warn(f'skipping {path}: not a readable metrics file ({type(exc).__name__}: {str(exc)[:100]})')
         return None
     run.in_progress = True
@@ -413,6 +471,7 @@ def read_synthetic_run(path: str, others: list | None = None) -> SyntheticRun | 
         return None
     record = data['protocol']
     try:
+        check_schema(data)
         model = str(data['model'])
         config = SyntheticConfig(model, *(_integer(data, key, required=True) for key in ('num_layers', 'q', 'r')),
                                  float(data['nu']) if model == 'RKHS' else None)

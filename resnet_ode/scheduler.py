@@ -10,6 +10,7 @@ running jobs (they save their resume states) and marks the rest not started.
 
 sweep.py builds the jobs (SweepRun extends Job); this module knows nothing of figures.
 """
+import contextlib
 import fcntl
 import json
 import os
@@ -116,32 +117,43 @@ class HeldElsewhere(Exception):
     """Another sweep runs this job now (it holds the job's log)."""
 
 
+class DoneElsewhere(Exception):
+    """Another sweep finished this job since this sweep listed it: its results are there."""
+
+
 @dataclass
 class Attempt:
     """One start of a job: its process, its log (held by this sweep while it runs), and where
     the log stood when it started (this attempt's lines follow)."""
     process: subprocess.Popen
     log: object
-    lock_fd: int
+    lock: tuple  # (path, fd) of the lock beside the log
     started: float
     log_start: int
 
     def close(self):
         self.log.close()
-        os.close(self.lock_fd)  # unlocks: another sweep may now start this job
+        with contextlib.suppress(OSError):
+            os.remove(self.lock[0])  # removed while held, then unlocked: as a run's own locks
+        os.close(self.lock[1])
 
 
-def _hold_log(log_path: str) -> int:
+def _hold_log(log_path: str) -> tuple:
     """An exclusive lock beside the job's log, so that two sweeps never write one log at once: a
-    job whose log another sweep holds is running there (HeldElsewhere)."""
+    job whose log another sweep holds is running there (HeldElsewhere). (path, fd)."""
     folder, name = os.path.split(log_path)
-    fd = os.open(os.path.join(folder, f'.{name}.lock'), os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    path = os.path.join(folder, f'.{name}.lock')
+    for _ in range(10):  # a holder that finishes removes the file between our open and our lock
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise HeldElsewhere from None
+        if os.path.exists(path) and os.stat(path).st_ino == os.fstat(fd).st_ino:
+            return path, fd
         os.close(fd)
-        raise HeldElsewhere from None
-    return fd
+    raise HeldElsewhere
 
 
 def _launch(run, root, gpu, cpu_slots=1) -> Attempt:
@@ -149,10 +161,15 @@ def _launch(run, root, gpu, cpu_slots=1) -> Attempt:
     never truncated: a resumed run keeps its first epochs)."""
     log_path = os.path.join(root, run.log)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
-    lock_fd = _hold_log(log_path)
+    lock = _hold_log(log_path)
+    if all(os.path.exists(os.path.join(root, path)) for path in run.pickles):
+        os.remove(lock[0])
+        os.close(lock[1])
+        raise DoneElsewhere
     env = child_env(gpu, cpu_slots)
     shown = [f'{name}={env[name]}' for name in ('CUDA_VISIBLE_DEVICES', 'OMP_NUM_THREADS')
              if name in env and env[name] != os.environ.get(name)]
+    log = None
     try:
         log = open(log_path, 'a')
         log.write(f'# ---- attempt started {clock(time.time())}, pid {os.getpid()} of reproduce.py\n'
@@ -163,9 +180,12 @@ def _launch(run, root, gpu, cpu_slots=1) -> Attempt:
         process = subprocess.Popen(run.command(), cwd=root, env=env, stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     except BaseException:
-        os.close(lock_fd)
+        if log is not None:
+            log.close()
+        os.remove(lock[0])
+        os.close(lock[1])
         raise
-    return Attempt(process, log, lock_fd, time.time(), log_start)
+    return Attempt(process, log, lock, time.time(), log_start)
 
 
 def last_line(path, start: int = 0):
@@ -272,6 +292,10 @@ def _start_next(pending, running, slot, gpu, root, slots, counter):
     number = f'[{counter["launched"]}/{counter["total"]}]'
     try:
         attempt = _launch(run, root, gpu, cpu_slots=slots.count(None))
+    except DoneElsewhere:
+        run.status = 'done elsewhere'
+        print(f'{number} {run.name}: done elsewhere meanwhile ({", ".join(run.pickles)})', flush=True)
+        return
     except HeldElsewhere:
         run.status = 'running elsewhere'
         print(f'{number} {run.name}: running elsewhere (another sweep holds its log)', flush=True)

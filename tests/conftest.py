@@ -104,7 +104,8 @@ def run_main(script, *args, cwd, env=None, threads=None):
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                parsed = (module.parse_args(argv) if not hasattr(module, 'get_args_parser')
+                # reproduce.py's own parse_args splits the flags after '--' off
+                parsed = (module.parse_args(argv) if hasattr(module, 'parse_args')
                           else module.get_args_parser().parse_args(argv))
                 status = module.main(parsed)
             except SystemExit as exc:  # argparse's refusals and --help

@@ -437,3 +437,22 @@ def test_rkhs_blocks_of_one_seed_and_width_share_omega_whatever_their_depth():
     shallow, deep, other_seed = omega(5, 0), omega(20, 0), omega(5, 1)
     assert torch.equal(shallow, deep)
     assert not torch.equal(shallow, other_seed)
+
+
+def test_the_report_refuses_folders_it_would_not_read(tmp_path, capsys):
+    status = release_runs.main(release_runs.get_args_parser().parse_args(
+        ['--report', str(tmp_path), '--reference', str(tmp_path)]))
+    assert status == 2 and capsys.readouterr().err == (
+        f'error: --report reads the committed runs in results/; it takes no folders (got {tmp_path}): '
+        f'compare them without --report\n')
+
+
+@pytest.mark.parametrize('reference', ['', 'a_file'])
+def test_download_to_no_folder_is_one_plain_line(tmp_path, monkeypatch, capsys, reference):
+    (tmp_path / 'a_file').write_text('not a folder')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(release_reference, 'DOWNLOAD_URL', 'http://127.0.0.1:9/')  # never reached
+    status = release_runs.main(release_runs.get_args_parser().parse_args(['--download', '--reference', reference]))
+    assert status == 2 and capsys.readouterr().err == (
+        f"error: --reference must name a folder to download into, got {reference!r}\n")
+    assert sorted(os.listdir(tmp_path)) == ['a_file']

@@ -22,7 +22,8 @@ RELEASE_KEYS = {'model', 'matrix', 'num_layers', 'N', 'q', 'r', 'train loss', 't
 
 
 def run_main(tmp_path, *argv):
-    """The script's main, in-process, writing into tmp_path/out; (status, pickle or None)."""
+    """The script's main, in-process, writing into tmp_path/out (unless argv says where); (status,
+    pickle or None)."""
     args = synthetic_experiments.get_args_parser().parse_args(
         ['--results_dir', str(tmp_path / 'out'), *map(str, argv)])
     status = synthetic_experiments.main(args)
@@ -221,6 +222,16 @@ def test_scaling_carries_the_data_to_the_other_half(tmp_path):
     (['-q', '1', '-d', '2'], 'lifting needs --dim q >= --data_dim d'),
     (['-mat', 'scaling', '-q', '3'], '--matrix scaling sets q = 2d = 4'),
     (['--save', '../x.pkl'], '--save must be a plain file name'),
+    # the same checks as MNIST_experiments.py's: float32's range, and the memory a size needs
+    (['-lr', '1e300'], '--learning_rate 1e+300 is outside the range of float32'),
+    (['-lr', '1e-50'], '--learning_rate 1e-50 is outside the range of float32'),
+    (['--alpha', '1e300'], '--alpha must be within the range of float32'),
+    (['--sigma', '1e300'], '--sigma must be >= 0 and within the range of float32'),
+    (['-N', str(10 ** 12)], 'the network would need at least'),
+    (['-r', str(10 ** 12)], 'the network would need at least'),
+    (['-l', str(10 ** 12)], 'the network would need at least'),
+    (['-q', str(10 ** 8)], 'the network would need at least'),
+    (['--results_dir', ''], '--results_dir must name a folder, got an empty name'),
 ])
 def test_bad_numbers_are_refused_with_one_line(tmp_path, capsys, flags, message):
     status, record = run_main(tmp_path, *flags)
@@ -228,6 +239,34 @@ def test_bad_numbers_are_refused_with_one_line(tmp_path, capsys, flags, message)
     assert status == 2 and record is None
     assert err.count('\n') == 1 and err.startswith('error: ') and message in err
     assert folder_snapshot(tmp_path) == []
+
+
+def test_no_flags_trains_the_releases_840_parameters_over_20_steps(tmp_path, capsys):
+    status, record = run_main(tmp_path, '--seed', '0', '--epochs', '3')
+    assert status == 0
+    assert (record['num_layers'], record['num_parameters']) == (20, 840)  # 21 nodes of a 20 x 2 layer
+    assert '20 steps of midpoint, 840 trainable parameters' in capsys.readouterr().out
+
+
+def test_zero_epochs_says_that_no_step_was_taken(tmp_path, capsys):
+    status, record = run_main(tmp_path, '--seed', '0', '--epochs', '0')
+    assert status == 0 and record['train loss'].shape == (0,)
+    out = capsys.readouterr().out
+    assert 'no gradient step taken (--epochs 0): the curves are empty' in out and 'nan' not in out
+
+
+@pytest.mark.parametrize('model, method', [('RKHS', 'midpoint'), ('RKHS', 'rk4'), ('SHL', 'midpoint')])
+def test_the_fixed_integrator_agrees_with_odeint_to_float32_rounding(model, method):
+    """On the synthetic experiment's dense fields the two integrators sum in another order, so
+    they agree to float32 rounding, not bit for bit (docs/deviations.md says so)."""
+    torch.manual_seed(0)
+    field = models.dense_field(model, 4, 20, 20, 'release')
+    with torch.no_grad():
+        field.output_weight.normal_()
+    x = torch.randn(100, 4)
+    fixed = models.ResidualODEBlock(method=method, field=field)(x)
+    reference = models.ResidualODEBlock(method=method, integrator='torchdiffeq', field=field)(x)
+    torch.testing.assert_close(fixed, reference, rtol=1e-6, atol=1e-6)
 
 
 def test_an_existing_file_is_refused_and_kept(tmp_path):
