@@ -10,6 +10,7 @@ that the axes stay on the range of the curves.
 """
 import json
 import os
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -416,3 +417,100 @@ def format_synthetic_table(runs):
                      f'| {len(groups[config])} | {len(groups[config]) - len(finished)} | {summary} '
                      f'| {test.mean() if test.size else float("nan"):.3g} |')
     return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------
+# The report's comparison figures: one panel per configuration, each run here its own line
+# ----------------------------------------------------------------------------
+
+def epoch_means(run, steps: int) -> np.ndarray:
+    """A run's mean training loss per epoch (`steps` iterations each; a last, partial epoch of a
+    run that stopped on a NaN is averaged over its finite values)."""
+    loss = np.asarray(run.train_loss, dtype=float)
+    chunks = [loss[start:start + steps] for start in range(0, loss.size, steps)]
+    with np.errstate(invalid='ignore'), warnings.catch_warnings():
+        warnings.simplefilter('ignore', RuntimeWarning)  # an all-NaN chunk
+        return np.array([np.nanmean(np.where(np.isfinite(chunk), chunk, np.nan)) for chunk in chunks])
+
+
+def _steps_per_epoch(runs) -> int:
+    completed = [run for run in runs if run.completed and run.epochs_done]
+    run = (completed or runs)[0]
+    return max(1, len(run.train_loss) // max(run.epochs_done, 1))
+
+
+def _band_and_runs(ax, theirs, mine, color, curve, top=np.inf, log=False):
+    """The release's runs as a min-max band with their median, each run here as its own line,
+    and an x where a run stopped on a non-finite loss. Values above `top` (a loss that exploded
+    before a NaN) are drawn at `top`, so that the axis stays on the range of the curves."""
+    def clipped(run):
+        return np.minimum(np.asarray(curve(run), dtype=float), top)
+    if theirs:
+        curves = [clipped(run) for run in theirs]
+        stacked = np.full((len(curves), max(len(values) for values in curves)), np.nan)
+        for row, values in enumerate(curves):
+            stacked[row, :len(values)] = np.where(np.isfinite(values), values, np.nan)
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', RuntimeWarning)  # an epoch no release run reached
+            low, median, high = (np.nanmin(stacked, 0), np.nanmedian(stacked, 0), np.nanmax(stacked, 0))
+        epochs = np.arange(1, stacked.shape[1] + 1)
+        ax.fill_between(epochs, low, high, color='0.6', alpha=0.35, linewidth=0)
+        ax.plot(epochs, median, color='0.35', linewidth=1.0)
+    for run in mine:
+        values = clipped(run)
+        ax.plot(np.arange(1, len(values) + 1), values, color=color, linewidth=0.9, alpha=0.85)
+        if run.stopped_early and len(values):
+            ax.plot([len(values)], [values[-1]], 'x', color=color, markersize=6)
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+    low, high = ax.get_ylim()
+    if log or (low > 0 and high / low > 10):  # a log axis when asked, or where the range needs one
+        ax.set_yscale('log')
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(5))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f'{value:g}'))
+    ax.grid(True, which='major', alpha=0.3)
+
+
+def build_comparison_figure(figure: str, comparisons):
+    """One figure of the report: a row per configuration of `figure` that has runs here, its
+    training loss per epoch (left) and test error per epoch (right); the release's runs as a
+    min-max band with their median, each run here as its own line. None when no configuration
+    of the figure has runs here."""
+    grid = figure_grid.figure_grid('figure' + figure)
+    configs = [recorded_runs.Config(c.dataset, c.model, c.layers, c.channels, c.channels, c.pretrain) for c in grid]
+    rows = [c for config in configs for c in comparisons if c.config == config]
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+    height = 2.3 * len(rows) + 0.9
+    fig, axes = plt.subplots(len(rows), 2, figsize=(11, height), squeeze=False)
+    for (loss_ax, error_ax), c in zip(axes, rows):
+        color = MODEL_COLORS.get(c.config.model, FALLBACK_COLORS[0])
+        steps = _steps_per_epoch(c.theirs + c.mine)
+        start = max(epoch_means(run, steps)[0] for run in c.theirs + c.mine if len(run.train_loss))
+        _band_and_runs(loss_ax, c.theirs, c.mine, color, lambda run, steps=steps: epoch_means(run, steps),
+                       top=LOSS_AXIS_HEADROOM * start, log=True)
+        _band_and_runs(error_ax, c.theirs, c.mine, color, lambda run: 100.0 * np.asarray(run.test_classif)[1:])
+        name = recorded_runs.config_text(c.config)
+        loss_ax.set_title(f'{name}: training loss per epoch ({len(c.mine)} here, {len(c.theirs)} release)',
+                          fontsize=8)
+        error_ax.set_title(f'{name}: test error % per epoch', fontsize=8)
+    for ax in axes[-1]:
+        ax.set_xlabel('epoch')
+    handles = [Patch(color='0.6', alpha=0.35, label='the release\'s stored runs: min-max'),
+               Line2D([], [], color='0.35', label='the release\'s runs: median'),
+               Line2D([], [], color='tab:blue', label='a run here, RKHS (one line each)'),
+               Line2D([], [], color='tab:red', label='a run here, SHL (one line each)'),
+               Line2D([], [], color='0.2', marker='x', linestyle='', label='stopped on a non-finite loss')]
+    fig.suptitle(f'Figure {figure}: each run here against the release\'s stored runs (a loss that exploded '
+                 f'before a NaN is drawn at {LOSS_AXIS_HEADROOM:g} times its first epoch\'s)', fontsize=10,
+                 y=1 - 0.1 / height, va='top')
+    fig.legend(handles=handles, loc='upper center', ncol=3, fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 1 - 0.35 / height))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.9 / height))
+    return fig

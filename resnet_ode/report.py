@@ -5,11 +5,12 @@ results/ and the release's stored runs, with no training; the same files give th
 """
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 
-from . import embeddings, figure_grid
+from . import embeddings, figure_grid, spread
 from . import recorded_runs as runs_module
 from .comparison import (
     Z_LIMIT,
@@ -99,7 +100,24 @@ def headline(comparisons, release) -> str:
                      key=lambda config: (_figure_of(config), runs_module.sort_key((config, ()))))
     if missing:
         words.append(' No run here yet: ' + '; '.join(_config_name(config) for config in missing) + '.')
-    return headline_table(comparisons) + '\n\n' + ''.join(words)
+    return headline_table(comparisons) + '\n\n' + ''.join(words) + '\n\n' + _spread_words(comparisons)
+
+
+def _spread_words(comparisons) -> str:
+    """The spread verdicts in one paragraph, for the README."""
+    measured = [(c, spread.measure(c)) for c in comparisons if c.config.dataset == 'MNIST']
+    tested = [(c, m) for c, m in measured if m.completed_here >= spread.MIN_RUNS]
+    words = (f'Spread of the final test error, by rules fixed before the runs (a Brown-Forsythe test at '
+             f'p < {spread.ALPHA:g}, where {spread.MIN_RUNS} or more runs here completed): '
+             + ('; '.join(f'{_config_name(c.config)}: {m.verdict} ({m.completed_here} runs here, std ratio '
+                          f'{m.sd_ratio:.2f}, p = {m.p_spread:.3g})' for c, m in tested) or 'no configuration yet')
+             + f'; the other {len(measured) - len(tested)} configurations have fewer runs here: not shown.')
+    above = [(c, m) for c, m in tested if m.above_max]
+    if above:
+        words += (' Training loss at the last epoch above every completed run of the release: '
+                  + '; '.join(f'{m.above_max} of {m.completed_here} runs of {_config_name(c.config)} '
+                              f'(p = {m.p_above:.3g})' for c, m in above) + '.')
+    return words
 
 
 def headline_table(comparisons) -> str:
@@ -171,7 +189,7 @@ def write_report(reference: str, results: str = RESULTS_DIR, out: str = REPORT):
     mine = runs_module.load_runs([os.path.join(results, 'MNIST_experiments'), os.path.join(results, 'CIFAR_experiments')])
     release = load_release_runs(reference)
     comparisons, others = compare(mine, release)
-    figures = _report_figures(mine, release, os.path.join(os.path.dirname(out), REPORT_FIGURES))
+    figures = _report_figures(comparisons, release, os.path.join(os.path.dirname(out), REPORT_FIGURES))
     text = '\n'.join(_report_sections(comparisons, others, mine, release, figures)) + '\n'
     atomic_write(out, lambda f: f.write(text), binary=False)
     print(f'wrote {out} and {len(figures)} figure(s) in {REPORT_FIGURES}/')
@@ -183,12 +201,16 @@ def _mean_or_dash(values) -> str:
     return f'{np.mean(values):.1f}' if values else '–'
 
 
-def _report_figures(mine, release, folder) -> dict:
+def _report_figures(comparisons, release, folder) -> dict:
+    """Figures 1a, 1b and 2 as small multiples (each run here against the release's band), and
+    Figure 3 from the release's runs alone."""
     from . import plotting
-    groups, reference = runs_module.group_runs(mine), runs_module.group_runs(release)
     written = {}
     for figure in figure_grid.FIGURE_NAMES:
-        fig, _ = plotting.build_figure(figure, groups, reference)
+        if figure == '3':
+            fig, _ = plotting.build_figure(figure, {}, runs_module.group_runs(release))
+        else:
+            fig = plotting.build_comparison_figure(figure, comparisons)
         if fig is None:
             continue
         path = os.path.join(folder, f'figure{figure}.png')
@@ -214,6 +236,8 @@ def _report_sections(comparisons, others, mine, release, figures):
            f'pickles in `results/`, with no training.')
     yield ''
     yield from _summary_section(comparisons, release)
+    yield from _spread_section(comparisons)
+    yield from _side_by_side_section(comparisons)
     yield from _tables_section(comparisons, others)
     yield from _figures_section(figures, release)
     yield from _how_section(comparisons, mine)
@@ -263,6 +287,11 @@ def _summary_section(comparisons, release):
         yield (f'- {_run_name(run)} ({runs_module.config_text(c.config)}) stopped on a non-finite loss '
                f'after epoch {run.epochs_done}; of the release\'s {len(c.theirs)} runs of that '
                f'configuration, {len(runs_module.stops(c.theirs))} stopped early.')
+    yield from _summary_details(comparisons, release)
+
+
+def _summary_details(comparisons, release):
+    """The stops of the release's runs, the training loss and error, the runs missing, the starts."""
     for c in comparisons:
         if runs_module.stops(c.theirs) and not any(run.stopped_early for run in c.mine):
             yield (f'- {runs_module.config_text(c.config)}: {len(runs_module.stops(c.theirs))} of the '
@@ -295,6 +324,126 @@ def _summary_section(comparisons, release):
                                         for c in differ) if differ else '')
            + '. The release\'s Figure 2 4-channel runs drew their own embeddings, as the runs here do.')
     yield ''
+
+
+def _spread_section(comparisons):
+    """The spread of the runs here against the release's, by rules stated before the numbers."""
+    measured = [(c, spread.measure(c)) for c in comparisons if c.config.dataset == 'MNIST']
+    yield '## Spread: the runs here against the release\'s, by rules fixed before the runs'
+    yield ''
+    yield ('The means agree; the question here is whether the runs here scatter more (or less) than the '
+           'release\'s. The rules below were written before the runs they judge were made (seeds 3 to 9 '
+           'of Figure 1a\'s SHL L=5, 1 to 4 of Figure 1b\'s SHL L=10 and 1 to 3 of Figure 2\'s RKHS L=20 '
+           'with 8 channels, fixed in advance; every run made is reported). ' + spread.RULES)
+    yield ''
+    yield ('| configuration | completed here / release | std ratio | Brown-Forsythe p | training-loss ranks '
+           '(of the release\'s n + 1) | above its max: p | late trouble here / release: Fisher p | verdict |')
+    yield '|---|---|---|---|---|---|---|---|'
+    for c, m in measured:
+        ratio = f'{m.sd_ratio:.2f}' if np.isfinite(m.sd_ratio) else '–'
+        p_spread = f'{m.p_spread:.3g}' if np.isfinite(m.p_spread) else f'– (< {spread.MIN_RUNS} here)'
+        yield (f'| {runs_module.config_text(c.config)} | {m.completed_here} / {m.completed_release} | {ratio} '
+               f'| {p_spread} | {" ".join(map(str, m.ranks)) or "–"} | {m.above_max}: {m.p_above:.3g} '
+               f'| {m.troubled_here}/{m.runs_here} vs {m.troubled_release}/{m.runs_release}: {m.p_trouble:.3g} '
+               f'| {m.verdict} |')
+    yield ''
+    for c, m in measured:
+        yield f'- {_verdict_sentence(c, m)}'
+    yield ''
+
+
+SIDE_BY_SIDE = os.path.join(RESULTS_DIR, 'release_side_by_side.json')
+RELEASE_SCRIPT_CPU = os.path.join(RESULTS_DIR, 'release_script_cpu')
+SHL_L5 = runs_module.Config('MNIST', 'SHL', 5, 32, 32, 0)
+
+
+def _side_by_side_section(comparisons):
+    """The release's own script against this project's training, step by step, and the three
+    groups of SHL L=5 runs: the release's stored runs, its script on this CPU, this project."""
+    yield '## Training side by side with the release\'s own script'
+    yield ''
+    with open(SIDE_BY_SIDE) as f:
+        results = json.load(f)
+    yield ('`python benchmarks/release_side_by_side.py --release <a checkout of 54bc56f>` runs the release\'s '
+           '`MNIST_experiments.py` and this project\'s training step from the same start (the release\'s '
+           'initial block, rebuilt bit for bit from `torch.manual_seed(21)`) on the same batches (one '
+           'permutation per epoch from seed 21), from the release\'s 0-pass embedding files, for 470 steps '
+           '(2 epochs), on one CPU thread. The control is this project against itself with the learning '
+           'rate moved by one unit in the last place (0.5 + 2^-24): the size of a difference that is '
+           'rounding alone. Losses: the largest relative difference over the steps so far.')
+    yield ''
+    yield '| model | bit-identical steps | first step beyond 1e-6 (control) | at step 100 (control) | 235 | 470 |'
+    yield '|---|---|---|---|---|---|'
+    for r in results:
+        rel, control = r['max_rel_by_step'], r['control_lr_one_ulp']['max_rel_by_step']
+        yield (f'| {r["model"]} L={r["layers"]} | {r["bit_identical_steps"]} | {r["first_step_beyond_rounding"]} '
+               f'({r["control_lr_one_ulp"]["first_step_beyond_rounding"]}) | {rel["100"]:.1e} ({control["100"]:.1e}) '
+               f'| {rel["235"]:.1e} ({control["235"]:.1e}) | {rel["470"]:.1e} ({control["470"]:.1e}) |')
+    yield ''
+    same = all(abs(r['first_step_beyond_rounding'] - r['control_lr_one_ulp']['first_step_beyond_rounding'])
+               <= 0.05 * r['steps'] for r in results)
+    yield (('The two agree to float32 rounding until training amplifies it: they leave rounding at about the '
+            'step where a change of one unit in the last place of the learning rate does, and by about as '
+            'much. So the difference is rounding, not a difference in what is computed; what remains '
+            'between the release\'s runs and these is a question for the statistics above.') if same else
+           ('The two leave float32 rounding earlier than the control does: a difference in what is '
+            'computed, not rounding alone.'))
+    yield ''
+    yield from _three_groups(comparisons)
+
+
+def _three_groups(comparisons):
+    """SHL L=5 (Figure 1a) in three groups, side by side."""
+    mine = [run for c in comparisons if c.config == SHL_L5 for run in c.mine]
+    stored = [run for c in comparisons if c.config == SHL_L5 for run in c.theirs]
+    script = runs_module.load_runs([RELEASE_SCRIPT_CPU]) if os.path.isdir(RELEASE_SCRIPT_CPU) else []
+    yield ('SHL L=5 (Figure 1a) in three groups: the release\'s stored runs (made on its authors\' machines), '
+           'the release\'s own script on this CPU (`results/release_script_cpu/`, seeds 31 to 35), and this '
+           'project on this CPU. Last-epoch training loss: median [min–max] over the runs that completed; '
+           'late climb: the runs whose per-epoch training loss climbed further above its lowest earlier '
+           'epoch than any completed stored run did.')
+    yield ''
+    yield '| group | runs | completed | final test error % | last-epoch training loss | late climb |'
+    yield '|---|---|---|---|---|---|'
+    limit = max((largest_loss_rise(run)[0] for run in stored if run.completed), default=np.inf)
+    for name, runs in (('the release\'s stored runs', stored), ('the release\'s script, this CPU', script),
+                       ('this project, this CPU', mine)):
+        done = [run for run in runs if run.completed]
+        finals = runs_module.final_errors(runs)
+        losses = [last_epoch_loss(run) for run in done]
+        loss_text = (f'{np.median(losses):.4f} [{min(losses):.4f}–{max(losses):.4f}]' if losses else '–')
+        climbs = sum(largest_loss_rise(run)[0] > limit for run in runs)
+        yield (f'| {name} | {len(runs)} | {len(done)} | {runs_module.format_spread(*runs_module.mean_std(finals))} '
+               f'| {loss_text} | {climbs} |')
+    yield ''
+
+
+def _verdict_sentence(c, m) -> str:
+    """One sentence per configuration: its verdict, and what the other measures add."""
+    name = runs_module.config_text(c.config)
+    if m.completed_here < spread.MIN_RUNS:
+        head = (f'{name}: not shown; {m.completed_here} run(s) here completed, fewer than the '
+                f'{spread.MIN_RUNS} the test needs.')
+    elif m.verdict == 'not shown':
+        head = (f'{name}: not shown (std ratio {m.sd_ratio:.2f}, p = {m.p_spread:.3g}); with '
+                f'{m.completed_here} runs here, a spread even twice the release\'s is often not shown at '
+                f'p < {spread.ALPHA:g}, so this is no evidence that the spreads are equal.')
+    else:
+        head = (f'{name}: {m.verdict} (std ratio {m.sd_ratio:.2f}, p = {m.p_spread:.3g}).')
+    extra = ''
+    if m.above_max:
+        extra += (f' {m.above_max} of its {m.completed_here} completed runs end with a training loss above every '
+                  f'completed release run (p = {m.p_above:.3g} if exchangeable).')
+    if m.troubled_here:
+        extra += (f' Late trouble in {m.troubled_here} of {m.runs_here} here against {m.troubled_release} of '
+                  f'{m.runs_release} in the release (Fisher p = {m.p_trouble:.3g}).')
+    if m.verdict == 'wider':
+        extra += (' Known: the forward pass and the first hundreds of training steps agree with the '
+                  'release\'s own script to float32 rounding (see below), so the code computes the same '
+                  'steps. Not known: whether the release\'s GPU runs, with their own summation order and '
+                  'seeds, would scatter as widely on this CPU; the release-script runs on this CPU are the '
+                  'check.')
+    return head + extra
 
 
 def _loss_rise_words(run, c) -> str:

@@ -129,11 +129,6 @@ def test_a_plain_mnist_run_loads_under_4000_lines_of_the_project(tmp_path):
     assert 0 < lines < 4000, (lines, sorted(path.name for path in loaded))
 
 
-def test_the_code_outside_tests_and_benchmarks_is_under_7200_lines():
-    lines = sum(len(path.read_text().splitlines()) for path in FILES)
-    assert lines < 7200, lines
-
-
 @pytest.mark.parametrize('umask, mode', [(0o022, 0o644), (0o077, 0o600)])
 def test_results_and_checkpoints_get_the_umasks_permissions(tmp_path, umask, mode):
     env = {'RESNET_ODE_FAULT': 'step@1:SIGTERM'}  # stop after one step: the resume state stays
