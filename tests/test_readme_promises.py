@@ -237,3 +237,58 @@ def test_a_kill_during_a_write_leaves_the_old_file_and_the_run_resumes(tmp_path,
     whole.mkdir()
     assert _mnist(whole, monkeypatch, *argv) == 0
     _same_run(tmp_path, whole, 'w.pkl', 'w.pkl')
+
+
+# --- the README's quick start, its metrics snippet, and which protocol is which -------------------
+
+def _readme_block(after: str, fence: str = '```') -> str:
+    """The first code block of README.md after the line containing `after`."""
+    text = (REPO / 'README.md').read_text()
+    start = text.index(fence, text.index(after)) + len(fence)
+    start = text.index('\n', start) + 1
+    return text[start:text.index(fence, start)]
+
+
+@pytest.mark.slow
+def test_the_quick_start_prints_what_the_readme_shows(tmp_path, mnist_root, release_dir):
+    """One thread, as the README says: its printed lines, the time and the folder aside."""
+    commands = _readme_block('## Quick start').splitlines()
+    run = next(line for line in commands if line.startswith('OMP_NUM_THREADS=1 python MNIST_experiments.py'))
+    argv = shlex.split(run.split('#')[0])[2:]  # after 'OMP_NUM_THREADS=1 python'
+    proc = subprocess.run([sys.executable, str(REPO / argv[0]), *argv[1:], '--data_root', mnist_root,
+                           '--embedding_dir', release_dir], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    expected = _readme_block('and prints').splitlines()
+
+    def comparable(line):
+        line = line.replace(os.path.dirname(release_dir), '...')  # the README's .../MNIST_pretrained_models
+        return line.rsplit(' (', 1)[0] if line.startswith('epoch 1/1') else line
+    printed = [comparable(line) for line in proc.stdout.splitlines()]
+    assert printed == [comparable(line) for line in expected]
+
+
+def test_the_readmes_metrics_snippet_reads_a_run_of_the_script(tmp_path, monkeypatch):
+    assert _mnist(tmp_path, monkeypatch, *SMALL, '--epochs', '2', '--seed', '0', '--save', 'smoke.pkl') == 0
+    snippet = _readme_block('run in progress from it:')
+    assert 'header, *epochs' in snippet
+    namespace = {}
+    exec(snippet.replace('print(', 'result = ('), namespace)  # noqa: S102 (the README's own code)
+    epochs_of_protocol, test_errors = namespace['result']
+    record = load_results(tmp_path / 'MNIST_experiments' / 'smoke.pkl')
+    assert epochs_of_protocol == 2 and test_errors == [float(x) for x in record['test_classif']]
+
+
+def test_help_and_readme_say_which_protocol_is_which(capsys):
+    with pytest.raises(SystemExit):
+        MNIST_experiments.get_args_parser().parse_args(['--help'])
+    text = ' '.join(capsys.readouterr().out.split())
+    assert 'the protocol of the release\'s README (30 epochs, x0.1 at epoch 25)' in text
+    assert 'use 40 epochs, x0.2 at 35 and --train_error_images 1000' in text
+    readme = ' '.join((REPO / 'README.md').read_text().split())
+    assert 'defaults to the protocol of the release\'s README (30 epochs, x0.1 at epoch 25)' in readme
+
+
+def test_the_readme_says_where_a_sweep_finds_mnist_offline():
+    main_job = (REPO / 'README.md').read_text().split('## The main job')[1].split('## ')[0]
+    assert 'python reproduce.py figure1a -- --data_root <folder holding MNIST/raw>' in main_job
