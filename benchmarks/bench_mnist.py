@@ -1,5 +1,5 @@
 """MNIST speed, in one process from the same initial weights: a = release style (release_style.py),
-b = this project (device data, engine.train_one_epoch + engine.evaluate, the fixed integrator),
+b = this project (device data, training.train_one_epoch + evaluation.evaluate, the fixed integrator),
 c = b with --compile; each one training epoch then the two evaluations. --whole_process: whole runs.
 
     python benchmarks/bench_mnist.py --data_root ../shared/data [--repeats 2] [--model SHL] [--whole_process]

@@ -50,7 +50,7 @@ class ConvFlopCounter(TorchFunctionMode):
 
 
 class ProjectPipeline:
-    """Pipelines b and c: this project's engine on uint8 data on the device, the Experiment built as the
+    """Pipelines b and c: this project's training loop on uint8 data on the device, the Experiment built as the
     training script builds it from `fields` and train_eval_sample(train set). Like ReleasePipeline, but
     one network serves every run, reset each time, so that a compiled forward compiles once (warm-up)."""
 
