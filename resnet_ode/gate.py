@@ -105,7 +105,8 @@ def validate(rules, source, origin: str = COMMAND_LINE, *, stored_device=None) -
     rules.check_values(config)
     if origin in (COMMAND_LINE, RESUME_STATE):
         rules.check_files(config)
-    if origin != SWEEP:
+    if origin != SWEEP:  # a sweep's flags run elsewhere: its own --gpus says where
+        check_device(config.device)
         rules.check_size(config, training=origin != CHECKPOINT)
     return config
 
@@ -424,7 +425,6 @@ class TrainingRules(Rules):
         check_decay_steps(config.decay_steps)
         check_seed('seed', config.seed)
         check_save_name(config.save)
-        check_device(config.device)
         from .distributed import world_size
         if config.batch_size % world_size():
             raise UsageError(f'--batch_size {config.batch_size} (global) must be divisible by the '

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -133,13 +134,25 @@ def _refuse_existing_files(config, members, resume, written):
                          f'{" and --seeds" if getattr(config, "seeds", None) else ""}; continue '
                          f'it with --resume, or delete it (and the run\'s checkpoint and metrics file) to start '
                          f'this run over')
-    for _, paths in members:
+    for member, paths in members:
         if os.path.lexists(paths.checkpoint):
             raise UsageError(f'checkpoint {paths.checkpoint} exists and belongs to another '
                              f'run; pass another --checkpoint or move it{_batch_hint(config)}')
-        if os.path.lexists(paths.metrics):
+        if os.path.lexists(paths.metrics) and not _metrics_of(paths.metrics, member):
             raise UsageError(f'{paths.metrics} exists and belongs to another run (the metrics of a '
                              f'run of this --save); choose another --save or move the file')
+
+
+def _metrics_of(path: str, member) -> bool:
+    """Whether the metrics file at `path` is this run's: its header names this --save and seed
+    (left by an interrupted batch whose member this run is, say), so that it may be rewritten."""
+    from .files import open_regular
+    try:
+        with open_regular(path) as f:
+            header = json.loads(f.readline(1 << 20))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(header, dict) and header.get('run') == member.save and header.get('seed') == member.seed
 
 
 def _refuse_odd_metrics(members):

@@ -28,7 +28,6 @@ from .gate import (
     SCHEDULE_BYTES_PER_EVALUATION,
     Rules,
     at_least,
-    check_device,
     check_save_name,
     check_seed,
     pick_device,
@@ -136,7 +135,6 @@ class SyntheticRules(Rules):
                              f'd={config.data_dim}')
         check_seed('seed', config.seed)
         check_save_name(config.save)
-        check_device(config.device)
 
     def check_size(self, config, training: bool):
         """The data, the network and its activations fit in the device's memory: N points in R^d

@@ -149,6 +149,7 @@ def test_a_run_from_another_working_directory_starts_where_the_paper_started(tmp
     repo.mkdir()
     for path in REPO.glob('*.py'):
         shutil.copy(path, repo)
+    shutil.copytree(REPO / 'resnet_ode', repo / 'resnet_ode', ignore=shutil.ignore_patterns('__pycache__'))
     (repo / 'MNIST_pretrained_models').symlink_to(release_dir)
     elsewhere = tmp_path / 'elsewhere'
     elsewhere.mkdir()

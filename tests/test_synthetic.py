@@ -528,4 +528,4 @@ def test_tiny_synthetic_sweep_runs_and_draws_the_figure(tmp_path, capsys):
         record = load_results(sweep / f'SHL_q2_r2_s{seed}.pkl')
         assert record['train loss'].shape == (5,) and record['N'] == 10 and record['seed'] == seed
     assert (sweep / 'synthetic.png').stat().st_size > 10_000  # the figure, beside its runs
-    assert 'loaded 2 synthetic run(s)' in out and '| SHL | 2 | 2 | – | 10 | 2 | 0 |' in out
+    assert 'loaded 2 synthetic run(s)' in out and '| SHL | 2 | 2 | – | 20 | 2 | 0 |' in out
