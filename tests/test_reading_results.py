@@ -7,15 +7,16 @@ import pickle
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import REPO, run_script
+from conftest import MNIST_ROOT, REPO, run_script
 from resnet_ode import protocol_comparison, recorded_runs, release_reference
 
 RESULTS = REPO / 'results' / 'MNIST_experiments' / 'fig1a'
-SHARED_RUNS = REPO.parent / 'shared' / 'data' / 'release_runs'
+SHARED_RUNS = Path(MNIST_ROOT) / 'release_runs'  # the shared data folder, or MNIST_DATA_ROOT
 needs_release_runs = pytest.mark.skipif(not (SHARED_RUNS / 'SHA256SUMS').exists(),
                                         reason='the release\'s stored runs are not on this machine')
 

@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import release_runs
-from conftest import REPO
+from conftest import MNIST_ROOT, REPO
 from resnet_ode import (
     comparison,
     downloads,
@@ -31,7 +31,7 @@ from resnet_ode import (
     report,
 )
 
-SHARED_RUNS = REPO.parent / 'shared' / 'data' / 'release_runs'
+SHARED_RUNS = Path(MNIST_ROOT) / 'release_runs'  # the shared data folder, or MNIST_DATA_ROOT
 needs_release_runs = pytest.mark.skipif(
     not SHARED_RUNS.is_dir() and not os.environ.get('MNIST_DATA_ROOT'),
     reason='the release\'s stored runs are not beside the repository')
