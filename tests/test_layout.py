@@ -117,7 +117,7 @@ def test_a_plain_mnist_run_loads_under_4000_lines_of_the_project(tmp_path):
     synthetic experiment, the sweep and the figures stay out of a plain training run."""
     code = ('import sys, MNIST_experiments\n'
             'status = MNIST_experiments.main(MNIST_experiments.get_args_parser().parse_args(\n'
-            '    ["--synthetic", "--subset", "64", "--layers", "1", "--epochs", "1", "--seed", "0"]))\n'
+            '    ["--synthetic", "--subset", "64", "--layers", "1", "--epochs", "1", "--batch_size", "64", "--seed", "0"]))\n'
             'assert status == 0, status\n'
             'print("\\n".join(m.__file__ for m in list(sys.modules.values()) if getattr(m, "__file__", None)))\n')
     proc = subprocess.run([sys.executable, '-c', code], cwd=tmp_path, capture_output=True, text=True,

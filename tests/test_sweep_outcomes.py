@@ -58,11 +58,11 @@ def test_a_run_held_by_another_process_is_running_elsewhere_not_failed(tmp_path,
 
 @pytest.mark.slow
 def test_a_run_killed_by_a_signal_is_reported_as_such_and_the_rerun_resumes_it(tmp_path):
-    proc = _sweep(tmp_path, '--num_seeds', '1', *QUICK, env={'RESNET_ODE_FAULT': 'step@3'}, process=True)
+    proc = _sweep(tmp_path, '--num_seeds', '1', *QUICK, env={'RESNET_ODE_FAULT': 'step@3'})  # the run dies, not the sweep
     assert proc.returncode == 1
     assert ('RKHS_l5_p0_s0: killed by SIGKILL; rerun the sweep to resume it from its last saved epoch; log: '
             in proc.stdout), proc.stdout
-    again = _sweep(tmp_path, '--num_seeds', '1', *QUICK, process=True)
+    again = _sweep(tmp_path, '--num_seeds', '1', *QUICK)
     assert again.returncode == 0 and '# resume RKHS_l5_p0_s0' in again.stdout, again.stdout + again.stderr
 
 
