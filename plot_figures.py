@@ -3,7 +3,7 @@
 Every ``*.pkl`` under the given folders (default ``MNIST_experiments/`` and
 ``CIFAR_experiments/``) is read as one run (resnet_ode/recorded_runs.py: safely and checked,
 this project's pickles and the release's alike). Runs are grouped by configuration *and
-protocol* (resnet_ode/protocol.py): runs made differently are never averaged. When one
+protocol* (resnet_ode/protocol_comparison.py): runs made differently are never averaged. When one
 configuration has runs of two protocols, both curves are drawn and the legend says what
 differs; a run that started from a drawn embedding where the paper's runs loaded the release's
 files is marked "drawn A/B". How each figure is drawn: resnet_ode/plotting.py.

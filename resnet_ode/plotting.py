@@ -108,7 +108,7 @@ class Panels:
     """The two axes of a figure and what has been drawn on them, for the axis limits."""
 
     def __init__(self, plt):
-        self.fig, (self.loss, self.error) = plt.subplots(1, 2, figsize=(12, 5.2))
+        self.fig, (self.loss, self.error) = plt.subplots(1, 2, figsize=(15, 5.2))
         self.loss_values, self.loss_starts, self.error_values = [], [], []
 
     def draw(self, runs, color, linestyle, label, smooth_window, reference=False):
@@ -173,7 +173,8 @@ class Panels:
         self.error.set_title('Test error', fontsize=10)
         for axis in (self.loss, self.error):
             axis.grid(True, which='major', alpha=0.3)
-        self.error.legend(fontsize=7, loc='upper right')
+        # outside the data, to the right of the error panel
+        self.error.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
 
 
 def _before_explosion(run, window):

@@ -237,7 +237,7 @@ def _is_synthetic(data) -> bool:
 
 
 def read_run(path: str, synthetic: list | None = None) -> RecordedRun | None:
-    """One results pickle as a Run, or None with one warning naming the file and the reason. A
+    """One results pickle as a RecordedRun, or None with one warning naming the file and the reason. A
     synthetic_experiments.py pickle is not a run of Figures 1 to 3: it is appended to
     `synthetic` when a list is given (the caller says it once for all), else warned about."""
     try:
