@@ -176,3 +176,44 @@ def load_results(path):
 def folder_snapshot(folder):
     """Every file and folder under `folder`, for 'nothing was written' checks."""
     return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob('*'))
+
+# ---------------------------------------------------------------------------------------------
+# Runs that several test files start from, made once per session (tests copy them, never change them)
+# ---------------------------------------------------------------------------------------------
+
+SMALL = ['--synthetic', '--subset', '256', '--layers', '2', '--in_channels', '4', '--dim_int', '4',
+         '--batch_size', '64', '--embedding_dir', 'none']
+BATCH = [*SMALL, '--epochs', '2', '--seeds', '1', '2', '--save', 'm.pkl']
+SINGLE = [*SMALL, '--epochs', '2', '--seed', '3', '--save', 'x.pkl']
+BATCH_357 = [*SMALL, '--epochs', '2', '--seeds', '3', '5', '7', '--save', 'q.pkl']
+FAULT_ENV = 'RESNET_ODE_FAULT'
+
+
+@pytest.fixture(scope='session')
+def finished_references(tmp_path_factory):
+    """The batch and the single run, uninterrupted."""
+    cwd = tmp_path_factory.mktemp('references')
+    for argv in (BATCH, SINGLE):
+        proc = run_script('MNIST_experiments.py', *argv, cwd=cwd)
+        assert proc.returncode == 0, proc.stderr
+    return cwd / 'MNIST_experiments'
+
+
+@pytest.fixture(scope='session')
+def interrupted_batch(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp('interrupted_batch')
+    proc = run_script('MNIST_experiments.py', *BATCH_357, cwd=cwd, env={FAULT_ENV: 'step@3:SIGTERM'})
+    assert proc.returncode == 143, proc.stderr
+    assert sorted(p.name for p in (cwd / 'MNIST_experiments').iterdir()) == [
+        'q_s3-5-7.batch-resume.pt', 'q_s3.metrics.jsonl', 'q_s5.metrics.jsonl', 'q_s7.metrics.jsonl']
+    return cwd
+
+
+@pytest.fixture(scope='session')
+def stopped_run(tmp_path_factory):
+    """A run stopped mid-epoch: its resume state and its checkpoint of epoch 0."""
+    cwd = tmp_path_factory.mktemp('stopped')
+    proc = run_script('MNIST_experiments.py', *SMALL, '--epochs', '2', '--seed', '4', '--save', 'y.pkl',
+                      cwd=cwd, env={FAULT_ENV: 'step@2:SIGTERM'})
+    assert proc.returncode == 143, proc.stderr
+    return cwd

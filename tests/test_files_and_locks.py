@@ -20,11 +20,9 @@ import torch
 
 import MNIST_experiments
 import reproduce
-from conftest import REPO, folder_snapshot, load_results, run_script, start_process
+from conftest import REPO, SINGLE, SMALL, folder_snapshot, load_results, run_script, start_process
 from resnet_ode import errors, faults, figure_grid, gate, mnist, run_files, sweep
 
-SMALL = ['--synthetic', '--subset', '256', '--layers', '2', '--in_channels', '4', '--dim_int', '4',
-         '--batch_size', '64', '--embedding_dir', 'none']
 CURVES = ('train_loss', 'train_classif', 'test_classif')
 
 
@@ -219,17 +217,6 @@ def test_a_folder_at_the_lock_path_is_one_line(tmp_path, monkeypatch, capsys):
 
 # --- a batch's state cannot collide with a single run's, and is locked ----------------------------
 
-BATCH_357 = [*SMALL, '--epochs', '2', '--seeds', '3', '5', '7', '--save', 'q.pkl']
-
-
-@pytest.fixture(scope='module')
-def interrupted_batch(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp('interrupted_batch')
-    proc = run_script('MNIST_experiments.py', *BATCH_357, cwd=cwd, env={faults.FAULT_ENV: 'step@3:SIGTERM'})
-    assert proc.returncode == 143, proc.stderr
-    assert sorted(p.name for p in (cwd / 'MNIST_experiments').iterdir()) == [
-        'q_s3-5-7.batch-resume.pt', 'q_s3.metrics.jsonl', 'q_s5.metrics.jsonl', 'q_s7.metrics.jsonl']
-    return cwd
 
 
 def test_a_single_run_named_like_the_batch_state_leaves_it_alone(interrupted_batch, tmp_path):
@@ -297,18 +284,6 @@ def test_an_unwritable_folder_is_refused_before_any_work(tmp_path, flags, flag):
 
 # --- a full disk or a read-only folder mid-run ----------------------------------------------------
 
-BATCH = [*SMALL, '--epochs', '2', '--seeds', '1', '2', '--save', 'm.pkl']
-SINGLE = [*SMALL, '--epochs', '2', '--seed', '3', '--save', 'x.pkl']
-
-
-@pytest.fixture(scope='module')
-def finished_references(tmp_path_factory):
-    """The batch and the single run, uninterrupted."""
-    cwd = tmp_path_factory.mktemp('references')
-    for argv in (BATCH, SINGLE):
-        proc = run_script('MNIST_experiments.py', *argv, cwd=cwd)
-        assert proc.returncode == 0, proc.stderr
-    return cwd / 'MNIST_experiments'
 
 
 @pytest.mark.parametrize('fault, failed, state_left', [

@@ -12,13 +12,11 @@ import pytest
 import torch
 
 import MNIST_experiments
-from conftest import folder_snapshot, load_results, run_script
+from conftest import BATCH, SINGLE, SMALL, folder_snapshot, load_results, run_script
 from resnet_ode import faults, files
 
 RUN = ['--synthetic', '--subset', '500', '--layers', '3', '--in_channels', '8', '--dim_int', '4',
        '--epochs', '3', '--batch_size', '100', '--lr_init', '0.5', '--seed', '5', '--save', 'r.pkl']
-SMALL = ['--synthetic', '--subset', '256', '--layers', '2', '--in_channels', '4', '--dim_int', '4',
-         '--batch_size', '64', '--embedding_dir', 'none']
 CURVES = ('train_loss', 'train_classif', 'test_classif')
 
 
@@ -128,18 +126,6 @@ def test_a_signal_before_training_ends_the_run_at_once(tmp_path, signal_name, st
 
 # --- killed between the pickles and the state's removal -------------------------------------------
 
-BATCH = [*SMALL, '--epochs', '2', '--seeds', '1', '2', '--save', 'm.pkl']
-SINGLE = [*SMALL, '--epochs', '2', '--seed', '3', '--save', 'x.pkl']
-
-
-@pytest.fixture(scope='module')
-def finished_references(tmp_path_factory):
-    """The batch and the single run, uninterrupted."""
-    cwd = tmp_path_factory.mktemp('references')
-    for argv in (BATCH, SINGLE):
-        proc = run_script('MNIST_experiments.py', *argv, cwd=cwd)
-        assert proc.returncode == 0, proc.stderr
-    return cwd / 'MNIST_experiments'
 
 
 @pytest.fixture(scope='module')
@@ -256,17 +242,6 @@ def test_resume_accepts_the_runs_own_values_and_where_it_runs(interrupted_run):
 
 # --- --resume finds an interrupted batch's state --------------------------------------------------
 
-BATCH_357 = [*SMALL, '--epochs', '2', '--seeds', '3', '5', '7', '--save', 'q.pkl']
-
-
-@pytest.fixture(scope='module')
-def interrupted_batch(tmp_path_factory):
-    cwd = tmp_path_factory.mktemp('interrupted_batch')
-    proc = run_script('MNIST_experiments.py', *BATCH_357, cwd=cwd, env={faults.FAULT_ENV: 'step@3:SIGTERM'})
-    assert proc.returncode == 143, proc.stderr
-    assert sorted(p.name for p in (cwd / 'MNIST_experiments').iterdir()) == [
-        'q_s3-5-7.batch-resume.pt', 'q_s3.metrics.jsonl', 'q_s5.metrics.jsonl', 'q_s7.metrics.jsonl']
-    return cwd
 
 
 @pytest.mark.parametrize('seeds', [[], ['--seeds', '3', '5']])

@@ -10,11 +10,7 @@ import torch
 
 import CIFAR_experiments
 import MNIST_experiments
-from conftest import folder_snapshot, load_results, run_script
-from resnet_ode import faults
-
-SMALL = ['--synthetic', '--subset', '256', '--layers', '2', '--in_channels', '4', '--dim_int', '4',
-         '--batch_size', '64', '--embedding_dir', 'none']
+from conftest import SMALL, folder_snapshot, load_results, run_script
 
 
 def _one_line_error(proc):
@@ -131,16 +127,6 @@ def test_a_network_that_cannot_fit_in_memory_is_refused_in_one_line(tmp_path, sc
 
 
 # --- --evaluate refuses the flags it ignores; devices that do not exist ---------------------------
-
-@pytest.fixture(scope='module')
-def stopped_run(tmp_path_factory):
-    """A run stopped mid-epoch: its resume state and its checkpoint of epoch 0."""
-    cwd = tmp_path_factory.mktemp('stopped')
-    proc = run_script('MNIST_experiments.py', *SMALL, '--epochs', '2', '--seed', '4', '--save', 'y.pkl',
-                      cwd=cwd, env={faults.FAULT_ENV: 'step@2:SIGTERM'})
-    assert proc.returncode == 143, proc.stderr
-    return cwd
-
 
 @pytest.mark.parametrize('flags, named', [
     (['--layers', '5'], '--layers'), (['--model', 'SHL'], '--model'), (['--seeds', '1', '2'], '--seeds'),

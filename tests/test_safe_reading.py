@@ -20,11 +20,8 @@ import torch.nn as nn
 import MNIST_experiments
 import models
 import plot_figures
-from conftest import MNIST_ROOT, REPO, folder_snapshot, run_script
+from conftest import MNIST_ROOT, REPO, SMALL, folder_snapshot, run_script
 from resnet_ode import embeddings, faults, files, safe_pickle
-
-SMALL = ['--synthetic', '--subset', '256', '--layers', '2', '--in_channels', '4', '--dim_int', '4',
-         '--batch_size', '64', '--embedding_dir', 'none']
 
 
 def _one_line_error(proc):
@@ -399,16 +396,6 @@ def test_evaluate_on_a_results_pickle_says_so_in_one_line(tmp_path):
 
 
 # --- inconsistent checkpoints and resume states ---------------------------------------------------
-
-@pytest.fixture(scope='module')
-def stopped_run(tmp_path_factory):
-    """A run stopped mid-epoch: its resume state and its checkpoint of epoch 0."""
-    cwd = tmp_path_factory.mktemp('stopped')
-    proc = run_script('MNIST_experiments.py', *SMALL, '--epochs', '2', '--seed', '4', '--save', 'y.pkl',
-                      cwd=cwd, env={faults.FAULT_ENV: 'step@2:SIGTERM'})
-    assert proc.returncode == 143, proc.stderr
-    return cwd
-
 
 def _edit_layers(content):
     content['args']['layers'] = 3
