@@ -146,3 +146,31 @@ def test_results_and_checkpoints_get_the_umasks_permissions(tmp_path, umask, mod
     assert resume_mode == mode
     for path in ('MNIST_experiments/m.pkl', 'MNIST_checkpoint/m.pth'):
         assert (tmp_path / path).stat().st_mode & 0o777 == mode, path
+
+
+def _third_party_imports(paths) -> set:
+    """The top-level names of the modules the files import that are neither the standard library's
+    nor the project's own."""
+    own = {'conftest', 'benchmarks', PACKAGE, *TOP_LEVEL} | {path.stem for path in (REPO / 'tests').glob('*.py')} \
+        | {path.stem for path in (REPO / 'benchmarks').glob('*.py')}
+    names = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split('.')[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names.add(node.module.split('.')[0])
+    return names - set(sys.stdlib_module_names) - own
+
+
+def test_every_package_the_code_imports_is_in_the_requirements():
+    """A package that arrives only as another's dependency (scipy, through torchdiffeq) can
+    vanish with that package's next release."""
+    required = {re.split(r'[<>=!~ ;#\[]', line.strip())[0].lower()
+                for line in (REPO / 'requirements.txt').read_text().splitlines()
+                if line.strip() and not line.startswith('#')}
+    paths = FILES + sorted((REPO / 'tests').glob('*.py')) + sorted((REPO / 'benchmarks').glob('*.py'))
+    distribution = {'PIL': 'pillow'}  # import names that are not their package's name
+    imported = {distribution.get(name, name).lower() for name in _third_party_imports(paths)}
+    assert {'torch', 'scipy', 'pytest'} <= imported  # the scan sees what the project is known to use
+    assert sorted(imported - required) == []
