@@ -77,8 +77,9 @@ def headline(comparisons, release) -> str:
              f'{inside} of the {completed} runs that completed end',
              f' within {Z_LIMIT:g} standard deviations of the release\'s completed runs']
     if by_verdict['OUTSIDE']:
-        words.append('; outside: ' + '; '.join(f'{_config_name(c.config)} (z = {c.z_score(run):+.2f})'
-                                               for c, run in by_verdict['OUTSIDE']))
+        words.append('; outside: ' + '; '.join(
+            f'{_config_name(c.config)} seed {run.seed} (z = {c.z_score(run):+.2f})'
+            for c, run in by_verdict['OUTSIDE']))
     if by_verdict['no spread']:
         words.append(f'; {len(by_verdict["no spread"])} completed where fewer than two of the release\'s '
                      f'runs did, so there is no spread to compare with')

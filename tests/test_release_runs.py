@@ -211,7 +211,7 @@ def test_table_arithmetic_on_hand_made_runs(monkeypatch):
         '| 12.00 ± 2.00% (3 of 4 completed) |')
     assert report.headline(comparisons, theirs).split('\n\n')[1] == (
         "1 of the 2 runs that completed end within 2 standard deviations of the release's completed runs; "
-        "outside: Figure 1a, RKHS L=5 (z = +4.00); "
+        "outside: Figure 1a, RKHS L=5 seed 1 (z = +4.00); "
         "1 stopped early on a non-finite loss; "
         "1 of the 2 runs with a z-score end below the release's mean and 1 above (the report weighs this). "
         "Every configuration with the release's embedding files "
