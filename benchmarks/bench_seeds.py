@@ -30,7 +30,7 @@ def build(args, seeds) -> tuple[training.Experiment, list]:
              '--data_root', args.data_root, '--save', 'bench.pkl']
     flags += (['--seed', str(seeds[0])] if len(seeds) == 1 else ['--seeds', *map(str, seeds)])
     flags += (['--synthetic'] if args.synthetic else []) + (['--subset', str(args.subset)] if args.subset else [])
-    config = gate.resolved(gate.validate(mnist.RULES, flags, gate.SWEEP))
+    config = mnist.RULES.resolved(gate.validate(mnist.RULES, flags, gate.SWEEP))
     started = launch.Started(config, [None] * len(seeds), '', None, args.device_, distributed.SINGLE,
                              StopRequest())
     with contextlib.redirect_stdout(io.StringIO()):  # the script's lines about its embedding and block

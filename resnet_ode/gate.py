@@ -398,6 +398,8 @@ class Rules:
         return config
 
     def resolved(self, config):
+        """The config with the defaults that follow from its seed filled in (MNIST's embedding
+        seed), once the seed is known (given, or drawn when the run starts)."""
         return config
 
     def check_values(self, config):
@@ -432,9 +434,3 @@ class TrainingRules(Rules):
 
     def check_files(self, config):
         check_run_files(config)
-
-
-def resolved(config):
-    """The config with the defaults that follow from its seed filled in (MNIST's embedding seed),
-    once the seed is known (given, or drawn when the run starts)."""
-    return config.rules.resolved(config)

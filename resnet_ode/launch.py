@@ -46,7 +46,7 @@ def start_run(config):
                 if config.seed is None and not getattr(config, 'seeds', None):
                     # drawn once, on rank 0, and recorded in the pickle
                     config = config.replace(seed=dist.broadcast_int(random.SystemRandom().randrange(2 ** 31)))
-                config = gate.resolved(config)
+                config = config.rules.resolved(config)
                 members = member_runs(config)
                 device = dist.device if dist.world_size > 1 else gate.pick_device(config)
                 yield Started(config, members, resume_path, resume_state, device, dist, stop,

@@ -224,7 +224,7 @@ def of_command(dataset: str, argv: list) -> dict:
     flags read through the gate, and the embedding files it would load. Raises UsageError
     (EmbeddingError) as the run would."""
     rules = experiment_rules(dataset)
-    config = gate.resolved(gate.validate(rules, list(argv), gate.SWEEP))
+    config = rules.resolved(gate.validate(rules, list(argv), gate.SWEEP))
     if dataset == protocol.SYNTHETIC:
         from .synthetic import synthetic_method
         return protocol.build_synthetic(config, synthetic_method(config), {})
