@@ -17,7 +17,6 @@ Usage::
     python plot_figures.py results/MNIST_experiments --figure 1a --reference release_runs
     python plot_figures.py some/folder --figure 3 --out_dir figs --pdf
 """
-import argparse
 import os
 import sys
 
@@ -46,11 +45,7 @@ def synthetic_main(args):
 
 
 def _figure_choice(text):
-    try:
-        name = figure_grid.figure_name(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return name.replace('figure', '')
+    return figure_grid.figure_name(text).replace('figure', '')
 
 
 def get_args_parser():

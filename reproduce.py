@@ -41,13 +41,6 @@ MAX_SEEDS = 100_000
 MAX_PROCESSES = 1024
 
 
-def _figure_name(text):
-    try:
-        return figure_grid.figure_name(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _shard(text):
     try:
         index, count = (int(part) for part in text.split('/'))
@@ -77,7 +70,7 @@ def get_args_parser():
                     'Arguments after "--" are passed to every run.',
         usage='%(prog)s FIGURE [options] [-- experiment flags]')
     add = parser.add_argument
-    add('figure', type=_figure_name,
+    add('figure', type=figure_grid.figure_name,
         help='figure1a, figure1b, figure2, figure3 or all (also 1a or fig1a); synthetic: the synthetic '
              'experiment\'s sweep (not part of all)')
     add('--num_seeds', type=int, default=5, help='number of seeds per configuration (default: 5)')

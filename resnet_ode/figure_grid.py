@@ -5,6 +5,7 @@ The sweep (reproduce.py) runs a figure's grid; the figures (plot_figures.py) dra
 """
 from __future__ import annotations
 
+import argparse
 import os
 from dataclasses import dataclass
 
@@ -15,8 +16,8 @@ SYNTHETIC_RESULTS = os.path.join('synthetic_experiments', 'sweep')
 
 
 def figure_name(text: str, allowed=FIGURES + ('all', SYNTHETIC)) -> str:
-    """'figure1a' from 'figure1a', 'fig1a' (the results folder's name) or '1a'; ValueError for
-    anything not in `allowed`."""
+    """'figure1a' from 'figure1a', 'fig1a' (the results folder's name) or '1a'. An argparse type:
+    anything not in `allowed` raises ArgumentTypeError, which argparse prints as one line."""
     name = text.lower()
     for prefix in ('figure', 'fig'):
         if name.startswith(prefix):
@@ -25,7 +26,7 @@ def figure_name(text: str, allowed=FIGURES + ('all', SYNTHETIC)) -> str:
     name = name if name in ('all', SYNTHETIC) else 'figure' + name
     if name not in allowed:
         shown = [item.replace('figure', '') for item in allowed]
-        raise ValueError(f'unknown figure {text!r}; choose from {", ".join(shown)}')
+        raise argparse.ArgumentTypeError(f'unknown figure {text!r}; choose from {", ".join(shown)}')
     return name
 
 @dataclass(frozen=True)

@@ -587,3 +587,5 @@ def test_usage_errors_are_one_line(tmp_path):
                          ('plot_figures.py', ['--figure', '7']), ('release_runs.py', ['--nonsense'])):
         proc = run_script(script, *argv, cwd=tmp_path)
         assert proc.returncode == 2 and proc.stderr.count('\n') == 1 and proc.stdout == '', (script, proc.stderr)
+        if 'figure9' in argv or '7' in argv:  # the figure's own message, not argparse's generic one
+            assert "unknown figure" in proc.stderr and "choose from 1a, 1b, 2, 3" in proc.stderr, proc.stderr
