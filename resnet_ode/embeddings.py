@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections import Counter
 
 from .errors import EXIT_OK, EXIT_USAGE, DownloadError, EmbeddingError, OneLineArgumentParser
 from .files import open_regular, torch_load_failure
@@ -295,9 +296,7 @@ def main(args) -> int:
     status = {name: file_status(os.path.join(args.dir, name)) for name in RELEASE_SHA256}
     for name, state in status.items():
         print(f'{name}: {state}')
-    counts = {}
-    for state in status.values():
-        counts[state.split(':')[0]] = counts.get(state.split(':')[0], 0) + 1
+    counts = Counter(state.split(':')[0] for state in status.values())
     print(f'{args.dir}: ' + ', '.join(f'{n} {state}' for state, n in sorted(counts.items()))
           + ('' if counts.get('release') == len(status) else f'; {DOWNLOAD_COMMAND} fetches the missing ones'))
     return EXIT_OK

@@ -21,7 +21,7 @@ import json
 import os
 import sys
 import warnings
-from collections import OrderedDict, namedtuple
+from collections import Counter, OrderedDict, namedtuple
 from dataclasses import dataclass
 
 import numpy as np
@@ -493,9 +493,7 @@ def load_synthetic_runs(folders) -> list[SyntheticRun]:
     if others:
         warn(f'left out {len(others)} run(s) of Figures 1 to 3, e.g. {others[0]} (plot_figures.py '
              f'draws them without --figure synthetic)')
-    counts = OrderedDict()
-    for run in runs:
-        counts[run.protocol] = counts.get(run.protocol, 0) + 1
+    counts = Counter(run.protocol for run in runs)  # first seen first: ties go to the earliest
     if not counts:
         return []
     chosen = max(counts, key=counts.get)
