@@ -258,21 +258,17 @@ def _dry_run(args, all_runs, embedding, root) -> int:
 def _report(todo, all_runs, figures, root, args, sweep_start, interrupted):
     """The sweep's outcome, the plots, and its exit status (1 when a run failed)."""
     status = EXIT_OK
-    by_status = {name: [run for run in todo if run.status == name]
-                 for name in ('diverged', 'failed', 'running elsewhere', 'done elsewhere')}
-    if by_status['diverged']:
-        print(f'{len(by_status["diverged"])} run(s) diverged (pickle written, curves stop early): '
-              + ', '.join(run.name for run in by_status['diverged']))
-    if by_status['running elsewhere']:
-        print(f'{len(by_status["running elsewhere"])} run(s) are running in another process; a '
-              f'later sweep picks up their results: '
-              + ', '.join(run.name for run in by_status['running elsewhere']))
-    if by_status['done elsewhere']:
-        print(f'{len(by_status["done elsewhere"])} run(s) were finished by another process meanwhile: '
-              + ', '.join(run.name for run in by_status['done elsewhere']))
-    if by_status['failed']:
-        print(f'{len(by_status["failed"])} run(s) FAILED:')
-        for run in by_status['failed']:
+    for outcome, words in (('diverged', 'diverged (pickle written, curves stop early)'),
+                           ('running elsewhere', 'are running in another process; a later sweep picks '
+                                                 'up their results'),
+                           ('done elsewhere', 'were finished by another process meanwhile')):
+        names = [run.name for run in todo if run.status == outcome]
+        if names:
+            print(f'{len(names)} run(s) {words}: ' + ', '.join(names))
+    failed = [run for run in todo if run.status == 'failed']
+    if failed:
+        print(f'{len(failed)} run(s) FAILED:')
+        for run in failed:
             print(f'  {run.name}: {run.extra.get("reason")}; log: {os.path.join(root, run.log)}')
         status = EXIT_FAILED
     if interrupted:
