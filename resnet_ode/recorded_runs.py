@@ -236,10 +236,10 @@ def _is_synthetic(data) -> bool:
     return isinstance(record, dict) and record.get('dataset') == protocol.SYNTHETIC
 
 
-def read_run(path: str, synthetic: list | None = None) -> RecordedRun | None:
+def read_run(path: str, synthetic: list) -> RecordedRun | None:
     """One results pickle as a RecordedRun, or None with one warning naming the file and the reason. A
     synthetic_experiments.py pickle is not a run of Figures 1 to 3: it is appended to
-    `synthetic` when a list is given (the caller says it once for all), else warned about."""
+    `synthetic` (the caller says it once for all)."""
     try:
         data = load_results(path)
     except UnsafePickle as exc:
@@ -249,10 +249,7 @@ def read_run(path: str, synthetic: list | None = None) -> RecordedRun | None:
         warn(f'skipping unreadable pickle {path}: {type(exc).__name__}: {exc}')
         return None
     if _is_synthetic(data):
-        if synthetic is None:
-            warn(f'skipping {path}: a synthetic_experiments.py run (plot_figures.py --figure synthetic draws it)')
-        else:
-            synthetic.append(path)
+        synthetic.append(path)
         return None
     try:
         with warnings.catch_warnings():
