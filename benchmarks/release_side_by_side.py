@@ -1,6 +1,8 @@
 """Train side by side with the release's own script: same start, same batches, step by step.
 
     OMP_NUM_THREADS=1 python benchmarks/release_side_by_side.py --release /path/to/release/checkout
+    OMP_NUM_THREADS=1 python benchmarks/release_side_by_side.py --release /path/to/release/checkout \
+        --models SHL --layers 10 --pretrain 3      # Figure 1b's SHL, from the 3-pass embedding files
 
 The release side runs the release's MNIST_experiments.py (commit 54bc56f) itself, in-process
 with runpy, from a scratch folder. Only what this comparison needs is patched, for the duration
@@ -33,12 +35,14 @@ float32 rounding: the project side rerun with its rate moved by one unit in the 
 the evaluation times of the ODE solve, the draw of the initial weights, and one step (loss and
 gradients) of both sides from the same trained weights.
 
---golden_dir writes tests/golden/release_steps_<MODEL>_l<L>_p0.json: the release's first
+--golden_dir writes tests/golden/release_steps_<MODEL>_l<L>_p<P>.json: the release's first
 --golden_steps losses, a signature of its weights after them, and what is needed to rebuild the
 same start and batches. The committed ones were made with
 
     OMP_NUM_THREADS=1 python benchmarks/release_side_by_side.py --release <checkout> \
         --golden_dir tests/golden --golden_steps 60
+    OMP_NUM_THREADS=1 python benchmarks/release_side_by_side.py --release <checkout> \
+        --models SHL --layers 10 --pretrain 3 --steps 30 --no_control --golden_dir tests/golden --golden_steps 30
 
 Measured (seed 21, 470 steps = 2 epochs, torch 2.14.1, one thread of a 2-core AMD EPYC VM):
 data, initial weights, embedding and evaluation times equal bit for bit. SHL: losses
@@ -50,6 +54,10 @@ at the same point (SHL 337, RKHS 126) and reaches the same size afterwards (1e-2
 loss, 4e-3 to 1e-2 in the weights): the loss starts to fall there and this SGD amplifies any
 float32 difference. From the same trained weights, one step of the two sides agrees to 1e-7
 (loss) and 4e-7 (SHL) / 1.4e-6 (RKHS) (gradients), both sides being as far from a float64 step.
+SHL L=10 from the 3-pass files (same seed and steps): the loss stays within 2.7e-7 relative for
+all 470 steps (bit-identical for 1), the weights within 6.0e-7; the control never leaves
+rounding either (within 2.7e-7 in the loss). Its loss starts at 0.117 (the embedding is already
+trained) and has no steep fall in these 2 epochs, the phase where the L=5 runs amplify rounding.
 
 Exit status: 0 done, 2 a missing or wrong --release checkout, MNIST or embedding folder.
 """
@@ -151,10 +159,10 @@ def load_embedding_state(path: str) -> dict:
     return content['model'].state_dict()
 
 
-def project_embedding(directory: str) -> tuple[nn.Module, nn.Module]:
+def project_embedding(directory: str, pretrain: int = PRETRAIN) -> tuple[nn.Module, nn.Module]:
     """A and B of models.py, holding the release files' weights, frozen in eval mode."""
     nets = (models.mnist_input_network(CHANNELS), models.mnist_output_network(CHANNELS))
-    for net, path in zip(nets, embedding_paths(directory)):
+    for net, path in zip(nets, embedding_paths(directory, passes=pretrain)):
         net.load_state_dict(load_embedding_state(path))
         net.requires_grad_(False)
         net.eval()
@@ -202,9 +210,10 @@ def project_initial_state(model: str, seed: int, layers: int = LAYERS, dim: int 
         return {'func.hidden_weight': hidden, 'func.output_weight': output}
 
 
-def from_release_state(model: str, state: dict, layers: int = LAYERS) -> dict:
+def from_release_state(model: str, state: dict) -> dict:
     """The release ODEBlock's state dict under models.ResidualODEBlock's names."""
-    nodes = range(layers + 1)
+    outputs = 'block_list' if model == 'RKHS' else 'visible_layer_list'
+    nodes = range(sum(name.startswith(f'odefunc.{outputs}.') for name in state))
     if model == 'RKHS':
         return {'func.omega.weight': state['odefunc.conv1.weight'],
                 'func.output_weight': torch.stack([state[f'odefunc.block_list.{i}.weight'] for i in nodes])}
@@ -223,7 +232,8 @@ def state_sha256(state: dict) -> str:
 
 
 def project_block(model: str, state: dict) -> models.ResidualODEBlock:
-    block = models.ResidualODEBlock(model, CHANNELS, CHANNELS, LAYERS, METHOD, 'release', 'fixed')
+    layers = len(state['func.output_weight']) - 1  # one output convolution per node of the grid
+    block = models.ResidualODEBlock(model, CHANNELS, CHANNELS, layers, METHOD, 'release', 'fixed')
     block.load_state_dict({name: tensor.clone() for name, tensor in state.items()})
     return block
 
@@ -307,7 +317,7 @@ def _patched(obj, name, value):
 
 
 def run_release(release: str, model: str, seed: int, orders, mnist_root: str, embedding_dir: str,
-                log=None, snapshot_steps=()) -> dict:
+                log=None, snapshot_steps=(), layers: int = LAYERS, pretrain: int = PRETRAIN) -> dict:
     """Run the release's MNIST_experiments.py for len(orders) epochs on these batch orders.
 
     Returns its per-step losses (its pickle's train_loss), the block's initial and final state
@@ -358,8 +368,8 @@ def run_release(release: str, model: str, seed: int, orders, mnist_root: str, em
                 return original_loader(dataset, *args, shuffle=False, **kwargs)
 
             argv = [os.path.join(release, 'MNIST_experiments.py'), '--model', model,
-                    '--layers', str(LAYERS), '--in_channels', str(CHANNELS), '--dim_int', str(CHANNELS),
-                    '--pretrain', str(PRETRAIN), '--epochs', str(epochs), '--lr_init', str(LR),
+                    '--layers', str(layers), '--in_channels', str(CHANNELS), '--dim_int', str(CHANNELS),
+                    '--pretrain', str(pretrain), '--epochs', str(epochs), '--lr_init', str(LR),
                     '--batch_size', str(BATCH_SIZE), '--test_batch_size', '1000',
                     '--method', METHOD, '--save', 'side_by_side.pkl']
             out = io.StringIO()
@@ -509,11 +519,13 @@ def signature_difference(mine: dict, reference: dict) -> float:
 
 
 def compare(model: str, release: str, seed: int, permutation_seed: int, steps: int, mnist_root: str,
-            embedding_dir: str, images, labels, log=None, control: bool = True, golden_steps: int = 0) -> dict:
+            embedding_dir: str, images, labels, log=None, control: bool = True, golden_steps: int = 0,
+            layers: int = LAYERS, pretrain: int = PRETRAIN) -> dict:
     orders = permutations(permutation_seed, steps)
     snapshot_steps = sorted({s for s in (*REPORT_STEPS, golden_steps, steps) if 0 < s <= steps})
     started = time.time()
-    release_run = run_release(release, model, seed, orders, mnist_root, embedding_dir, log, snapshot_steps)
+    release_run = run_release(release, model, seed, orders, mnist_root, embedding_dir, log, snapshot_steps,
+                              layers, pretrain)
     release_seconds = time.time() - started
     checks = {}
 
@@ -525,15 +537,15 @@ def compare(model: str, release: str, seed: int, permutation_seed: int, steps: i
 
     # Same start: what the release drew, against the rebuild from the seed.
     initial = from_release_state(model, release_run['initial'])
-    rebuilt = project_initial_state(model, seed)
+    rebuilt = project_initial_state(model, seed, layers)
     checks['initial_state_rebuilt_bit_for_bit'] = all(torch.equal(initial[n], rebuilt[n]) for n in initial)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        own = models.ResidualODEBlock(model, CHANNELS, CHANNELS, LAYERS, METHOD, 'release').state_dict()
+        own = models.ResidualODEBlock(model, CHANNELS, CHANNELS, layers, METHOD, 'release').state_dict()
     checks['project_own_draw_from_same_seed_equal'] = all(torch.equal(own[n], initial[n]) for n in initial)
 
     # Same embedding: the release's loaded modules against the project's A and B from the files.
-    embedding = project_embedding(embedding_dir)
+    embedding = project_embedding(embedding_dir, pretrain)
     checks['embedding_equal'] = all(
         torch.equal(a, b) for mine, theirs in zip(embedding, release_run['embedding'])
         for a, b in zip(mine.state_dict().values(), theirs.state_dict().values()))
@@ -555,7 +567,7 @@ def compare(model: str, release: str, seed: int, permutation_seed: int, steps: i
     release_losses = release_run['losses']
     rel = relative_differences(project, release_losses)
     result = {
-        'model': model, 'layers': LAYERS, 'seed': seed, 'permutation_seed': permutation_seed,
+        'model': model, 'layers': layers, 'pretrain': pretrain, 'seed': seed, 'permutation_seed': permutation_seed,
         'steps': int(len(release_losses)), 'checks': checks,
         'bit_identical_steps': int(np.argmax(project != release_losses)) if (project != release_losses).any()
         else int(len(project)),
@@ -588,15 +600,15 @@ def compare(model: str, release: str, seed: int, permutation_seed: int, steps: i
 
 def golden_record(result: dict, golden_steps: int, embedding_dir: str) -> dict:
     steps = min(golden_steps, result['steps'])
-    inputs, outputs = embedding_paths(embedding_dir)
+    inputs, outputs = embedding_paths(embedding_dir, passes=result['pretrain'])
     return {
         'what': 'the release script\'s own per-step training losses (its pickle\'s train_loss) and a '
                 'signature of its trained weights after the last of them (weight_signature), made by '
                 'benchmarks/release_side_by_side.py; the block starts from project_initial_state(model, '
                 'seed), the batches are permutations(permutation_seed, steps)',
         'release_commit': RELEASE_COMMIT, 'torch_version': torch.__version__,
-        'model': result['model'], 'layers': LAYERS, 'in_channels': CHANNELS, 'dim_int': CHANNELS,
-        'pretrain': PRETRAIN, 'method': METHOD, 'time_weights': 'release',
+        'model': result['model'], 'layers': result['layers'], 'in_channels': CHANNELS, 'dim_int': CHANNELS,
+        'pretrain': result['pretrain'], 'method': METHOD, 'time_weights': 'release',
         'batch_size': BATCH_SIZE, 'lr': LR,
         'seed': result['seed'], 'permutation_seed': result['permutation_seed'],
         'embedding_sha256': {os.path.basename(inputs): sha256(inputs), os.path.basename(outputs): sha256(outputs)},
@@ -610,7 +622,7 @@ def golden_record(result: dict, golden_steps: int, embedding_dir: str) -> dict:
 
 
 def format_report(result: dict) -> str:
-    lines = [f"== {result['model']} L={result['layers']}, seed {result['seed']}, permutation seed "
+    lines = [f"== {result['model']} L={result['layers']}, {result['pretrain']}-pass embedding, seed {result['seed']}, permutation seed "
              f"{result['permutation_seed']}, {result['steps']} steps "
              f"(release {result['release_seconds']:.0f} s, project {result['project_seconds']:.0f} s)"]
     lines += [f'  check {name}: {value}' for name, value in result['checks'].items()]
@@ -644,6 +656,9 @@ def parse_args(argv=None):
                                                  '(same start, same batches) and compare step by step.')
     parser.add_argument('--release', help='folder of a release checkout (git archive 54bc56f)')
     parser.add_argument('--models', nargs='+', default=['SHL', 'RKHS'], choices=['SHL', 'RKHS'])
+    parser.add_argument('--layers', type=int, default=LAYERS, help='steps of the ODE block (default %(default)s)')
+    parser.add_argument('--pretrain', type=int, default=PRETRAIN,
+                        help='passes of the release\'s embedding files to start from (default %(default)s)')
     parser.add_argument('--steps', type=int, default=2 * STEPS_PER_EPOCH,
                         help=f'training steps to compare (default {2 * STEPS_PER_EPOCH}, two epochs)')
     parser.add_argument('--seed', type=int, default=DEFAULT_SEED,
@@ -655,8 +670,9 @@ def parse_args(argv=None):
     parser.add_argument('--embedding_dir', default=None,
                         help='folder of the release\'s embedding files (default: <release>/MNIST_pretrained_models)')
     parser.add_argument('--no_control', action='store_true', help='skip the lr + 1 ulp control run')
-    parser.add_argument('--json', help='write every number (per-step losses included) to this file')
-    parser.add_argument('--golden_dir', help='write release_steps_<MODEL>_l5_p0.json files here')
+    parser.add_argument('--json', help='write every number (per-step losses included) to this file; entries '
+                                       'already there for other models, depths, embeddings or seeds are kept')
+    parser.add_argument('--golden_dir', help='write release_steps_<MODEL>_l<L>_p<P>.json files here')
     parser.add_argument('--golden_steps', type=int, default=60)
     parser.add_argument('--log', help='append the release script\'s own output to this file')
     return parser.parse_args(argv)
@@ -667,13 +683,13 @@ def main(argv=None) -> int:
     try:
         release = check_release(args.release)
         embedding_dir = args.embedding_dir or os.path.join(release, 'MNIST_pretrained_models')
-        embedding_paths(embedding_dir)
+        embedding_paths(embedding_dir, passes=args.pretrain)
         images, labels = read_mnist_train(args.mnist_root)
     except Refused as exc:
         print(f'release_side_by_side: {exc}', file=sys.stderr)
         return 2
-    if args.steps < 1:
-        print('release_side_by_side: --steps must be >= 1', file=sys.stderr)
+    if args.steps < 1 or args.layers < 1:
+        print('release_side_by_side: --steps and --layers must be >= 1', file=sys.stderr)
         return 2
     permutation_seed = args.seed if args.permutation_seed is None else args.permutation_seed
     print(f'torch {torch.__version__}, {torch.get_num_threads()} thread(s); release {release}')
@@ -681,19 +697,35 @@ def main(argv=None) -> int:
     for model in args.models:
         result = compare(model, release, args.seed, permutation_seed, args.steps, args.mnist_root,
                          embedding_dir, images, labels, args.log, control=not args.no_control,
-                         golden_steps=args.golden_steps if args.golden_dir else 0)
+                         golden_steps=args.golden_steps if args.golden_dir else 0,
+                         layers=args.layers, pretrain=args.pretrain)
         print(format_report(result), flush=True)
         results.append(result)
         if args.golden_dir:
-            path = os.path.join(args.golden_dir, f'release_steps_{model}_l{LAYERS}_p{PRETRAIN}.json')
+            path = os.path.join(args.golden_dir, f'release_steps_{model}_l{args.layers}_p{args.pretrain}.json')
             with open(path, 'w') as f:
                 json.dump(golden_record(result, args.golden_steps, embedding_dir), f, indent=1)
                 f.write('\n')
             print(f'  wrote {path}')
     if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(results, f, indent=1, default=str)
+        write_results(args.json, results)
     return 0
+
+
+RESULT_KEY = ('model', 'layers', 'pretrain', 'seed', 'permutation_seed', 'steps')
+
+
+def write_results(path: str, results: list) -> None:
+    """Write `results` to the JSON list at `path`, after the entries already there that none of
+    them replaces (same model, depth, embedding, seeds and steps), atomically."""
+    kept = []
+    if os.path.exists(path):
+        with open(path) as f:
+            new = {tuple(r[k] for k in RESULT_KEY) for r in results}
+            kept = [r for r in json.load(f) if tuple(r[k] for k in RESULT_KEY) not in new]
+    with tempfile.NamedTemporaryFile('w', dir=os.path.dirname(os.path.abspath(path)), delete=False) as f:
+        json.dump(kept + results, f, indent=1, default=str)
+    os.replace(f.name, path)
 
 
 if __name__ == '__main__':

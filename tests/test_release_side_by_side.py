@@ -4,7 +4,8 @@ benchmarks/release_side_by_side.py runs the release's MNIST_experiments.py (comm
 this project's training step (models.py and plain PyTorch, as tests/test_reference_loop.py writes
 it) from the same initial weights on the same batches. tests/golden/release_steps_*.json holds
 what the release's script computed there, for SHL and RKHS with L=5, 32 channels and the
-release's 0-pass embedding files: its per-step losses for the first `steps` steps, and a
+release's 0-pass embedding files (Figure 1a), and for SHL with L=10 and the 3-pass files
+(Figure 1b): its per-step losses for the first `steps` steps, and a
 signature of its weights after them (norm and three random projections of each node,
 release_side_by_side.weight_signature). The test below rebuilds the same start without the
 release (project_initial_state draws the release's block from the seed, in the release's order,
@@ -25,6 +26,9 @@ Tolerances, measured with the harness (seed 21, 470 steps, this 2-core AMD EPYC 
   1.3e-4 (RKHS), and this test fails then; over the first 60 steps the losses themselves are
   too flat (the block starts as the identity, SHL's output layers at zero) to show so small a
   change, the weights are not.
+- Figure 1b's SHL L=10 from the 3-pass files, pinned for 30 steps: losses within 1.0e-7, signature
+  4.1e-7 apart; a rate of 0.50001 moves the signature by 5.1e-5. Over 470 steps the two stay
+  within 2.7e-7 in the loss and 6.0e-7 in the weights (results/release_side_by_side.json).
 
 Where no release checkout exists (CI), only the golden comparison runs. With RELEASE_CHECKOUT
 pointing at one (git archive 54bc56f of rbarboni/FlowResNets), the live comparison runs too.
@@ -44,32 +48,35 @@ from benchmarks import release_side_by_side as side
 
 GOLDEN = Path(__file__).resolve().parent / 'golden'
 MODELS = ('SHL', 'RKHS')
+# (model, layers, embedding passes) of each golden file: Figure 1a's two, and Figure 1b's SHL
+GOLDEN_CONFIGS = (('SHL', 5, 0), ('RKHS', 5, 0), ('SHL', 10, 3))
 LOSS_RTOL = 1e-6
 SIGNATURE_RTOL = 1e-5
 RELEASE_ENV = 'RELEASE_CHECKOUT'
 LIVE_STEPS = 12
 
 
-def golden(model: str) -> dict:
-    with open(GOLDEN / f'release_steps_{model}_l{side.LAYERS}_p{side.PRETRAIN}.json') as f:
+def golden(model: str, layers: int = side.LAYERS, pretrain: int = side.PRETRAIN) -> dict:
+    with open(GOLDEN / f'release_steps_{model}_l{layers}_p{pretrain}.json') as f:
         return json.load(f)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('model', MODELS)
-def test_project_steps_equal_the_release_scripts(model, mnist_root, release_dir):
-    record = golden(model)
+@pytest.mark.parametrize('model,layers,pretrain', GOLDEN_CONFIGS)
+def test_project_steps_equal_the_release_scripts(model, layers, pretrain, mnist_root, release_dir):
+    record = golden(model, layers, pretrain)
     # The same embedding files, the same start, the same settings as when the release ran.
     for name, digest in record['embedding_sha256'].items():
         assert side.sha256(os.path.join(release_dir, name)) == digest, f'{name} is not the release\'s file'
-    assert (record['layers'], record['in_channels'], record['dim_int'], record['batch_size'], record['lr'],
-            record['method']) == (side.LAYERS, side.CHANNELS, side.CHANNELS, side.BATCH_SIZE, side.LR, side.METHOD)
-    initial = side.project_initial_state(model, record['seed'])
+    assert (record['layers'], record['pretrain'], record['in_channels'], record['dim_int'], record['batch_size'],
+            record['lr'], record['method']) == (layers, pretrain, side.CHANNELS, side.CHANNELS, side.BATCH_SIZE,
+                                                side.LR, side.METHOD)
+    initial = side.project_initial_state(model, record['seed'], layers)
     assert side.state_sha256(initial) == record['initial_state_sha256'], \
         'the seed no longer draws the release\'s initial block (a change in torch\'s random stream?)'
 
     images, labels = side.read_mnist_train(mnist_root)
-    embedding = side.project_embedding(release_dir)
+    embedding = side.project_embedding(release_dir, pretrain)
     steps = record['steps']
     orders = side.permutations(record['permutation_seed'], steps)
     losses, _, snapshots = side.project_losses(model, initial, embedding, images, labels, orders,
