@@ -375,7 +375,7 @@ def _side_by_side_section(comparisons):
            '`MNIST_experiments.py` and this project\'s training step from the same start (the release\'s '
            'initial block, rebuilt bit for bit from `torch.manual_seed(21)`) on the same batches (one '
            'permutation per epoch from seed 21), from the release\'s embedding files, for 470 steps '
-           '(2 epochs), on one CPU thread: L=5 from the 0-pass files (Figure 1a) as above, and SHL L=10 from '
+           '(2 epochs), on one CPU thread: L=5 from the 0-pass files (Figure 1a), and SHL L=10 from '
            'the 3-pass files (Figure 1b) with `--models SHL --layers 10 --pretrain 3`. The control is this '
            'project against itself with the learning rate moved by one unit in the last place (0.5 + 2^-24): the size of a difference that is '
            'rounding alone. Losses: the largest relative difference over the steps so far.')
