@@ -87,6 +87,7 @@ if REPO not in sys.path:
     sys.path.insert(0, REPO)
 
 import models
+from resnet_ode import files
 
 RELEASE_COMMIT = '54bc56f'
 RELEASE_FILES = ('MNIST_experiments.py', 'RKHS_NODE.py')
@@ -622,8 +623,8 @@ def golden_record(result: dict, golden_steps: int, embedding_dir: str) -> dict:
 
 
 def format_report(result: dict) -> str:
-    lines = [f"== {result['model']} L={result['layers']}, {result['pretrain']}-pass embedding, seed {result['seed']}, permutation seed "
-             f"{result['permutation_seed']}, {result['steps']} steps "
+    lines = [f"== {result['model']} L={result['layers']}, {result['pretrain']}-pass embedding, "
+             f"seed {result['seed']}, permutation seed {result['permutation_seed']}, {result['steps']} steps "
              f"(release {result['release_seconds']:.0f} s, project {result['project_seconds']:.0f} s)"]
     lines += [f'  check {name}: {value}' for name, value in result['checks'].items()]
     lines.append(f"  losses bit-identical for the first {result['bit_identical_steps']} steps")
@@ -723,9 +724,7 @@ def write_results(path: str, results: list) -> None:
         with open(path) as f:
             new = {tuple(r[k] for k in RESULT_KEY) for r in results}
             kept = [r for r in json.load(f) if tuple(r[k] for k in RESULT_KEY) not in new]
-    with tempfile.NamedTemporaryFile('w', dir=os.path.dirname(os.path.abspath(path)), delete=False) as f:
-        json.dump(kept + results, f, indent=1, default=str)
-    os.replace(f.name, path)
+    files.atomic_write(path, lambda f: json.dump(kept + results, f, indent=1, default=str), binary=False)
 
 
 if __name__ == '__main__':

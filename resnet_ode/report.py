@@ -377,22 +377,22 @@ def _side_by_side_section(comparisons):
            'permutation per epoch from seed 21), from the release\'s embedding files, for 470 steps '
            '(2 epochs), on one CPU thread: L=5 from the 0-pass files (Figure 1a), and SHL L=10 from '
            'the 3-pass files (Figure 1b) with `--models SHL --layers 10 --pretrain 3`. The control is this '
-           'project against itself with the learning rate moved by one unit in the last place (0.5 + 2^-24): the size of a difference that is '
-           'rounding alone. Losses: the largest relative difference over the steps so far.')
+           'project against itself with the learning rate moved by one unit in the last place (0.5 + 2^-24): '
+           'the size of a difference that is rounding alone. Losses: the largest relative difference over '
+           'the steps so far.')
     yield ''
     yield ('| model | embedding | bit-identical steps | first step beyond 1e-6 (control) | at step 100 (control) '
            '| 235 | 470 |')
     yield '|---|---|---|---|---|---|---|'
-    for r in results:
+    left = [(_left_rounding(r), _left_rounding(r['control_lr_one_ulp'], r['steps'])) for r in results]
+    for r, (first, control_first) in zip(results, left):
         rel, control = r['max_rel_by_step'], r['control_lr_one_ulp']['max_rel_by_step']
-        first, control_first = _left_rounding(r), _left_rounding(r['control_lr_one_ulp'], r['steps'])
         yield (f'| {r["model"]} L={r["layers"]} | {r["pretrain"]} passes | {r["bit_identical_steps"]} '
                f'| {_step_text(first, r["steps"])} ({_step_text(control_first, r["steps"])}) '
                f'| {rel["100"]:.1e} ({control["100"]:.1e}) '
                f'| {rel["235"]:.1e} ({control["235"]:.1e}) | {rel["470"]:.1e} ({control["470"]:.1e}) |')
     yield ''
-    same = all(abs(_left_rounding(r) - _left_rounding(r['control_lr_one_ulp'], r['steps'])) <= 0.05 * r['steps']
-               for r in results)
+    same = all(abs(first - control_first) <= 0.05 * r['steps'] for r, (first, control_first) in zip(results, left))
     yield (('The two agree to float32 rounding until training amplifies it: they leave rounding at about the '
             'step where a change of one unit in the last place of the learning rate does (or, like it, not '
             'at all), and by about as much. So the difference is rounding, not a difference in what is '
