@@ -5,10 +5,9 @@
 Writes the training curves to CIFAR_experiments/<save> (the release's pickle schema) and the
 best model to CIFAR_checkpoint/<save name>.pth. See README.md for every flag and file.
 """
-import sys
 
 from resnet_ode import cifar, gate, launch, training
-from resnet_ode.errors import one_line_errors
+from resnet_ode.errors import one_line_errors, run_command
 
 
 def get_args_parser():
@@ -25,4 +24,4 @@ def main(args) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main(get_args_parser().parse_args()))
+    run_command(main, get_args_parser().parse_args)

@@ -9,7 +9,7 @@ method itself is in models.py, the training loop in resnet_ode/training.py.
 import sys
 
 from resnet_ode import gate, launch, mnist, training
-from resnet_ode.errors import EXIT_DIVERGED, PretrainingStopped, one_line_errors
+from resnet_ode.errors import EXIT_DIVERGED, PretrainingStopped, one_line_errors, run_command
 
 
 def get_args_parser():
@@ -31,4 +31,4 @@ def main(args) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main(get_args_parser().parse_args()))
+    run_command(main, get_args_parser().parse_args)

@@ -22,7 +22,7 @@ import sys
 
 from resnet_ode import figure_grid, plotting
 from resnet_ode import recorded_runs as runs_module
-from resnet_ode.errors import EXIT_OK, EXIT_USAGE, OneLineArgumentParser
+from resnet_ode.errors import EXIT_OK, EXIT_USAGE, OneLineArgumentParser, run_command
 from resnet_ode.files import writable_folder_problem
 
 DEFAULT_FOLDERS = ('MNIST_experiments', 'CIFAR_experiments')
@@ -115,4 +115,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    sys.exit(main(get_args_parser().parse_args()))
+    run_command(main, get_args_parser().parse_args)

@@ -14,7 +14,7 @@ import sys
 
 from resnet_ode import comparison, recorded_runs, release_reference, report
 from resnet_ode.embeddings import RELEASE_COMMIT, RELEASE_REPOSITORY
-from resnet_ode.errors import EXIT_OK, EXIT_USAGE, DownloadError, OneLineArgumentParser, UsageError
+from resnet_ode.errors import EXIT_OK, EXIT_USAGE, DownloadError, OneLineArgumentParser, UsageError, run_command
 
 
 def get_args_parser():
@@ -93,4 +93,4 @@ def main(args) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main(get_args_parser().parse_args()))
+    run_command(main, get_args_parser().parse_args)

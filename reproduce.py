@@ -31,7 +31,15 @@ import sys
 import time
 
 from resnet_ode import figure_grid, scheduler, sweep
-from resnet_ode.errors import EXIT_FAILED, EXIT_OK, EXIT_SIGINT, EXIT_USAGE, OneLineArgumentParser, UsageError
+from resnet_ode.errors import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_SIGINT,
+    EXIT_USAGE,
+    OneLineArgumentParser,
+    UsageError,
+    run_command,
+)
 from resnet_ode.figure_grid import FIGURES, SYNTHETIC, results_dir
 from resnet_ode.files import writable_folder_problem
 from resnet_ode.gate import SEED_LIMIT
@@ -285,4 +293,4 @@ def _report(todo, all_runs, figures, root, args, sweep_start, interrupted):
 
 
 if __name__ == '__main__':
-    sys.exit(main(parse_args()))
+    run_command(main, parse_args)

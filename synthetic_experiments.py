@@ -19,10 +19,9 @@ Exit statuses: 0 done; 2 bad input or refusal (one line on stderr, nothing writt
 became non-finite (the pickle is written, with diverged=True); 4 the pickle could not be
 written; 130/143 interrupted by SIGINT/SIGTERM (nothing written: a run takes seconds, rerun it).
 """
-import sys
 
 from resnet_ode import gate, synthetic
-from resnet_ode.errors import one_line_errors
+from resnet_ode.errors import one_line_errors, run_command
 
 
 def get_args_parser():
@@ -35,4 +34,4 @@ def main(args) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main(get_args_parser().parse_args()))
+    run_command(main, get_args_parser().parse_args)

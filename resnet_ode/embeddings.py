@@ -24,7 +24,7 @@ import os
 import sys
 from collections import Counter
 
-from .errors import EXIT_OK, EXIT_USAGE, DownloadError, EmbeddingError, OneLineArgumentParser
+from .errors import EXIT_OK, EXIT_USAGE, DownloadError, EmbeddingError, OneLineArgumentParser, run_command
 from .files import open_regular, torch_load_failure
 
 REPO_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -303,4 +303,4 @@ def main(args) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main(get_args_parser().parse_args()))
+    run_command(main, get_args_parser().parse_args)

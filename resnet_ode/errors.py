@@ -5,18 +5,21 @@ these and every script can turn them into one line and an exit status.
 
 Exit statuses (README, docs/reliability.md): 0 success; 1 a sweep with a failed run; 2 bad
 input or a refusal (one line on stderr, nothing written); 3 training diverged (the curves so far
-are written); 4 a file could not be written mid-run (--resume continues); 130 SIGINT, 143 SIGTERM.
+are written); 4 a file could not be written mid-run (--resume continues); 130 SIGINT, 143 SIGTERM;
+141 the reader of its output went away (`... | head`).
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import os
 import signal
 import sys
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED, EXIT_WRITE_FAILED = 0, 1, 2, 3, 4
 EXIT_SIGINT, EXIT_SIGTERM = 130, 143  # 128 + signal number, the shell's convention
 EXIT_FOR_SIGNAL = {signal.SIGINT: EXIT_SIGINT, signal.SIGTERM: EXIT_SIGTERM}
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141: what the shell reports for a C tool ended by SIGPIPE
 # How a run refuses a --save that another process holds; the sweep reads it in a run's log to
 # tell "running elsewhere" from a failure.
 RUNNING_ELSEWHERE = 'another process is running'
@@ -102,6 +105,21 @@ def one_line_errors(main):
             return exc.exit_status
     wrapped.__name__, wrapped.__doc__ = main.__name__, main.__doc__
     return wrapped
+
+
+def run_command(main, parse_args):
+    """A script's `if __name__ == '__main__'`: exit with main(parse_args())'s status. When the
+    reader of the output goes away early (`python reproduce.py ... --dry_run | head`), the command
+    ends quietly with status 141, as a C tool ended by SIGPIPE does, instead of a BrokenPipeError
+    traceback. A training run stopped so keeps the resume state of its last saved epoch."""
+    try:
+        status = main(parse_args())
+        sys.stdout.flush()  # output still buffered meets the closed pipe here, not at exit
+    except BrokenPipeError:
+        # Python flushes stdout once more as it exits; let that flush go to /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        status = EXIT_BROKEN_PIPE
+    sys.exit(status)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,13 +6,15 @@ flags or seeds that are not the interrupted run's, in one line, its state untouc
 """
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
 import MNIST_experiments
-from conftest import BATCH, SINGLE, SMALL, folder_snapshot, load_results, run_script
+from conftest import BATCH, REPO, SINGLE, SMALL, folder_snapshot, load_results, run_script, start_process
 from resnet_ode import faults, files
 
 RUN = ['--synthetic', '--subset', '500', '--layers', '3', '--in_channels', '8', '--dim_int', '4',
@@ -256,3 +258,22 @@ def test_resume_without_the_batch_seeds_names_the_batch_state(interrupted_batch,
             f'of --save q.pkl --seeds 3 5 7: continue it with --seeds 3 5 7 --resume') in line
     assert 'delete' not in line
     assert folder_snapshot(cwd) == before
+
+
+@pytest.mark.parametrize('command', [
+    ['reproduce.py', 'figure1a', '--num_seeds', '20', '--dry_run'],   # 120 command lines
+    ['-m', 'resnet_ode.embeddings', '--dir', 'empty'],                # 48 files, each "missing"
+])
+def test_a_reader_that_goes_away_ends_the_command_quietly_with_141(tmp_path, command):
+    """`... | head`: the pipe is closed before the command writes; it ends with the status of a
+    tool ended by SIGPIPE (128 + 13), no traceback, and nothing written."""
+    (tmp_path / 'empty').mkdir()
+    script = [str(REPO / command[0])] if command[0].endswith('.py') else command[:2]
+    before = folder_snapshot(tmp_path)
+    proc = start_process([sys.executable, *script, *command[len(script):]], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, 'PYTHONPATH': str(REPO)})
+    proc.stdout.close()  # the reader is gone before the first line
+    stderr = proc.stderr.read()
+    assert (proc.wait(timeout=120), stderr) == (141, '')
+    assert folder_snapshot(tmp_path) == before
