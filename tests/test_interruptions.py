@@ -277,3 +277,18 @@ def test_a_reader_that_goes_away_ends_the_command_quietly_with_141(tmp_path, com
     stderr = proc.stderr.read()
     assert (proc.wait(timeout=120), stderr) == (141, '')
     assert folder_snapshot(tmp_path) == before
+
+
+def test_a_run_whose_reader_goes_away_keeps_its_saved_epoch_and_resumes(tmp_path):
+    """`python MNIST_experiments.py ... | head -3`: the run stops at its next line, status 141,
+    with the resume state of epoch 0, and --resume finishes it."""
+    proc = start_process([sys.executable, REPO / 'MNIST_experiments.py', *RUN], cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    head = [proc.stdout.readline() for _ in range(3)]
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert head[2].startswith('epoch 0/3: ') and proc.wait(timeout=120) == 141
+    assert 'Traceback' not in stderr and (tmp_path / 'MNIST_experiments' / 'r.resume.pt').is_file()
+    resumed = run_script('MNIST_experiments.py', *RUN, '--resume', cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert load_results(tmp_path / 'MNIST_experiments' / 'r.pkl')['train_loss'].shape == (15,)
