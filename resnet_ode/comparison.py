@@ -92,26 +92,20 @@ def compare(mine_runs, release_runs):
     return [comparisons[config] for config in order], others
 
 
-def _percent(mean, std, count):
-    if count == 0:
-        return '–'
-    return runs_module.format_spread(mean, std)
+def _percent(c, which, epoch) -> str:
+    """The test error (%) at `epoch` over the runs that reached it, mean ± std; '–' where none did."""
+    return runs_module.format_spread(*c.at(which, epoch)[:2])
 
 
 def epoch_table(comparisons) -> str:
     """Test error (%) by epoch: this project's mean ± std / the release's, per configuration."""
-    epochs = list(EPOCHS_SHOWN) + ['last']
     header = (['configuration', 'runs here / release', 'stopped early here', 'stopped early, release']
-              + [f'epoch {e}' if e != 'last' else 'last epoch' for e in epochs])
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
-    for c in comparisons:
-        cells = [f'{c.config.dataset} {runs_module.config_text(c.config)}', f'{len(c.mine)} / {len(c.theirs)}',
-                 _stops(c.mine), _stops(c.theirs)]
-        for epoch in epochs:
-            epoch = c.epochs if epoch == 'last' else epoch
-            cells.append(f'{_percent(*c.at("mine", epoch))} / {_percent(*c.at("theirs", epoch))}')
-        lines.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
+              + [f'epoch {e}' for e in EPOCHS_SHOWN] + ['last epoch'])
+    return runs_module.markdown_table(header, [
+        [f'{c.config.dataset} {runs_module.config_text(c.config)}', f'{len(c.mine)} / {len(c.theirs)}',
+         _stops(c.mine), _stops(c.theirs)]
+        + [f'{_percent(c, "mine", epoch)} / {_percent(c, "theirs", epoch)}' for epoch in EPOCHS_SHOWN + (c.epochs,)]
+        for c in comparisons])
 
 
 def _stops(runs):
@@ -123,20 +117,16 @@ def run_table(comparisons) -> str:
     """Each run here against the release's completed runs: its final error, z-score, verdict."""
     header = ['run', 'configuration', 'final test error %', 'release: completed runs, mean ± std %',
               'z', f'within {Z_LIMIT:g} sigma']
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    rows = []
     for c in comparisons:
         mean, std, count = c.release_final()
         for run in sorted(c.mine, key=lambda run: (run.seed is None, run.seed or 0)):
-            z, verdict = c.z_score(run), c.verdict(run)
-            if run.stopped_early:
-                final, verdict = f'stopped at epoch {run.epochs_done}', '–'
-            else:
-                final = f'{100 * run.test_classif[-1]:.2f}'
-            lines.append('| ' + ' | '.join([
-                os.path.splitext(os.path.basename(run.path))[0], runs_module.config_text(c.config), final,
-                f'{count}: {runs_module.format_spread(mean, std)}', '–' if not np.isfinite(z) else f'{z:+.2f}',
-                verdict]) + ' |')
-    return '\n'.join(lines)
+            z, stopped = c.z_score(run), run.stopped_early
+            rows.append([run.name, runs_module.config_text(c.config),
+                         f'stopped at epoch {run.epochs_done}' if stopped else f'{100 * run.test_classif[-1]:.2f}',
+                         f'{count}: {runs_module.format_spread(mean, std)}', '–' if not np.isfinite(z) else f'{z:+.2f}',
+                         '–' if stopped else c.verdict(run)])
+    return runs_module.markdown_table(header, rows)
 
 
 def last_training_error(run) -> float:
@@ -175,39 +165,36 @@ def training_table(comparisons) -> str:
     release's completed runs: mean [min–max]."""
     header = ['run', 'configuration', 'training loss, last epoch: here', 'release, mean [min–max]',
               'training error %: here', 'release, mean [min–max]']
-    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
 
-    def spread(values, scale, digits):
-        values = scale * np.asarray(values, dtype=float)
-        values = values[np.isfinite(values)]
+    def spread(c, measure, scale, digits):
+        values = scale * np.asarray(release_values(c, measure), dtype=float)
         return (f'{values.mean():.{digits}f} [{values.min():.{digits}f}–{values.max():.{digits}f}]'
                 if values.size else '–')
 
-    for c in comparisons:
-        theirs = [run for run in c.theirs if run.completed]
-        for run in sorted(c.mine, key=lambda run: (run.seed is None, run.seed or 0)):
-            if not run.completed:
-                continue
-            lines.append('| ' + ' | '.join([
-                os.path.splitext(os.path.basename(run.path))[0], runs_module.config_text(c.config),
-                f'{last_epoch_loss(run):.4f}', spread([last_epoch_loss(r) for r in theirs], 1, 4),
-                f'{100 * last_training_error(run):.2f}', spread([last_training_error(r) for r in theirs], 100, 2)]) + ' |')
-    return '\n'.join(lines)
+    return runs_module.markdown_table(header, [
+        [run.name, runs_module.config_text(c.config),
+         f'{last_epoch_loss(run):.4f}', spread(c, last_epoch_loss, 1, 4),
+         f'{100 * last_training_error(run):.2f}', spread(c, last_training_error, 100, 2)]
+        for c in comparisons for run in sorted(c.mine, key=lambda run: (run.seed is None, run.seed or 0))
+        if run.completed])
+
+
+def release_values(c, measure) -> list[float]:
+    """measure(run) of each of the release's completed runs of a comparison, where finite."""
+    return [value for value in (measure(r) for r in c.theirs if r.completed) if np.isfinite(value)]
 
 
 def _within_release(run, c, measure) -> bool:
     """Whether measure(run) lies within [min, max] of the release's completed runs."""
-    values = [measure(r) for r in c.theirs if r.completed]
-    values = [value for value in values if np.isfinite(value)]
+    values = release_values(c, measure)
     return bool(values) and min(values) <= measure(run) <= max(values)
 
 
 def others_table(others) -> str:
     if not others:
         return 'None.'
-    lines = ['| run | why it is not compared |', '|---|---|']
-    lines += [f'| {_shown_path(run.path)} | {why} |' for run, why in others]
-    return '\n'.join(lines)
+    return runs_module.markdown_table(['run', 'why it is not compared'],
+                                      [(_shown_path(run.path), why) for run, why in others])
 
 
 def _shown_path(path):

@@ -55,6 +55,11 @@ class RecordedRun:
     in_progress: bool = False  # read from the metrics file of a run that has not finished
 
     @property
+    def name(self) -> str:
+        """The run's file name without its extension, as the report's tables show it."""
+        return os.path.splitext(os.path.basename(self.path))[0]
+
+    @property
     def epochs_done(self) -> int:
         return len(self.test_classif) - 1
 
@@ -417,6 +422,12 @@ def format_spread(mean: float, std: float, scale: float = 100.0, digits: int = 2
         return '–'
     spread = f'{scale * std:.{digits}f}' if np.isfinite(std) else '–'
     return f'{scale * mean:.{digits}f} ± {spread}'
+
+
+def markdown_table(header, rows) -> str:
+    """A Markdown table: the header, its rule, and one line per row of cells (each shown with str)."""
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    return '\n'.join(lines + ['| ' + ' | '.join(map(str, cells)) + ' |' for cells in rows])
 
 
 def stops(runs) -> list[int]:

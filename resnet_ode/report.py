@@ -25,6 +25,7 @@ from .comparison import (
     last_epoch_loss,
     last_training_error,
     others_table,
+    release_values,
     run_table,
     sign_test,
     training_table,
@@ -265,7 +266,7 @@ def _summary_section(comparisons, release):
            + (':' if outside else '.'))
     for c, run in outside:
         mean, std, count = c.release_final()
-        yield (f'  - outside: {_run_name(run)} ({runs_module.config_text(c.config)}) ends at '
+        yield (f'  - outside: {run.name} ({runs_module.config_text(c.config)}) ends at '
                f'{100 * run.test_classif[-1]:.2f}%, the release\'s {count} completed runs at '
                f'{runs_module.format_spread(mean, std)}% (z = {c.z_score(run):+.2f}).'
                + _loss_rise_words(run, c))
@@ -285,12 +286,12 @@ def _summary_section(comparisons, release):
                f'record the errors as this one does.')
     for c, run in by_verdict['no spread']:
         mean, _, count = c.release_final()
-        yield (f'- {_run_name(run)} ({runs_module.config_text(c.config)}) completed its epochs at '
+        yield (f'- {run.name} ({runs_module.config_text(c.config)}) completed its epochs at '
                f'{100 * run.test_classif[-1]:.2f}%; of the release\'s {len(c.theirs)} runs of that '
                f'configuration only {count} completed'
                + (f' (at {100 * mean:.2f}%)' if count else '') + ', too few for a spread to compare with.')
     for c, run in stopped:
-        yield (f'- {_run_name(run)} ({runs_module.config_text(c.config)}) stopped on a non-finite loss '
+        yield (f'- {run.name} ({runs_module.config_text(c.config)}) stopped on a non-finite loss '
                f'after epoch {run.epochs_done}; of the release\'s {len(c.theirs)} runs of that '
                f'configuration, {len(runs_module.stops(c.theirs))} stopped early.')
     yield from _summary_details(comparisons, release)
@@ -314,8 +315,8 @@ def _summary_details(comparisons, release):
     for (measure, what, scale, digits, unit) in ((last_epoch_loss, 'training loss', 1, 4, ''),
                                                  (last_training_error, 'training error', 100, 2, '%')):
         for c, run in outside_range[measure]:
-            values = [scale * measure(r) for r in c.theirs if r.completed and np.isfinite(measure(r))]
-            yield (f'  - {_run_name(run)} ({runs_module.config_text(c.config)}): {what} '
+            values = [scale * value for value in release_values(c, measure)]
+            yield (f'  - {run.name} ({runs_module.config_text(c.config)}): {what} '
                    f'{scale * measure(run):.{digits}f}{unit}, the release\'s '
                    + (f'{min(values):.{digits}f}{unit} to {max(values):.{digits}f}{unit}.' if values else 'none.'))
     missing = sorted(_not_run_here(comparisons, release), key=lambda config: runs_module.sort_key((config, ())))
@@ -326,7 +327,7 @@ def _summary_details(comparisons, release):
     yield (f'- Starting test errors (epoch 0): equal to the release\'s, to the image, in '
            f'{len(same_start)} of the {len(comparisons)} configurations'
            + (': all but ' + '; '.join(f'{runs_module.config_text(c.config)} (here '
-                                        f'{_percent(*c.at("mine", 0))}%, release {_percent(*c.at("theirs", 0))}%)'
+                                        f'{_percent(c, "mine", 0)}%, release {_percent(c, "theirs", 0)}%)'
                                         for c in differ) if differ else '')
            + '. The release\'s Figure 2 4-channel runs drew their own embeddings, as the runs here do.')
     yield ''
@@ -481,8 +482,7 @@ def _loss_rise_words(run, c) -> str:
     than any completed run of the release's configuration did: an excursion it survived, which
     may explain a final error far from the release's."""
     rise, epoch = largest_loss_rise(run)
-    theirs = [largest_loss_rise(r)[0] for r in c.theirs if r.completed]
-    theirs = [value for value in theirs if np.isfinite(value)]
+    theirs = release_values(c, lambda r: largest_loss_rise(r)[0])
     if not (np.isfinite(rise) and theirs and rise > max(theirs)):
         return ''
     return (f' Its training loss (mean per epoch) climbed in epoch {epoch} to {rise:.1f} times its lowest '
@@ -589,10 +589,6 @@ def _how_section(comparisons, mine):
                 yield (f'python MNIST_experiments.py --evaluate results/{os.path.splitext(checkpoint)[0]}.pth '
                        f'--data_root ../shared/data')
     yield '```'
-
-
-def _run_name(run):
-    return os.path.splitext(os.path.basename(run.path))[0]
 
 
 def _recorded_times(run) -> tuple[float, float]:
