@@ -28,8 +28,8 @@ MAX_PLOT_POINTS = 2000
 LOSS_AXIS_HEADROOM = 3.0
 DPI = 150
 
+# Every configuration drawn is of these models: the figure grid's, and Figure 3's other depths of them.
 MODEL_COLORS = {'RKHS': 'tab:blue', 'SHL': 'tab:red'}
-FALLBACK_COLORS = ('tab:green', 'tab:purple', 'tab:brown', 'tab:olive')
 # Fixed style per value, so that the same L looks the same in every figure.
 LAYER_STYLES = {1: ':', 5: (0, (5, 1, 1, 1)), 10: '--', 20: '-'}
 CHANNEL_STYLES = {32: '-', 8: '--', 4: ':'}
@@ -141,8 +141,6 @@ class Panels:
                     self.loss.plot([loss.size - 1], [loss[-1]], 'x', color=color, markersize=6)
 
     def finish(self, smooth_window, error_scale):
-        from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
-        plain = FuncFormatter(lambda value, _: f'{value:g}')
         self.loss.set_xlabel('iteration')
         self.loss.set_title(f'Training loss (moving average over {smooth_window} iterations)', fontsize=10)
         values = np.concatenate(self.loss_values) if self.loss_values else np.zeros(0)
@@ -151,23 +149,14 @@ class Panels:
             top = LOSS_AXIS_HEADROOM * np.nanmax(self.loss_starts)
             low = values.min() / 1.5
             high = min(values.max() * 1.2, top) if np.isfinite(top) else values.max() * 1.2
-            if high / low > 10:  # a log axis only when the range is wide enough to need one
-                self.loss.set_yscale('log')
-                self.loss.yaxis.set_minor_formatter(NullFormatter())
-            else:
-                self.loss.yaxis.set_major_locator(MaxNLocator(6))
-            self.loss.yaxis.set_major_formatter(plain)
+            _y_ticks(self.loss, high / low > 10, 6)  # a log axis only when the range is wide enough to need one
             self.loss.set_ylim(low, max(high, low * 1.01))
         self.loss.set_ylabel('training loss')
         errors = np.concatenate(self.error_values) if self.error_values else np.zeros(0)
         errors = errors[np.isfinite(errors) & (errors > 0)]
         wide = errors.size and errors.max() / errors.min() > 3
-        if error_scale == 'log' and wide:
-            self.error.set_yscale('log')
-            self.error.yaxis.set_minor_formatter(FuncFormatter(_minor_percent_label))
-        else:  # a narrow range: linear ticks, labelled with as many digits as tell them apart
-            self.error.yaxis.set_major_locator(MaxNLocator(6))
-        self.error.yaxis.set_major_formatter(plain)
+        # log where asked and the range is wide; else linear ticks, labelled with as many digits as tell them apart
+        _y_ticks(self.error, error_scale == 'log' and wide, 6, _minor_percent_label)
         self.error.set_xlabel('epoch (0 = before training)')
         self.error.set_ylabel('test error (%)')
         self.error.set_title('Test error', fontsize=10)
@@ -187,6 +176,18 @@ def _before_explosion(run, window):
         start = np.nanmean(np.where(np.isfinite(loss[:window]), loss[:window], np.nan))
         above = np.nonzero(~(loss <= LOSS_AXIS_HEADROOM * start))[0]  # NaN and inf count as above
     return loss[:above[0]] if above.size else loss
+
+
+def _y_ticks(ax, log, ticks, minor_label=None):
+    """A log y axis, its minor ticks labelled by `minor_label` (none without), or a linear one with
+    about `ticks` ticks; either way the major ticks labelled as plain numbers."""
+    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
+    if log:
+        ax.set_yscale('log')
+        ax.yaxis.set_minor_formatter(FuncFormatter(minor_label) if minor_label else NullFormatter())
+    else:
+        ax.yaxis.set_major_locator(MaxNLocator(ticks))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f'{value:g}'))
 
 
 def _minor_percent_label(value, _position):
@@ -226,10 +227,9 @@ def build_figure(figure, groups, reference=None, smooth_window=DEFAULT_SMOOTH_WI
     matplotlib.use('Agg')  # headless: never needs a display
     import matplotlib.pyplot as plt
 
-    panels, used_styles, extra_colors = Panels(plt), [], {}
+    panels, used_styles = Panels(plt), []
     for config, label, style, mine, theirs in plan:
-        color = MODEL_COLORS.get(config.model) or extra_colors.setdefault(
-            config.model, FALLBACK_COLORS[len(extra_colors) % len(FALLBACK_COLORS)])
+        color = MODEL_COLORS[config.model]
         linestyle = _style(style, CHANNEL_STYLES if figure == '2' else LAYER_STYLES, used_styles)
         for key in theirs:
             panels.draw(reference[key], color, linestyle,
@@ -299,7 +299,7 @@ TABLE_HEADER = ('configuration', 'protocol', 'runs', 'stopped early', 'final tes
 
 def format_table(groups):
     """A Markdown table, one row per (configuration, protocol)."""
-    lines = ['| ' + ' | '.join(TABLE_HEADER) + ' |', '|' + '|'.join('---' for _ in TABLE_HEADER) + '|']
+    rows = []
     for key in sorted(groups, key=recorded_runs.sort_key):
         group = groups[key]
         run = group[0]
@@ -314,11 +314,11 @@ def format_table(groups):
                  f'{100 * best:.2f}',
                  recorded_runs.format_spread(*recorded_runs.mean_std(recorded_runs.final_errors(group, 'train_classif'))),
                  f'{np.mean(seconds):.1f}' if seconds else '–']
-        lines.append('| ' + ' | '.join(cells) + ' |')
-    lines += ['', 'Final: last epoch of the runs that completed their protocol, mean ± std (ddof=1; '
-              '"–" for one run). Stopped early: the epoch at which each such run stopped. Best: the '
-              'lowest test error of any run at any epoch.']
-    return '\n'.join(lines)
+        rows.append(cells)
+    return (recorded_runs.markdown_table(TABLE_HEADER, rows)
+            + '\n\nFinal: last epoch of the runs that completed their protocol, mean ± std (ddof=1; '
+            '"–" for one run). Stopped early: the epoch at which each such run stopped. Best: the '
+            'lowest test error of any run at any epoch.')
 
 
 # ----------------------------------------------------------------------------
@@ -462,14 +462,8 @@ def _band_and_runs(ax, theirs, mine, color, curve, top=np.inf, log=False):
         ax.plot(np.arange(1, len(values) + 1), values, color=color, linewidth=0.9, alpha=0.85)
         if run.stopped_early and len(values):
             ax.plot([len(values)], [values[-1]], 'x', color=color, markersize=6)
-    from matplotlib.ticker import FuncFormatter, MaxNLocator, NullFormatter
     low, high = ax.get_ylim()
-    if log or (low > 0 and high / low > 10):  # a log axis when asked, or where the range needs one
-        ax.set_yscale('log')
-        ax.yaxis.set_minor_formatter(NullFormatter())
-    else:
-        ax.yaxis.set_major_locator(MaxNLocator(5))
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f'{value:g}'))
+    _y_ticks(ax, log or (low > 0 and high / low > 10), 5)  # a log axis when asked, or where the range needs one
     ax.grid(True, which='major', alpha=0.3)
 
 
@@ -478,9 +472,7 @@ def build_comparison_figure(figure: str, comparisons):
     training loss per epoch (left) and test error per epoch (right); the release's runs as a
     min-max band with their median, each run here as its own line. None when no configuration
     of the figure has runs here."""
-    grid = figure_grid.figure_grid('figure' + figure)
-    configs = [recorded_runs.Config(c.dataset, c.model, c.layers, c.channels, c.channels, c.pretrain) for c in grid]
-    rows = [c for config in configs for c in comparisons if c.config == config]
+    rows = [c for config, _, _ in figure_configurations(figure, {})[0] for c in comparisons if c.config == config]
     if not rows:
         return None
     import matplotlib
@@ -491,7 +483,7 @@ def build_comparison_figure(figure: str, comparisons):
     height = 2.3 * len(rows) + 0.9
     fig, axes = plt.subplots(len(rows), 2, figsize=(11, height), squeeze=False)
     for (loss_ax, error_ax), c in zip(axes, rows):
-        color = MODEL_COLORS.get(c.config.model, FALLBACK_COLORS[0])
+        color = MODEL_COLORS[c.config.model]
         steps = _steps_per_epoch(c.theirs + c.mine)
         start = max(epoch_means(run, steps)[0] for run in c.theirs + c.mine if len(run.train_loss))
         _band_and_runs(loss_ax, c.theirs, c.mine, color, lambda run, steps=steps: epoch_means(run, steps),
