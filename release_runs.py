@@ -48,12 +48,13 @@ def download(args) -> int:
     return EXIT_OK
 
 
-def check_reference(folder: str):
-    """The reference folder holds exactly the release's 335 stored runs, byte for byte."""
+def check_reference(folder: str, whole: bool = True):
+    """The reference folder exists and (with `whole`, as the report needs) holds exactly the
+    release's 335 stored runs, byte for byte."""
     if not os.path.isdir(folder):
         raise UsageError(f'no folder {folder}: python release_runs.py --download fetches the '
                          f'release\'s runs there, or pass --reference')
-    problem = release_reference.reference_problem(folder)
+    problem = whole and release_reference.reference_problem(folder)
     if problem:
         raise UsageError(f'{folder} is not the release\'s 335 stored runs ({problem}); python '
                          f'release_runs.py --download fetches them')
@@ -74,9 +75,7 @@ def main(args) -> int:
         if absent or not args.folders:
             raise UsageError(f'not a folder: {", ".join(absent)}' if absent else
                              'give the folders of the runs to compare, e.g. results/MNIST_experiments')
-        if not os.path.isdir(args.reference):
-            raise UsageError(f'no folder {args.reference}: python release_runs.py --download fetches '
-                             f'the release\'s runs there, or pass --reference')
+        check_reference(args.reference, whole=False)
         mine = recorded_runs.load_runs(args.folders)
         release = release_reference.load_release_runs(args.reference) if mine else []
         for runs, where in ((mine, ', '.join(args.folders)), (release, args.reference)):

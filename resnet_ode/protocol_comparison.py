@@ -86,19 +86,14 @@ def read(data: dict, dataset: str) -> tuple[dict, tuple]:
     return _checked(protocol), tuple(assumed)
 
 
-_NUMBER = (int, float)
-
-
 def _checked(protocol: dict) -> dict:
     """The record with its types checked, so that it can be compared and hashed; a ValueError
     names the first field that a run of this project could not have written."""
     def number(value, integer=False, optional=False):
         if value is None and optional:
             return value
-        kinds = (int,) if integer else _NUMBER
-        if isinstance(value, bool) or not isinstance(value, kinds) and not hasattr(value, 'item'):
-            raise ValueError
-        value = value.item() if hasattr(value, 'item') else value
+        kinds = (int,) if integer else (int, float)
+        value = value.item() if hasattr(value, 'item') else value  # a numpy scalar
         if isinstance(value, bool) or not isinstance(value, kinds) or value != value:
             raise ValueError
         return value

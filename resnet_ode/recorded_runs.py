@@ -444,12 +444,9 @@ def config_text(config: Config) -> str:
 
 
 def sort_key(group: tuple) -> tuple:
-    """A sort key for group keys, whose fields may be None, numbers or text."""
-    def value(item):
-        if isinstance(item, tuple):
-            return tuple(value(part) for part in item)
-        return (item is None, isinstance(item, str), '' if item is None else item)
-    return value(group[0]), repr(group[1])
+    """A sort key for group keys (Config, protocol key), whose Config fields may be None, numbers or text."""
+    config = tuple((item is None, isinstance(item, str), '' if item is None else item) for item in group[0])
+    return config, repr(group[1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,18 +26,13 @@ DOWNLOAD_URL = f'https://github.com/{RELEASE_REPOSITORY}/raw/{RELEASE_COMMIT}/'
 def download(directory: str = DEFAULT_DIR, base_url: str | None = None, log=print) -> int:
     """Fetch the release's stored runs missing from `directory`, all or nothing, each SHA-256
     verified. Returns the number of files fetched."""
-    return download_verified(pinned_files(), base_url or DOWNLOAD_URL, directory, log)
-
-
-def pinned_files() -> dict:
-    """{path relative to the reference folder: sha256} of the release's stored runs."""
-    return read_sha256sums(SHA256SUMS)
+    return download_verified(read_sha256sums(SHA256SUMS), base_url or DOWNLOAD_URL, directory, log)
 
 
 def reference_problem(directory: str) -> str | None:
     """Why `directory` does not hold exactly the release's 335 stored runs byte for byte (the
     pinned SHA-256 of each, and no other results file), or None when it does."""
-    pinned = pinned_files()
+    pinned = read_sha256sums(SHA256SUMS)  # {path relative to the reference folder: sha256}
     missing, differing = [], []
     for name, digest in pinned.items():
         path = os.path.join(directory, name)
@@ -59,4 +54,4 @@ def reference_problem(directory: str) -> str | None:
 
 def load_release_runs(directory: str) -> list:
     """The release's stored runs in `directory`: the pinned files only, each read as a run."""
-    return recorded_runs.load_runs([directory], only=set(pinned_files()))
+    return recorded_runs.load_runs([directory], only=set(read_sha256sums(SHA256SUMS)))
