@@ -69,9 +69,7 @@ def compare(mine_runs, release_runs):
     """(comparisons, others): this project's runs at the release's protocol, by configuration,
     against the release's runs of the same configuration; and the other runs, each with why it
     is not compared."""
-    release_by_config = {}
-    for run in release_runs:
-        release_by_config.setdefault(run.config, []).append(run)
+    release_by_config = runs_module.group_runs(release_runs, key=lambda run: run.config)
     comparisons, others = {}, []
     for run in mine_runs:
         theirs = release_by_config.get(run.config)

@@ -359,10 +359,9 @@ def plot_synthetic(runs, out_dir, pdf=False):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    groups = OrderedDict()
-    for run in sorted(runs, key=lambda run: (run.config.model, run.config.nu or 0, run.config.q,
-                                             run.config.r, run.config.num_layers)):
-        groups.setdefault(run.config, []).append(run)
+    groups = recorded_runs.group_runs(sorted(runs, key=lambda run: (run.config.model, run.config.nu or 0, run.config.q,
+                                                                    run.config.r, run.config.num_layers)),
+                                      key=lambda run: run.config)
     panels = sorted({config.nu for config in groups if config.model == 'RKHS'}, key=lambda nu: (nu >= 0, nu))
     titles = [_synthetic_features(nu) for nu in panels] or ['SHL']
     fig, axes = plt.subplots(len(titles), 1, figsize=(10, 4.2 * len(titles)), squeeze=False)
@@ -403,9 +402,7 @@ def plot_synthetic(runs, out_dir, pdf=False):
 
 def format_synthetic_table(runs):
     """Markdown table: final training and test losses per configuration (non-diverged runs)."""
-    groups = OrderedDict()
-    for run in runs:
-        groups.setdefault(run.config, []).append(run)
+    groups = recorded_runs.group_runs(runs, key=lambda run: run.config)
     lines = ['| model | q | r | features | L | runs | diverged | final train loss: mean (min–max) '
              '| final test loss: mean |', '|---|---|---|---|---|---|---|---|---|']
     for config in sorted(groups, key=lambda c: (c.model, c.nu or 0, c.q, c.r, c.num_layers)):

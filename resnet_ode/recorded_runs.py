@@ -351,11 +351,11 @@ def load_runs(folders, only: set | None = None) -> list[RecordedRun]:
     return runs
 
 
-def group_runs(runs) -> 'OrderedDict[tuple, list[RecordedRun]]':
-    """Runs by (configuration, protocol group), in the order first seen."""
+def group_runs(runs, key=lambda run: run.group) -> 'OrderedDict[tuple, list]':
+    """Runs by key(run), by default (configuration, protocol group), in the order first seen."""
     groups = OrderedDict()
     for run in runs:
-        groups.setdefault(run.group, []).append(run)
+        groups.setdefault(key(run), []).append(run)
     return groups
 
 

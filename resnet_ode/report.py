@@ -5,6 +5,7 @@ results/ and the release's stored runs, with no training; the same files give th
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -204,7 +205,8 @@ def write_report(reference: str, results: str = RESULTS_DIR, out: str = REPORT):
 
 
 def _mean_or_dash(values) -> str:
-    """The mean to one decimal, or "–" when no run recorded the time."""
+    """The mean of the finite values to one decimal, or "–" when no run recorded the time."""
+    values = [value for value in values if np.isfinite(value)]
     return f'{np.mean(values):.1f}' if values else '–'
 
 
@@ -571,12 +573,9 @@ def _how_section(comparisons, mine):
     yield '| configuration | runs | minutes per run (mean) | seconds per epoch (mean) | seconds per epoch (median) |'
     yield '|---|---|---|---|---|'
     for c in comparisons:
-        times = [_recorded_times(run) for run in c.mine]  # (minutes, median epoch seconds)
-        minutes = [value for value, _ in times if np.isfinite(value)]
-        seconds = [run.seconds_per_epoch for run in c.mine if np.isfinite(run.seconds_per_epoch)]
-        medians = [value for _, value in times if np.isfinite(value)]
+        minutes, medians = zip(*map(_recorded_times, c.mine))  # a comparison has at least one run here
         yield (f'| {runs_module.config_text(c.config)} | {len(c.mine)} | {_mean_or_dash(minutes)} | '
-               f'{_mean_or_dash(seconds)} | {_mean_or_dash(medians)} |')
+               f'{_mean_or_dash([run.seconds_per_epoch for run in c.mine])} | {_mean_or_dash(medians)} |')
     yield ''
     yield ('The best checkpoint of each configuration\'s seed-0 run is committed beside its pickle '
            '(`results/MNIST_checkpoint/<figure>/<name>_s0.pth`). To print its test error:')
@@ -597,16 +596,13 @@ def _recorded_times(run) -> tuple[float, float]:
     try:
         data = load_results(run.path)
     except Exception:
-        return float('nan'), float('nan')
-    try:
+        data = {}
+    minutes = median = float('nan')
+    with contextlib.suppress(Exception):
         minutes = float(data['computation_time']) / 60
-    except Exception:
-        minutes = float('nan')
-    try:
+    with contextlib.suppress(Exception):
         times = np.asarray(data['epoch_times'], dtype=float)
-        median = float(np.median(times)) if times.size else float('nan')
-    except Exception:
-        median = float('nan')
+        median = float(np.median(times)) if times.size else median
     return minutes, median
 
 
