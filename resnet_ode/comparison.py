@@ -131,14 +131,9 @@ def last_training_error(run) -> float:
     return float(run.train_classif[-1]) if run.train_classif.size else float('nan')
 
 
-def _iterations_per_epoch(run) -> int:
-    """All of a run's iterations over the epochs it did (train_loss has one value per iteration)."""
-    return len(run.train_loss) // max(run.epochs_done, 1)
-
-
 def last_epoch_loss(run) -> float:
     """The mean training loss over a run's last epoch."""
-    per_epoch = _iterations_per_epoch(run)
+    per_epoch = run.iterations_per_epoch
     return float(np.mean(run.train_loss[-per_epoch:])) if per_epoch else float('nan')
 
 
@@ -146,7 +141,7 @@ def largest_loss_rise(run) -> tuple[float, int]:
     """(ratio, epoch): the largest rise of a run's mean training loss per epoch over the lowest
     such mean of the epochs before it, and the epoch (1 = the first trained) where it happened.
     A late excursion of the loss that the run survived shows here; (nan, 0) below two epochs."""
-    epochs, per_epoch = run.epochs_done, _iterations_per_epoch(run)
+    epochs, per_epoch = run.epochs_done, run.iterations_per_epoch
     if epochs < 2 or not per_epoch:
         return float('nan'), 0
     means = np.asarray(run.train_loss[:per_epoch * epochs], dtype=float).reshape(epochs, per_epoch).mean(1)

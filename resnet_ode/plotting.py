@@ -434,7 +434,7 @@ def epoch_means(run, steps: int) -> np.ndarray:
 def _steps_per_epoch(runs) -> int:
     completed = [run for run in runs if run.completed and run.epochs_done]
     run = (completed or runs)[0]
-    return max(1, len(run.train_loss) // max(run.epochs_done, 1))
+    return max(1, run.iterations_per_epoch)
 
 
 def _band_and_runs(ax, theirs, mine, color, curve, top=np.inf, log=False):

@@ -64,6 +64,11 @@ class RecordedRun:
         return len(self.test_classif) - 1
 
     @property
+    def iterations_per_epoch(self) -> int:
+        """All of the run's iterations over the epochs it did (train_loss has one value per iteration)."""
+        return len(self.train_loss) // max(self.epochs_done, 1)
+
+    @property
     def stopped_early(self) -> bool:
         """Stopped before its protocol's last epoch: a divergence (the release's runs carry no
         flag; one with fewer test errors than its protocol's epochs stopped on a NaN)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .comparison import largest_loss_rise, last_epoch_loss
+from .comparison import largest_loss_rise, last_epoch_loss, release_values
 
 MIN_RUNS = 5     # completed runs here needed before the spread is tested
 ALPHA = 0.01     # the level of the spread's verdict, fixed before the runs
@@ -60,12 +60,6 @@ def fisher_p(troubled_here: int, here: int, troubled_release: int, release: int)
                                      [troubled_release, release - troubled_release]]).pvalue)
 
 
-def verdict(p: float, ratio: float) -> str:
-    if not (np.isfinite(p) and p < ALPHA):
-        return 'not shown'
-    return 'wider' if ratio > 1 else 'narrower'
-
-
 @dataclass
 class Spread:
     """One configuration's spread measures (NaN where a measure does not apply)."""
@@ -84,9 +78,10 @@ class Spread:
 
     @property
     def verdict(self) -> str:
-        if self.completed_here < MIN_RUNS:
+        """'wider' or 'narrower' where the Brown-Forsythe p is below ALPHA, else 'not shown'."""
+        if self.completed_here < MIN_RUNS or not (np.isfinite(self.p_spread) and self.p_spread < ALPHA):
             return 'not shown'
-        return verdict(self.p_spread, self.sd_ratio)
+        return 'wider' if self.sd_ratio > 1 else 'narrower'
 
 
 def _late_trouble(runs, limit: float) -> int:
@@ -106,8 +101,7 @@ def measure(comparison) -> Spread:
     losses = sorted(last_epoch_loss(run) for run in theirs)
     ranks = [1 + int(np.searchsorted(losses, last_epoch_loss(run))) for run in mine]
     above = sum(rank > len(losses) for rank in ranks)
-    climbs = [largest_loss_rise(run)[0] for run in theirs]
-    limit = max((value for value in climbs if np.isfinite(value)), default=math.inf)
+    limit = max(release_values(comparison, lambda run: largest_loss_rise(run)[0]), default=math.inf)
     troubled_here, troubled_release = _late_trouble(comparison.mine, limit), _late_trouble(comparison.theirs, limit)
     return Spread(len(mine), len(theirs), float(sd_here / sd_release) if sd_release else math.nan, p_spread,
                   ranks, above, above_maximum_p(above, len(mine), len(theirs)) if theirs else math.nan,
