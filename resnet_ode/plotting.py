@@ -331,6 +331,11 @@ SYNTHETIC_R_STYLES = {20: '--', 200: '-'}
 SYNTHETIC_SHL_STYLE = ':'
 
 
+def _synthetic_order(config):
+    """The order of the synthetic curves and rows: by model, features, q, r, then depth."""
+    return config.model, config.nu or 0, config.q, config.r, config.num_layers
+
+
 def _synthetic_features(nu):
     return 'Gaussian features' if nu < 0 else f'Student-t features (nu = {nu:g})'
 
@@ -359,8 +364,7 @@ def plot_synthetic(runs, out_dir, pdf=False):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
-    groups = recorded_runs.group_runs(sorted(runs, key=lambda run: (run.config.model, run.config.nu or 0, run.config.q,
-                                                                    run.config.r, run.config.num_layers)),
+    groups = recorded_runs.group_runs(sorted(runs, key=lambda run: _synthetic_order(run.config)),
                                       key=lambda run: run.config)
     panels = sorted({config.nu for config in groups if config.model == 'RKHS'}, key=lambda nu: (nu >= 0, nu))
     titles = [_synthetic_features(nu) for nu in panels] or ['SHL']
@@ -405,7 +409,7 @@ def format_synthetic_table(runs):
     groups = recorded_runs.group_runs(runs, key=lambda run: run.config)
     lines = ['| model | q | r | features | L | runs | diverged | final train loss: mean (min–max) '
              '| final test loss: mean |', '|---|---|---|---|---|---|---|---|---|']
-    for config in sorted(groups, key=lambda c: (c.model, c.nu or 0, c.q, c.r, c.num_layers)):
+    for config in sorted(groups, key=_synthetic_order):
         finished = [run for run in groups[config] if not run.diverged and run.train_loss.size]
         train = np.array([run.train_loss[-1] for run in finished])
         test = np.array([run.test_loss[-1] for run in finished])
