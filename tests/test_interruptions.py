@@ -279,6 +279,7 @@ def test_a_reader_that_goes_away_ends_the_command_quietly_with_141(tmp_path, com
     assert folder_snapshot(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_a_run_whose_reader_goes_away_keeps_its_saved_epoch_and_resumes(tmp_path):
     """`python MNIST_experiments.py ... | head -3`: the run stops at its next line, status 141,
     with the resume state of epoch 0, and --resume finishes it."""
