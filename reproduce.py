@@ -188,10 +188,11 @@ def _plot(figure, root, pdf):
     return plot_figures.main(plot_figures.get_args_parser().parse_args(plot_args + ['--pdf'] * pdf))
 
 
-def _manifest(root, figure, runs, args, started, finished=None):
-    """This invocation in <figure's results folder>/sweep.json, after the earlier ones."""
-    scheduler.write_manifest(os.path.join(root, results_dir(figure), 'sweep.json'), {'figure': figure}, runs,
-                             args.argv, root, started, finished)
+def _manifest(root, figures, runs_by_figure, args, started, finished=None):
+    """This invocation in each figure's <results folder>/sweep.json, after the earlier ones."""
+    for figure in figures:
+        scheduler.write_manifest(os.path.join(root, results_dir(figure), 'sweep.json'), {'figure': figure},
+                                 runs_by_figure[figure], args.argv, root, started, finished)
 
 
 def plan(args, figures, root):
@@ -240,13 +241,11 @@ def main(args):
     os.makedirs(root, exist_ok=True)
     if embedding:
         print(f'MNIST embedding: {embedding}')
-    for figure in figures:
-        _manifest(root, figure, runs_by_figure[figure], args, sweep_start)
+    _manifest(root, figures, runs_by_figure, args, sweep_start)
     slots = scheduler.make_slots(args)
     print(f'{len(todo)} run(s) to do, {len(all_runs) - len(todo)} skipped; {len(slots)} at a time', flush=True)
     interrupted = scheduler.run_all_handling_sigterm(todo, root, slots)
-    for figure in figures:
-        _manifest(root, figure, runs_by_figure[figure], args, sweep_start, time.time())
+    _manifest(root, figures, runs_by_figure, args, sweep_start, time.time())
     return _report(todo, all_runs, figures, root, args, sweep_start, interrupted)
 
 

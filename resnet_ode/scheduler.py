@@ -162,15 +162,13 @@ def _launch(run, root, gpu, cpu_slots=1) -> Attempt:
     log_path = os.path.join(root, run.log)
     os.makedirs(os.path.dirname(log_path), exist_ok=True)
     lock = _hold_log(log_path)
-    if all(os.path.exists(os.path.join(root, path)) for path in run.pickles):
-        os.remove(lock[0])
-        os.close(lock[1])
-        raise DoneElsewhere
-    env = child_env(gpu, cpu_slots)
-    shown = [f'{name}={env[name]}' for name in ('CUDA_VISIBLE_DEVICES', 'OMP_NUM_THREADS')
-             if name in env and env[name] != os.environ.get(name)]
     log = None
     try:
+        if all(os.path.exists(os.path.join(root, path)) for path in run.pickles):
+            raise DoneElsewhere
+        env = child_env(gpu, cpu_slots)
+        shown = [f'{name}={env[name]}' for name in ('CUDA_VISIBLE_DEVICES', 'OMP_NUM_THREADS')
+                 if name in env and env[name] != os.environ.get(name)]
         log = open(log_path, 'a')
         log.write(f'# ---- attempt started {clock(time.time())}, pid {os.getpid()} of reproduce.py\n'
                   f'# cwd: {root}\n' + ''.join(f'# {setting}\n' for setting in shown)
@@ -259,13 +257,12 @@ def run_all(runs, root, slots):
     Each run gets the first free slot (a GPU id or None for CPU). A failed run does not stop
     the others.
     """
-    pending, running = list(runs), {}  # running: slot index -> (run, attempt)
-    counter = {'launched': 0, 'total': len(runs), 'started': time.time()}
+    pending, running, started = list(runs), {}, time.time()  # running: slot index -> (run, attempt)
     try:
         while pending or running:
             for slot, gpu in enumerate(slots):
                 if slot not in running and pending:
-                    _start_next(pending, running, slot, gpu, root, slots, counter)
+                    _start_next(runs, pending, running, slot, gpu, root, slots)
             time.sleep(POLL_SECONDS)
             for slot in list(running):
                 run, attempt = running[slot]
@@ -279,17 +276,16 @@ def run_all(runs, root, slots):
                 if run.status == 'failed':
                     message += f': {run.extra["reason"]} (log: {os.path.join(root, run.log)})'
                 print(message, flush=True)
-                print(progress_line(runs, slots, counter['started']), flush=True)
+                print(progress_line(runs, slots, started), flush=True)
     except KeyboardInterrupt:
         _stop_all(runs, running)
         return True
     return False
 
 
-def _start_next(pending, running, slot, gpu, root, slots, counter):
+def _start_next(runs, pending, running, slot, gpu, root, slots):
     run = pending.pop(0)
-    counter['launched'] += 1
-    number = f'[{counter["launched"]}/{counter["total"]}]'
+    number = f'[{len(runs) - len(pending)}/{len(runs)}]'  # how many have been taken from `pending`
     try:
         attempt = _launch(run, root, gpu, cpu_slots=slots.count(None))
     except DoneElsewhere:
