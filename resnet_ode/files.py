@@ -21,12 +21,6 @@ from .faults import fault_point
 TEMPORARY_NAME_EXTRA = len('.') + len('.') + 8 + len('.tmp')
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it; put it straight back
-    os.umask(mask)
-    return mask
-
-
 def atomic_write(path: str, write: Callable, binary: bool = True) -> None:
     """write(file) into a temporary file beside `path`, fsync it, then os.replace it into place.
 
@@ -37,7 +31,9 @@ def atomic_write(path: str, write: Callable, binary: bool = True) -> None:
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f'.{os.path.basename(path)}.', suffix='.tmp', dir=folder)
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        mask = os.umask(0)  # the only way to read the umask is to set it; put it straight back
+        os.umask(mask)
+        os.fchmod(fd, 0o666 & ~mask)
         with os.fdopen(fd, 'wb' if binary else 'w') as f:
             write(f)
             f.flush()
@@ -73,16 +69,13 @@ def save_pickle(obj, path: str) -> None:
     write_bytes(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL), path, 'write-results')
 
 
-def can_write_in(folder: str) -> bool:
-    """Whether a file can be created in `folder`: tried with a probe file, removed at once (the
-    permission bits say nothing for root, nor for a read-only file system)."""
-    try:
-        fd, probe = tempfile.mkstemp(prefix='.probe.', dir=folder)
-    except OSError:
-        return False
+def write_probe(folder: str):
+    """Create a probe file in `folder` and remove it at once: whether a file can be created there
+    (the permission bits say nothing for root, nor for a read-only file system). Raises the
+    OSError of the attempt when it cannot."""
+    fd, probe = tempfile.mkstemp(prefix='.probe.', dir=folder)
     os.close(fd)
     os.remove(probe)
-    return True
 
 
 def missing_ancestors(path: str) -> list[str]:
@@ -108,7 +101,9 @@ def writable_folder_problem(flag: str, folder: str) -> str | None:
     start = nearest_existing(folder)
     if not os.path.isdir(start):
         return f'{flag} {folder}: {start} is not a folder'
-    if not can_write_in(start):
+    try:
+        write_probe(start)
+    except OSError:
         return f'{flag} {folder}: {start} is not writable'
     return None
 

@@ -10,13 +10,12 @@ import contextlib
 import fcntl
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 from . import gate
 from .distributed import launched_by_torchrun
 from .errors import RUNNING_ELSEWHERE, NothingToDo, UsageError
-from .files import missing_ancestors
+from .files import missing_ancestors, open_regular, write_probe
 
 
 @dataclass(frozen=True)
@@ -146,7 +145,6 @@ def _refuse_existing_files(config, members, resume, written):
 def _metrics_of(path: str, member) -> bool:
     """Whether the metrics file at `path` is this run's: its header names this --save and seed
     (left by an interrupted batch whose member this run is, say), so that it may be rewritten."""
-    from .files import open_regular
     try:
         with open_regular(path) as f:
             header = json.loads(f.readline(1 << 20))
@@ -165,10 +163,10 @@ def _refuse_odd_metrics(members):
 
 
 def _refuse_finished_run(config, members, resume, written, remove: bool):
-    from . import resume_state  # only a finished run's leftovers are read
     """Every results file of the run exists. A resume state left beside them by a kill between
     the last pickle and its removal is removed (when it is the state of the run that wrote them;
     by rank 0 only, `remove`). Then --resume has nothing to do, and a fresh run is refused."""
+    from . import resume_state  # only a finished run's leftovers are read
     removed = os.path.lexists(resume) and resume_state.is_leftover(resume, members)
     if removed and remove:
         with contextlib.suppress(FileNotFoundError):
@@ -226,9 +224,7 @@ class RunClaim:
         try:
             os.makedirs(folder, exist_ok=True)
             self.created.extend(path for path in missing if path not in self.created)
-            fd, probe = tempfile.mkstemp(prefix='.probe.', dir=folder)
-            os.close(fd)
-            os.remove(probe)
+            write_probe(folder)
         except OSError as exc:
             raise UsageError(f'{flag}: cannot write in {folder} ({exc.strerror or exc})') from None
 
