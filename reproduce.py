@@ -123,7 +123,6 @@ def get_args_parser():
     add('--dry_run', action='store_true', help='print the commands, run and write nothing')
     add('--no_plot', action='store_true', help='do not plot after the runs')
     add('--pdf', action='store_true', help='also write PDF figures')
-    parser.set_defaults(passthrough=[])
     return parser
 
 

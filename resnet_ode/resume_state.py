@@ -39,39 +39,41 @@ def load(resume: str, config):
     try:
         stored = gate.validate(config.rules, values, gate.RESUME_STATE)
     except UsageError as exc:
-        raise UsageError(f'resume state {resume} is not a resume state of this project ({exc})') from None
+        _refuse(resume, exc)
     return state, stored
+
+
+def _refuse(resume: str, why):
+    """Refuse the resume state at `resume` in one line that says what is wrong with it."""
+    raise UsageError(f'resume state {resume} is not a resume state of this project ({why})') from None
 
 
 def _check_resume_state(state, resume: str, config):
     """The resume state has the shape this project writes and is the state of this run (its
     --save and --seeds): anything else is refused in one line, before it is used."""
-    def refuse(why):
-        raise UsageError(f'resume state {resume} is not a resume state of this project ({why})')
-
     if not isinstance(state, dict):
-        refuse(f'a {type(state).__name__}, not a dict')
+        _refuse(resume, f'a {type(state).__name__}, not a dict')
     if state.get('format') != RESUME_FORMAT:
-        refuse(f'format {state.get("format")!r}; this version writes {RESUME_FORMAT}')
+        _refuse(resume, f'format {state.get("format")!r}; this version writes {RESUME_FORMAT}')
     for key, kind in RESUME_STATE_ENTRIES.items():
         if key not in state:
-            refuse(f'no {key!r}')
+            _refuse(resume, f'no {key!r}')
         if not isinstance(state[key], kind) or isinstance(state[key], bool):
-            refuse(f'{key!r} is a {type(state[key]).__name__}')
+            _refuse(resume, f'{key!r} is a {type(state[key]).__name__}')
     stored, seeds = state['args'], getattr(config, 'seeds', None)
     if stored.get('save') != config.save or (stored.get('seeds') or None) != (seeds or None):
-        refuse(f'it is the state of --save {stored.get("save")!r} --seeds {stored.get("seeds")!r}')
+        _refuse(resume, f'it is the state of --save {stored.get("save")!r} --seeds {stored.get("seeds")!r}')
     members = len(seeds) if seeds else 1
     if len(state['progress']) != members or len(state['data_generators']) != members:
-        refuse(f'{len(state["progress"])} member(s) recorded for {members}')
+        _refuse(resume, f'{len(state["progress"])} member(s) recorded for {members}')
     for progress in state['progress']:
         if not isinstance(progress, dict) or set(progress) != set(PROGRESS_ENTRIES):
-            refuse('its progress records are not this project\'s')
+            _refuse(resume, 'its progress records are not this project\'s')
     epochs = stored.get('epochs')
     if not isinstance(epochs, int) or not 0 <= state['epoch'] <= epochs:
-        refuse(f'epoch {state["epoch"]} of {epochs!r}')
+        _refuse(resume, f'epoch {state["epoch"]} of {epochs!r}')
     if not math.isfinite(state['elapsed']):
-        refuse('its elapsed time is not finite')
+        _refuse(resume, 'its elapsed time is not finite')
 
 
 def _check_resume_flags(config, stored: dict):
@@ -129,9 +131,7 @@ def restore(training, state: dict) -> Optional[dict]:
         if position is not None:
             _check_position(position, len(training.members), len(training.exp.train_set))
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
-        raise UsageError(f'resume state {training.resume_path} is not a resume state of this project '
-                         f'(it does not fit the network its arguments build: '
-                         f'{first_line(exc)})') from None
+        _refuse(training.resume_path, f'it does not fit the network its arguments build: {first_line(exc)}')
     for member, saved in zip(training.members, state['progress']):
         member.progress = Progress(**saved)
     training.epoch, training.elapsed = state['epoch'], state['elapsed']

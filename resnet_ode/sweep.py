@@ -95,15 +95,10 @@ def describe_embedding(figures, args) -> str:
                 raise
             paths = None  # the run itself says why it refuses the default folder's file
         (found if paths else drawn).append(pair)
-    parts = []
-    if found:
-        parts.append(f'release files from {directory} for '
-                     + ', '.join(f'{c} channels/{p} passes' for c, p in found))
-    if drawn:
-        seed = ('a seed of its own (--vary_embedding)' if args.vary_embedding
-                else f'--embedding_seed {args.embedding_seed}')
-        parts.append(f'{seed} for ' + ', '.join(f'{c} channels/{p} passes' for c, p in drawn))
-    return '; '.join(parts)
+    seed = ('a seed of its own (--vary_embedding)' if args.vary_embedding
+            else f'--embedding_seed {args.embedding_seed}')
+    return '; '.join(f'{source} for ' + ', '.join(f'{c} channels/{p} passes' for c, p in group)
+                     for source, group in ((f'release files from {directory}', found), (seed, drawn)) if group)
 
 
 def seeds_per_process(figure, args) -> int:
