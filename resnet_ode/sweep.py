@@ -61,9 +61,7 @@ class SweepRun(scheduler.Job):
     @property
     def dataset(self):
         """The dataset name of the protocol record: MNIST, CIFAR10 or SYNTHETIC."""
-        if self.figure == SYNTHETIC:
-            return protocol.SYNTHETIC
-        return DATASETS[figure_folder_prefix(self.config.shared_from or self.figure)]
+        return protocol.SYNTHETIC if self.figure == SYNTHETIC else self.config.dataset
 
 
 # ----------------------------------------------------------------------------
@@ -127,24 +125,18 @@ def build_runs(figure, args, root) -> list[SweepRun]:
     """
     if figure == SYNTHETIC:
         return build_synthetic_runs(args)
+    from .run_files import batch_states  # run_files imports torch: imported where it is used
     seeds = list(range(args.seed_start, args.seed_start + args.num_seeds))
     size = seeds_per_process(figure, args)
     runs = []
     for config in selected_configurations(figure, args):
-        saved = saved_batches(figure, config, root, seeds)
+        folder = os.path.join(root, results_dir(config.shared_from or figure))
+        saved = [batch for _, batch in batch_states(folder, config.name) if set(batch) <= set(seeds)]
         runs += [make_run(figure, config, batch, args) for batch in saved]
         rest = [seed for seed in seeds if not any(seed in batch for batch in saved)]
         runs += [make_run(figure, config, rest[start:start + size], args)
                  for start in range(0, len(rest), size)]
     return runs
-
-
-def saved_batches(figure, config, root, seeds):
-    """The seed lists of this configuration's interrupted runs (their resume states) that lie
-    within `seeds`: each is continued as one process."""
-    from .run_files import batch_states
-    out_dir = os.path.join(root, results_dir(config.shared_from or figure))
-    return [batch for _, batch in batch_states(out_dir, config.name) if set(batch) <= set(seeds)]
 
 
 def make_run(figure, config, seeds, args) -> SweepRun:
