@@ -14,10 +14,9 @@ def load_checkpoint(path: str, rules, parts: tuple, device):
     its format, its arguments (through the gate, as a command line's, for the network to run on
     `device`), and its parts (`parts`, state dicts). Returns (checkpoint, its Config); UsageError
     otherwise."""
-    dataset = rules.dataset
     checkpoint = load_torch(path, 'checkpoint')
-    if not isinstance(checkpoint, dict) or checkpoint.get('dataset') != dataset:
-        raise UsageError(f'{path} is not a checkpoint of this project for {dataset}')
+    if not isinstance(checkpoint, dict) or checkpoint.get('dataset') != rules.dataset:
+        raise UsageError(f'{path} is not a checkpoint of this project for {rules.dataset}')
 
     def refuse(why):
         raise UsageError(f'{path} is not a checkpoint of this project ({why})')

@@ -24,8 +24,6 @@ from .training_state import RESUME_FORMAT, Progress
 RESUME_STATE_ENTRIES = {'format': int, 'args': dict, 'facts': dict, 'parts': dict, 'optimizer': dict,
                         'scheduler': dict, 'data_generators': list, 'rng': dict, 'progress': list,
                         'epoch': int, 'elapsed': (int, float), 'position': (dict, type(None))}
-PROGRESS_ENTRIES = ('train_loss', 'train_classif', 'test_classif', 'epoch_times', 'learning_rates',
-                    'evaluated_at', 'best_error', 'best_epoch', 'diverged_epoch')
 
 
 def load(resume: str, config):
@@ -67,7 +65,7 @@ def _check_resume_state(state, resume: str, config):
     if len(state['progress']) != members or len(state['data_generators']) != members:
         _refuse(resume, f'{len(state["progress"])} member(s) recorded for {members}')
     for progress in state['progress']:
-        if not isinstance(progress, dict) or set(progress) != set(PROGRESS_ENTRIES):
+        if not isinstance(progress, dict) or set(progress) != set(vars(Progress())):  # as state_dict saves it
             _refuse(resume, 'its progress records are not this project\'s')
     epochs = stored.get('epochs')
     if not isinstance(epochs, int) or not 0 <= state['epoch'] <= epochs:
