@@ -9,6 +9,7 @@ probability 1/2. No DataLoader, no workers, no per-image PIL work.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -20,14 +21,6 @@ from .faults import fault_point
 from .files import missing_ancestors
 from .gate import DATASET_SIZES
 
-# Official MNIST files, as torchvision lays them out under <root>/MNIST/raw/, with their sizes
-# in bytes (checked against the official archives; see also shared/data/README.md).
-MNIST_RAW_FILES = {
-    'train-images-idx3-ubyte': 47_040_016,
-    'train-labels-idx1-ubyte': 60_008,
-    't10k-images-idx3-ubyte': 7_840_016,
-    't10k-labels-idx1-ubyte': 10_008,
-}
 MNIST_TRAIN_SIZE, MNIST_TEST_SIZE = DATASET_SIZES['MNIST']
 
 
@@ -56,8 +49,11 @@ class DeviceDataset:
 # Loading
 # ---------------------------------------------------------------------------------------------
 
-# The idx header of each file: magic number (2051 images, 2049 labels), count, and for images
-# the 28 x 28 size, as big-endian 32-bit integers.
+# Official MNIST files, as torchvision lays them out under <root>/MNIST/raw/, with the idx header
+# of each: magic number (2051 images, 2049 labels), count, and for images the 28 x 28 size, as
+# big-endian 32-bit integers. A file is its header and then one byte per label or pixel, so its
+# size follows (47,040,016 bytes for the training images, as the official archives hold; see
+# also shared/data/README.md).
 MNIST_HEADERS = {
     'train-images-idx3-ubyte': (2051, MNIST_TRAIN_SIZE, 28, 28),
     'train-labels-idx1-ubyte': (2049, MNIST_TRAIN_SIZE),
@@ -70,14 +66,14 @@ FIX_MNIST = 'delete it and let the script download MNIST again, or copy a good c
 def _check_mnist_files(raw_folder: str):
     """Name any raw file of the wrong size or with a wrong header: torchvision would fail on it
     with a bare traceback or a message that blames something else."""
-    for name, size in MNIST_RAW_FILES.items():
+    for name, expected in MNIST_HEADERS.items():
         path = os.path.join(raw_folder, name)
         if not os.path.exists(path):
             continue
+        size = 4 * len(expected) + math.prod(expected[1:])
         if os.path.getsize(path) != size:
             raise DataError(f'{path} is truncated or corrupt ({os.path.getsize(path):,} bytes, '
                             f'expected {size:,}); {FIX_MNIST}')
-        expected = MNIST_HEADERS[name]
         with open(path, 'rb') as f:
             header = tuple(int.from_bytes(f.read(4), 'big') for _ in expected)
         if header != expected:
@@ -105,7 +101,7 @@ def load_mnist(root: str) -> tuple[DeviceDataset, DeviceDataset]:
             train = datasets.MNIST(root, train=True, download=True)
             test = datasets.MNIST(root, train=False, download=True)
     except Exception as exc:  # no network, a blocked host, a half-written archive...
-        expected = ', '.join(MNIST_RAW_FILES)
+        expected = ', '.join(MNIST_HEADERS)
         raise DataError(
             f'MNIST is not in {raw_folder}/ and could not be downloaded ({type(exc).__name__}: '
             f'{first_line(exc)}). Put the four files ({expected}) in {raw_folder}/, '
