@@ -119,11 +119,7 @@ def _checked_evaluate(config: Config) -> Config:
         raise UsageError(f'--evaluate takes the network from the checkpoint and writes nothing, so '
                          f'it would ignore {", ".join("--" + dest for dest in ignored)}: drop '
                          f'{"it" if len(ignored) == 1 else "them"}')
-    for name in ('test_batch_size', 'subset'):
-        at_least(name, getattr(config, name), 1)
-    if config.subset is not None and config.subset > DATASET_SIZES[config.dataset][0]:
-        raise UsageError(f'--subset {config.subset} is more than the {DATASET_SIZES[config.dataset][0]:,} '
-                         f'training images')
+    check_evaluation_sizes(config)
     check_device(config.device)
     if not os.path.isfile(config.evaluate):
         from .files import special_file_kind
@@ -140,6 +136,16 @@ def _checked_evaluate(config: Config) -> Config:
 def at_least(name: str, value, low):
     if value is not None and value < low:
         raise UsageError(f'--{name} must be >= {low}, got {value}')
+
+
+def check_evaluation_sizes(config):
+    """--test_batch_size and --subset, which training and --evaluate both read: at least 1 image,
+    and --subset no more than the dataset's training set."""
+    for name in ('test_batch_size', 'subset'):
+        at_least(name, getattr(config, name), 1)
+    if config.subset is not None and config.subset > DATASET_SIZES[config.dataset][0]:
+        raise UsageError(f'--subset {config.subset} is more than the {DATASET_SIZES[config.dataset][0]:,} '
+                         f'training images')
 
 
 def check_seed(name: str, seed):
@@ -282,17 +288,15 @@ def written_names(config) -> list[tuple[str, str]]:
     checkpoint_folder = os.path.dirname(checkpoint) or '.'
     checkpoint_stem = os.path.splitext(os.path.basename(checkpoint))[0]
     results, seeds = config.results_dir, getattr(config, 'seeds', None)
+
+    def run_names(stem, checkpoint_name):  # the files of one run, or of one --seeds member
+        return [(results, f'{stem}.pkl'), (results, metrics_name(stem)), (results, f'.{stem}.lock'),
+                (checkpoint_folder, checkpoint_name), (checkpoint_folder, f'.{checkpoint_name}.lock')]
     if not seeds:
-        return [(results, config.save), (results, metrics_name(stem)), (results, resume_state_name(stem)),
-                (results, f'.{stem}.lock'), (checkpoint_folder, os.path.basename(checkpoint)),
-                (checkpoint_folder, f'.{os.path.basename(checkpoint)}.lock')]
+        return run_names(stem, os.path.basename(checkpoint)) + [(results, resume_state_name(stem))]
     state = resume_state_name(stem, seeds)
-    names = [(results, state), (results, f'.{state}.lock')]
-    for seed in seeds:
-        names += [(results, f'{stem}_s{seed}.pkl'), (results, metrics_name(f'{stem}_s{seed}')),
-                  (results, f'.{stem}_s{seed}.lock'), (checkpoint_folder, f'{checkpoint_stem}_s{seed}.pth'),
-                  (checkpoint_folder, f'.{checkpoint_stem}_s{seed}.pth.lock')]
-    return names
+    return [(results, state), (results, f'.{state}.lock')] + [
+        name for seed in seeds for name in run_names(f'{stem}_s{seed}', f'{checkpoint_stem}_s{seed}.pth')]
 
 
 def check_checkpoint_name(path: str | None):
@@ -325,15 +329,6 @@ def check_name_lengths(config):
                              f'fewer seeds, or consecutive ones (written as a range, 0to19)')
         raise UsageError(f'--save/--checkpoint: the file name {name[:40]}... is too long '
                          f'({size} bytes; this file system allows {limit} here)')
-
-
-def check_run_files(config):
-    """The places a training run writes can be written, and no name it writes is refused."""
-    check_save_name(config.save)
-    check_checkpoint_name(config.checkpoint)
-    check_results_dir(config.results_dir)
-    check_writable_folder('--checkpoint', os.path.dirname(checkpoint_path(config)))
-    check_name_lengths(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -416,11 +411,9 @@ class TrainingRules(Rules):
     """The rules both image experiments share (MNIST_experiments.py, CIFAR_experiments.py)."""
 
     def check_values(self, config):
-        for name in ('layers', 'batch_size', 'test_batch_size', 'subset'):
+        for name in ('layers', 'batch_size'):
             at_least(name, getattr(config, name), 1)
-        if config.subset is not None and config.subset > DATASET_SIZES[self.dataset][0]:
-            raise UsageError(f'--subset {config.subset} is more than the {DATASET_SIZES[self.dataset][0]:,} '
-                             f'training images')
+        check_evaluation_sizes(config)
         at_least('epochs', config.epochs, 0)
         positive_float32('lr_init', config.lr_init)
         positive_float32('decay_rate', config.decay_rate)
@@ -433,4 +426,9 @@ class TrainingRules(Rules):
                              f'{world_size()} processes')
 
     def check_files(self, config):
-        check_run_files(config)
+        """The places a training run writes can be written, and no name it writes is refused."""
+        check_save_name(config.save)
+        check_checkpoint_name(config.checkpoint)
+        check_results_dir(config.results_dir)
+        check_writable_folder('--checkpoint', os.path.dirname(checkpoint_path(config)))
+        check_name_lengths(config)
