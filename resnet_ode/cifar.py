@@ -23,7 +23,6 @@ CIFAR_IMAGE_SHAPE = (3, 32, 32)
 CIFAR_FOLDER = 'cifar-10-batches-py'
 CIFAR_ARCHIVE = 'cifar-10-python.tar.gz'  # what torchvision downloads into the root
 CIFAR_FILES = [f'data_batch_{i}' for i in range(1, 6)] + ['test_batch']
-CIFAR_TRAIN_SIZE, CIFAR_TEST_SIZE = DATASET_SIZES[DATASET]
 # Per-channel normalisation used by the paper's release (and by kuangliu/pytorch-cifar, where it
 # comes from). The std values are not the dataset's exact pixel std; kept as released.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -95,7 +94,7 @@ class CifarTransform:
 
 
 def load_datasets(config, dist):
-    return data.load_datasets(config, dist, load_cifar10, CIFAR_IMAGE_SHAPE, (CIFAR_TRAIN_SIZE, CIFAR_TEST_SIZE))
+    return data.load_datasets(config, dist, load_cifar10, CIFAR_IMAGE_SHAPE, DATASET_SIZES[DATASET])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,8 +136,7 @@ class CifarRules(TrainingRules):
 def training_bytes(config, batch: int) -> int:
     """The CIFAR network in training: its tensors, as many gradients, and the third stage's
     activations for one batch."""
-    sizes = tensor_count(lambda layers: models.CifarResNet(config.model, layers))
-    tensors = sizes[0] + (sizes[1] - sizes[0]) * (config.layers - 1)
+    tensors = tensor_count(lambda layers: models.CifarResNet(config.model, layers), config.layers)
     return 4 * (2 * tensors + batch * config.layers * STAGE3_ACTIVATIONS_PER_IMAGE)
 
 

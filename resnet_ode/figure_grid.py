@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass
 
 FIGURES = ('figure1a', 'figure1b', 'figure2', 'figure3')
@@ -18,11 +19,7 @@ SYNTHETIC_RESULTS = os.path.join('synthetic_experiments', 'sweep')
 def figure_name(text: str, allowed=FIGURES + ('all', SYNTHETIC)) -> str:
     """'figure1a' from 'figure1a', 'fig1a' (the results folder's name) or '1a'. An argparse type:
     anything not in `allowed` raises ArgumentTypeError, which argparse prints as one line."""
-    name = text.lower()
-    for prefix in ('figure', 'fig'):
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-            break
+    name = re.sub('^fig(ure)?', '', text.lower())
     name = name if name in ('all', SYNTHETIC) else 'figure' + name
     if name not in allowed:
         shown = [item.replace('figure', '') for item in allowed]

@@ -201,12 +201,12 @@ def check_results_dir(folder: str):
 
 def check_device(name):
     import torch
+    if not name:
+        return
     try:
-        device = torch.device(name) if name else None
+        device = torch.device(name)
     except RuntimeError:
         raise UsageError(f'--device: unknown device {name!r}') from None
-    if device is None:
-        return
     if device.type not in ('cpu', 'cuda'):
         raise UsageError(f'--device must be cpu or cuda[:N], got {name!r}')
     if device.type == 'cpu' and device.index not in (None, 0):
@@ -365,13 +365,14 @@ def refuse_beyond_memory(what: str, needed: int, device):
                          f'{where} ({limit / 2 ** 30:,.1f} GiB)')
 
 
-def tensor_count(build) -> list[int]:
-    """Parameters and buffers of the modules build(1) and build(2), made on the meta device
-    (nothing allocated): a size linear in its argument is read off the two."""
+def tensor_count(build, size: int) -> int:
+    """Parameters and buffers of build(size), a module whose count is linear in its argument:
+    read off build(1) and build(2), made on the meta device (nothing allocated)."""
     import torch
     with torch.device('meta'):
-        return [sum(t.numel() for t in (*module.parameters(), *module.buffers()))
-                for module in (build(1), build(2))]
+        one, two = (sum(t.numel() for t in (*module.parameters(), *module.buffers()))
+                    for module in (build(1), build(2)))
+    return one + (two - one) * (size - 1)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -129,11 +129,8 @@ class MnistRules(TrainingRules):
         at_least('dim_int', config.dim_int, 1)
         positive_float32('pretrain_lr', config.pretrain_lr)
         check_seed('embedding_seed', config.embedding_seed)
-        if config.seeds is not None:
-            self._check_seeds(config)
-
-    @staticmethod
-    def _check_seeds(config):
+        if config.seeds is None:
+            return
         from .distributed import launched_by_torchrun
         if config.seed is not None:
             raise UsageError('--seeds and --seed exclude each other: give the one seed as --seeds S, '
@@ -155,15 +152,11 @@ class MnistRules(TrainingRules):
                              members * block_training_bytes(config, batch), pick_device(config))
 
     def resolved(self, config):
-        return config.replace(embedding_seed=default_embedding_seed(config))
-
-
-def default_embedding_seed(config):
-    """The seed of MNIST's drawn A and B when --embedding_seed is not given: the run's seed, or
-    the first of --seeds (runs that share it share their embedding)."""
-    if config.embedding_seed is not None:
-        return config.embedding_seed
-    return config.seeds[0] if config.seeds else config.seed
+        """The config with --embedding_seed, the seed of a drawn A and B, filled in when not given:
+        the run's seed, or the first of --seeds (runs that share it share their embedding)."""
+        if config.embedding_seed is not None:
+            return config
+        return config.replace(embedding_seed=config.seeds[0] if config.seeds else config.seed)
 
 
 def block_training_bytes(config, batch: int) -> int:
@@ -171,8 +164,7 @@ def block_training_bytes(config, batch: int) -> int:
     batch of `batch` images keeps for the backward pass (the state and the hidden layer at every
     evaluation), and the time schedule's objects."""
     field = models.residual_type(config.model)
-    sizes = tensor_count(lambda steps: field(config.in_channels, config.dim_int, steps, 'linear'))
-    tensors = sizes[0] + (sizes[1] - sizes[0]) * (config.layers - 1)
+    tensors = tensor_count(lambda steps: field(config.in_channels, config.dim_int, steps, 'linear'), config.layers)
     evaluations = config.layers * len(models.STAGE_FRACTIONS[config.method])
     activations = evaluations * batch * (config.in_channels + config.dim_int) * models.MNIST_STATE_SIZE ** 2
     return 4 * (2 * tensors + activations) + SCHEDULE_BYTES_PER_EVALUATION * evaluations
