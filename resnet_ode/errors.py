@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import select
 import signal
 import sys
 
@@ -116,10 +117,23 @@ def run_command(main, parse_args):
         status = main(parse_args())
         sys.stdout.flush()  # output still buffered meets the closed pipe here, not at exit
     except BrokenPipeError:
+        if not _reader_gone(sys.stdout):
+            raise  # some other pipe broke: that is an error, with its traceback
         # Python flushes stdout once more as it exits; let that flush go to /dev/null.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         status = EXIT_BROKEN_PIPE
     sys.exit(status)
+
+
+def _reader_gone(stream) -> bool:
+    """Whether `stream` is a pipe whose reading end is closed: poll() reports POLLERR on such a
+    pipe's writing end, and not on a terminal, a file or a pipe still read."""
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), 0)  # POLLERR is always reported; ask for nothing else
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no file descriptor behind the stream
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

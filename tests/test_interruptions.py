@@ -293,3 +293,14 @@ def test_a_run_whose_reader_goes_away_keeps_its_saved_epoch_and_resumes(tmp_path
     resumed = run_script('MNIST_experiments.py', *RUN, '--resume', cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert load_results(tmp_path / 'MNIST_experiments' / 'r.pkl')['train_loss'].shape == (15,)
+
+
+def test_a_broken_pipe_other_than_stdout_is_an_error_with_its_traceback(capfd):
+    """Only a reader of stdout that went away ends the command quietly with 141; any other
+    BrokenPipeError inside a command is raised as it was."""
+    from resnet_ode.errors import run_command
+
+    def main(_args):
+        raise BrokenPipeError(32, 'Broken pipe', 'some other pipe')
+    with pytest.raises(BrokenPipeError, match='some other pipe'):
+        run_command(main, lambda: None)
