@@ -412,7 +412,8 @@ def _side_by_side_section(comparisons):
                    f'and {weights:.1e} in the weights after the last step. Over these steps the two train '
                    'alike; where runs of either go late in training, these steps cannot tell.')
     yield ''
-    yield from _three_groups(comparisons)
+    script = runs_module.load_runs([RELEASE_SCRIPT_CPU]) if os.path.isdir(RELEASE_SCRIPT_CPU) else []
+    yield from _three_groups(comparisons, script)
 
 
 def _left_rounding(record: dict, steps: int | None = None) -> int:
@@ -425,11 +426,11 @@ def _step_text(step: int, steps: int) -> str:
     return f'none in {steps}' if step > steps else str(step)
 
 
-def _three_groups(comparisons):
-    """SHL L=5 (Figure 1a) in three groups, side by side."""
+def _three_groups(comparisons, script):
+    """SHL L=5 (Figure 1a) in three groups, side by side: the stored runs and this project's
+    (from `comparisons`) and `script`, the runs of the release's own script on this CPU."""
     mine = [run for c in comparisons if c.config == SHL_L5 for run in c.mine]
     stored = [run for c in comparisons if c.config == SHL_L5 for run in c.theirs]
-    script = runs_module.load_runs([RELEASE_SCRIPT_CPU]) if os.path.isdir(RELEASE_SCRIPT_CPU) else []
     yield ('SHL L=5 (Figure 1a) in three groups: the release\'s stored runs (made on its authors\' machines), '
            'the release\'s own script on this CPU (`results/release_script_cpu/`, seeds 31 to 35), and this '
            'project on this CPU. Last-epoch training loss: median [min–max] over the runs that completed; '
@@ -449,6 +450,27 @@ def _three_groups(comparisons):
         yield (f'| {name} | {len(runs)} | {len(done)} | {runs_module.format_spread(*runs_module.mean_std(finals))} '
                f'| {loss_text} | {climbs} |')
     yield ''
+    if script and mine:
+        yield _script_against_project(script, mine, stored, limit)
+        yield ''
+
+
+def _script_against_project(script, mine, stored, limit: float) -> str:
+    """The release's script and this project on the same CPU, by the table's measures: is the
+    project's late trouble a matter of the machine? Judged by the spread section's p < ALPHA."""
+    loss_max = max((last_epoch_loss(run) for run in stored if run.completed), default=np.inf)
+    counts = [(sum(largest_loss_rise(run)[0] > limit for run in runs),
+               sum(last_epoch_loss(run) > loss_max for run in runs if run.completed), len(runs))
+              for runs in (script, mine)]
+    (script_climbs, script_above, n_script), (mine_climbs, mine_above, n_mine) = counts
+    p = spread.fisher_p(script_climbs, n_script, mine_climbs, n_mine)
+    return (f'On the same CPU, {script_climbs} of the release\'s {n_script} script runs climbed late, against '
+            f'{mine_climbs} of this project\'s {n_mine} (Fisher\'s exact p = {p:.3f}, two-sided), and '
+            f'{script_above} against {mine_above} end with a last-epoch training loss above every completed '
+            f'stored run. '
+            + (f'At p < {spread.ALPHA:g}, the rule of the spread section, these counts do not show the two '
+               f'rates to differ.' if p >= spread.ALPHA else
+               f'The two rates differ at p < {spread.ALPHA:g}, the rule of the spread section.'))
 
 
 def _verdict_sentence(c, m) -> str:

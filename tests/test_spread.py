@@ -80,3 +80,35 @@ def test_the_exact_p_of_runs_above_the_maximum_is_the_share_of_orderings():
         orders = list(itertools.permutations(['here'] * m + ['release'] * n))
         share = sum(all(x == 'here' for x in order[:k]) for order in orders) / len(orders)
         assert spread.above_maximum_p(k, m, n) == pytest.approx(share)
+
+
+def _script_sentence(script, mine, stored):
+    from resnet_ode import report
+    lines = list(report._three_groups([comparison.Comparison(CONFIG, mine, stored)], script))
+    return lines[-2]  # the sentence after the table, then a blank line
+
+
+def test_the_release_script_against_the_project_on_one_cpu_counts_climbs_and_high_losses():
+    """The late climbs and last-epoch losses beyond the stored runs, in the release script's runs
+    and this project's, with Fisher's exact p and the spread section's rule."""
+    stored = [_run(0.015, loss=0.001 * (k + 1), climb=c) for k, c in enumerate((1.0, 2.0, 3.0))]  # max 3x, 0.003
+    script = [_run(0.015, loss=0.002), _run(0.015, loss=0.004, climb=3.5)]
+    mine = [_run(0.015, loss=0.02, climb=4.0) for _ in range(12)] + [_run(0.015) for _ in range(3)]
+    p = stats.fisher_exact([[1, 1], [12, 3]]).pvalue
+    assert _script_sentence(script, mine, stored) == (
+        f"On the same CPU, 1 of the release's 2 script runs climbed late, against 12 of this project's 15 "
+        f"(Fisher's exact p = {p:.3f}, two-sided), and 1 against 15 end with a last-epoch training loss above "
+        f"every completed stored run. At p < 0.01, the rule of the spread section, these counts do not show "
+        f"the two rates to differ.")
+    script = [_run(0.015, loss=0.002) for _ in range(15)]
+    p = stats.fisher_exact([[0, 15], [12, 3]]).pvalue
+    assert p < spread.ALPHA
+    assert _script_sentence(script, mine, stored).endswith(
+        f"(Fisher's exact p = {p:.3f}, two-sided), and 0 against 15 end with a last-epoch training loss above "
+        f"every completed stored run. The two rates differ at p < 0.01, the rule of the spread section.")
+
+
+def test_without_release_script_runs_the_table_has_no_sentence():
+    from resnet_ode import report
+    lines = list(report._three_groups([comparison.Comparison(CONFIG, [_run(0.015)], [_run(0.015)])], []))
+    assert lines[-2].startswith('| this project, this CPU | 1 | 1 |') and lines[-1] == ''
