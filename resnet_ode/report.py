@@ -440,6 +440,8 @@ def _three_groups(comparisons, script):
     yield '| group | runs | completed | final test error % | last-epoch training loss | late climb |'
     yield '|---|---|---|---|---|---|'
     limit = max((largest_loss_rise(run)[0] for run in stored if run.completed), default=np.inf)
+    loss_max = max((last_epoch_loss(run) for run in stored if run.completed), default=np.inf)
+    counts = {}  # group name: (late climbs, completed runs above every stored run's loss, runs)
     for name, runs in (('the release\'s stored runs', stored), ('the release\'s script, this CPU', script),
                        ('this project, this CPU', mine)):
         done = [run for run in runs if run.completed]
@@ -447,22 +449,20 @@ def _three_groups(comparisons, script):
         losses = [last_epoch_loss(run) for run in done]
         loss_text = (f'{np.median(losses):.4f} [{min(losses):.4f}–{max(losses):.4f}]' if losses else '–')
         climbs = sum(largest_loss_rise(run)[0] > limit for run in runs)
+        counts[name] = climbs, sum(loss > loss_max for loss in losses), len(runs)
         yield (f'| {name} | {len(runs)} | {len(done)} | {runs_module.format_spread(*runs_module.mean_std(finals))} '
                f'| {loss_text} | {climbs} |')
     yield ''
     if script and mine:
-        yield _script_against_project(script, mine, stored, limit)
+        yield _script_against_project(counts['the release\'s script, this CPU'], counts['this project, this CPU'])
         yield ''
 
 
-def _script_against_project(script, mine, stored, limit: float) -> str:
-    """The release's script and this project on the same CPU, by the table's measures: is the
-    project's late trouble a matter of the machine? Judged by the spread section's p < ALPHA."""
-    loss_max = max((last_epoch_loss(run) for run in stored if run.completed), default=np.inf)
-    counts = [(sum(largest_loss_rise(run)[0] > limit for run in runs),
-               sum(last_epoch_loss(run) > loss_max for run in runs if run.completed), len(runs))
-              for runs in (script, mine)]
-    (script_climbs, script_above, n_script), (mine_climbs, mine_above, n_mine) = counts
+def _script_against_project(script_counts, mine_counts) -> str:
+    """The release's script and this project on the same CPU, by the table's measures (each group's
+    (late climbs, runs above every stored run's last-epoch loss, runs)): is the project's late
+    trouble a matter of the machine? Judged by the spread section's p < ALPHA."""
+    (script_climbs, script_above, n_script), (mine_climbs, mine_above, n_mine) = script_counts, mine_counts
     p = spread.fisher_p(script_climbs, n_script, mine_climbs, n_mine)
     return (f'On the same CPU, {script_climbs} of the release\'s {n_script} script runs climbed late, against '
             f'{mine_climbs} of this project\'s {n_mine} (Fisher\'s exact p = {p:.3f}, two-sided), and '

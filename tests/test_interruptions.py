@@ -295,7 +295,7 @@ def test_a_run_whose_reader_goes_away_keeps_its_saved_epoch_and_resumes(tmp_path
     assert load_results(tmp_path / 'MNIST_experiments' / 'r.pkl')['train_loss'].shape == (15,)
 
 
-def test_a_broken_pipe_other_than_stdout_is_an_error_with_its_traceback(capfd):
+def test_a_broken_pipe_other_than_stdout_is_an_error_with_its_traceback():
     """Only a reader of stdout that went away ends the command quietly with 141; any other
     BrokenPipeError inside a command is raised as it was."""
     from resnet_ode.errors import run_command
